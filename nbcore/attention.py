@@ -1,0 +1,90 @@
+"""Attention-routing capture: where does each image token's cross-attention go — text, CLS or patches?
+
+    with capture(model) as rec:
+        model(x, t, ...)                      # any number of forwards (e.g. a whole sampling run)
+    rec.mass          # (F, depth, B, nh, N, 3) mass on [text, CLS, patches] per forward, block, head, token
+    rec.patch_maps    # (F, depth, B, N, P) head-averaged attention of each image token over the patches
+    rec.t             # (F, B) timestep of each forward
+
+F forwards, N image tokens, P patches. The masses of a token sum to 1 (padding gets 0, so text mass
+is the mass on real tokens). Reduction happens inside the forward, on the device: a production-size
+capture keeps (nh * N * 3 + N * P) numbers per block and sample, never the full (nh, N, M) weights.
+While capturing, cross-attention takes the explicit path of ``nbcore.model.attend`` (same maths as
+the fused kernel); outside the context manager nothing of the normal path changes.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+SOURCES = ("text", "cls", "patches")
+
+
+class RoutingRecorder:
+    def __init__(self, keep_maps: bool = True, dtype=torch.float32):
+        self.keep_maps = keep_maps
+        self.dtype = dtype
+        self._mass: list[list[torch.Tensor]] = []      # per forward: per block (B, nh, N, 3)
+        self._maps: list[list[torch.Tensor]] = []      # per forward: per block (B, N, P)
+        self._t: list[torch.Tensor] = []
+        self.grid: tuple[int, int] | None = None
+        self.n_text = 0
+
+    # -- called by NanoDiT.forward
+    def begin(self, t, n_text, key_mask, grid):
+        self._t.append(t.detach().float().cpu())
+        self._mass.append([])
+        self._maps.append([])
+        self.n_text, self.grid = n_text, grid
+
+    def hook(self, block_index: int):
+        def record(weights: torch.Tensor):                                            # (B, nh, N, M)
+            w = weights.detach().float()
+            L = self.n_text
+            text = w[..., :L].sum(-1)                                                  # (B, nh, N)
+            cls = w[..., L] if w.shape[-1] > L else torch.zeros_like(text)             # (B, nh, N)
+            patches = w[..., L + 1:].sum(-1)                                           # (B, nh, N)
+            self._mass[-1].append(torch.stack([text, cls, patches], -1).to(self.dtype).cpu())
+            if self.keep_maps and w.shape[-1] > L + 1:
+                self._maps[-1].append(w[..., L + 1:].mean(1).to(self.dtype).cpu())    # (B, N, P)
+        return record
+
+    # -- results
+    @property
+    def mass(self) -> torch.Tensor:
+        """(F, depth, B, nh, N, 3): attention mass on [text, CLS, patches]."""
+        return torch.stack([torch.stack(m) for m in self._mass])
+
+    @property
+    def patch_maps(self) -> torch.Tensor:
+        """(F, depth, B, N, P): head-averaged attention over the patches (empty without patches)."""
+        if not self._maps or not self._maps[0]:
+            return torch.empty(0)
+        return torch.stack([torch.stack(m) for m in self._maps])
+
+    @property
+    def t(self) -> torch.Tensor:
+        return torch.stack(self._t)                                                    # (F, B)
+
+    def summary(self) -> dict:
+        """Mean mass per source, per block and per head (averaged over forwards, samples, tokens)."""
+        m = self.mass.mean(dim=(0, 2, 4))                                              # (depth, nh, 3)
+        return {
+            "per_block": {s: m[..., i].mean(1).tolist() for i, s in enumerate(SOURCES)},
+            "per_head": {s: m[..., i].tolist() for i, s in enumerate(SOURCES)},
+            "overall": {s: float(m[..., i].mean()) for i, s in enumerate(SOURCES)},
+        }
+
+
+@contextmanager
+def capture(model, keep_maps: bool = True):
+    """Record attention routing of ``model`` (a NanoDiT) for every forward inside the block."""
+    if getattr(model, "_recorder", None) is not None:
+        raise RuntimeError("a routing capture is already active on this model")
+    rec = RoutingRecorder(keep_maps=keep_maps)
+    model._recorder = rec
+    try:
+        yield rec
+    finally:
+        model._recorder = None

@@ -1,0 +1,415 @@
+"""NanoDiT: a small text-to-image diffusion transformer conditioned on T5 text, the DINOv3 CLS
+vector and (optionally) the DINOv3 spatial patch tokens.
+
+Reads top to bottom: embeddings -> attention -> block -> final layer -> model -> presets -> warm start.
+
+Shape legend
+    B batch, C latent channels, H W latent height/width, p patch size,
+    N = (H/p)(W/p) image tokens, L text tokens, P DINO patches (g x g grid), M = L + 1 + P context,
+    D hidden, nh heads, hd = D / nh head dim, Dt text dim, Dd DINO dim.
+
+Cross-attention context (DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
+With ``use_dino_patches=False`` the context is the text alone and the CLS acts only through adaLN:
+exactly the pre-patch architecture, so its checkpoints warm-start the patch model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ModelConfig", "NanoDiT", "PRESETS", "attend", "prepare_text", "load_warm_start",
+           "initialize_weights", "sincos_2d"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_channels: int = 16          # latent channels C
+    input_size: int = 64           # nominal latent side (any H, W divisible by patch_size work)
+    patch_size: int = 2
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    text_dim: int = 4096           # Dt (T5 hidden)
+    text_len: int = 512            # maximum L
+    dino_dim: int = 1024           # Dd
+    dino_grid: int = 14            # patches form a g x g grid, P = g * g
+    use_dino_patches: bool = True
+    # Positional embedding added to the projected patch tokens (seed open question 5):
+    # "none" (patches are a set, like DINOv3's RoPE features), "learned", or "sincos"
+    # (2D sin-cos evaluated at each patch's centre in latent-token coordinates, i.e. the same
+    # frame as the image tokens' embedding).
+    patch_pos_embed: str = "none"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError("hidden_size must be divisible by 4 for the 2D sin-cos embedding")
+        if self.patch_pos_embed not in ("none", "learned", "sincos"):
+            raise ValueError(f"patch_pos_embed must be none|learned|sincos, got {self.patch_pos_embed!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return self.dino_grid * self.dino_grid
+
+    @property
+    def context_len(self) -> int:
+        """Maximum cross-attention context length M (709 for the production preset)."""
+        return self.text_len + (1 + self.num_patches if self.use_dino_patches else 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+def sincos_2d(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """2D sin-cos embedding at (possibly fractional) grid coordinates.
+
+    rows, cols: (K,) float -> (K, dim); half of ``dim`` encodes rows, half columns (MAE/DiT recipe).
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    out = []
+    for pos in (rows, cols):
+        ang = pos.double()[:, None] * omega[None]                                     # (K, dim/4)
+        out += [torch.sin(ang), torch.cos(ang)]
+    return torch.cat(out, dim=1).float()                                              # (K, dim)
+
+
+def image_pos_embed(dim: int, h: int, w: int) -> torch.Tensor:
+    """Sin-cos embedding of an h x w token grid at integer coordinates -> (h*w, dim), row-major."""
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return sincos_2d(dim, r.flatten(), c.flatten())
+
+
+def patch_grid_pos_embed(dim: int, g: int, h: int, w: int) -> torch.Tensor:
+    """Sin-cos embedding of a g x g DINO patch grid placed over an h x w image-token grid: patch
+    (i, j) sits at its centre in image-token coordinates, so it shares the image tokens' frame."""
+    centre = lambda n: (torch.arange(g, dtype=torch.float64) + 0.5) * n / g - 0.5
+    r, c = torch.meshgrid(centre(h), centre(w), indexing="ij")
+    return sincos_2d(dim, r.flatten(), c.flatten())                                   # (g*g, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): sinusoidal features of 1000 t, then an MLP (DiT)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        ang = 1000 * t.float()[:, None] * freqs[None]                                    # (B, half)
+        emb = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)                           # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))                                 # (B, D)
+
+
+# --------------------------------------------------------------------------- attention
+
+def attend(q, k, v, key_mask=None, return_weights: bool = False):
+    """The one attention function.
+
+    q (B, nh, N, hd); k, v (B, nh, M, hd); key_mask (B, M) bool, True = a real key, or None.
+    Fused ``scaled_dot_product_attention`` by default (flash-eligible when key_mask is None);
+    ``return_weights=True`` takes the explicit path and returns (out, weights (B, nh, N, M)).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]                   # (B, 1, 1, M)
+    if not return_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # (B, nh, N, hd)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                          # (B, nh, N, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.float().softmax(dim=-1).to(q.dtype)                              # (B, nh, N, M)
+    return weights @ v, weights                                                        # (B, nh, N, hd)
+
+
+def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
+    B, T, D = x.shape
+    return x.view(B, T, nh, D // nh).transpose(1, 2)                                   # (B, nh, T, hd)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    B, nh, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hd)                                   # (B, T, D)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.nh = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)      # fused q, k, v projection
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                                              # x (B, N, D)
+        q, k, v = (_heads(z, self.nh) for z in self.qkv(x).chunk(3, dim=-1))           # (B, nh, N, hd) each
+        return self.proj(_merge(attend(q, k, v)))                                      # (B, N, D)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.nh = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)       # fused k, v projection of the context
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, key_mask, record=None):
+        """x (B, N, D), ctx (B, M, D), key_mask (B, M) or None; ``record(weights)`` when capturing."""
+        q = _heads(self.q(x), self.nh)                                                  # (B, nh, N, hd)
+        k, v = (_heads(z, self.nh) for z in self.kv(ctx).chunk(2, dim=-1))             # (B, nh, M, hd)
+        if record is None:
+            out = attend(q, k, v, key_mask)
+        else:
+            out, weights = attend(q, k, v, key_mask, return_weights=True)
+            record(weights)
+        return self.proj(_merge(out))                                                  # (B, N, D)
+
+
+# --------------------------------------------------------------------------- block
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Self-attention -> one cross-attention over [text | CLS | patches] -> MLP, each pre-normed and
+    modulated by adaLN with 6 parameters (shift/scale for each of the three) from CLS + t."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, ctx, key_mask, record=None):
+        """x (B, N, D); c (B, D) = dino_proj(CLS) + t_emb; ctx (B, M, D); key_mask (B, M) or None."""
+        sh_sa, sc_sa, sh_ca, sc_ca, sh_mlp, sc_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
+        x = x + self.attn(modulate(self.norm1(x), sh_sa, sc_sa))
+        x = x + self.cross_attn(modulate(self.norm2(x), sh_ca, sc_ca), ctx, key_mask, record)
+        x = x + self.mlp(modulate(self.norm3(x), sh_mlp, sc_mlp))
+        return x                                                                       # (B, N, D)
+
+
+# --------------------------------------------------------------------------- final layer
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))                       # (B, N, p*p*C)
+
+
+# --------------------------------------------------------------------------- model
+
+class NanoDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.text_proj = nn.Linear(cfg.text_dim, D)
+        self.dino_proj = nn.Linear(cfg.dino_dim, D)
+        # Learned nulls live in the raw input space, so a dropped signal takes the same path as a real one.
+        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))    # one token; the rest is masked
+        self.null_dino = nn.Parameter(torch.zeros(1, cfg.dino_dim))
+        if cfg.use_dino_patches:
+            self.dino_patch_proj = nn.Linear(cfg.dino_dim, D)
+            self.null_dino_patches = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dino_dim))
+            if cfg.patch_pos_embed == "learned":
+                self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, cfg.in_channels)
+        self._pos_cache: dict = {}
+        self._recorder = None          # set by nbcore.attention.capture; None = fused path
+        initialize_weights(self)
+
+    # -- fixed positional tables, computed once per latent grid and device
+    def _pos(self, kind: str, h: int, w: int, device) -> torch.Tensor:
+        key = (kind, h, w, str(device))
+        if key not in self._pos_cache:
+            D = self.cfg.hidden_size
+            table = image_pos_embed(D, h, w) if kind == "image" else patch_grid_pos_embed(D, self.cfg.dino_grid, h, w)
+            self._pos_cache[key] = table.to(device)[None]                              # (1, K, D)
+        return self._pos_cache[key]
+
+    def forward(self, x, t, dino_emb, dino_patches, text_emb, text_mask,
+                drop_text=None, drop_dino=None):
+        """Predict the flow-matching velocity v = noise - x0.
+
+        x (B, C, H, W); t (B,) in [0, 1]; dino_emb (B, Dd); dino_patches (B, P, Dd) (ignored, may be
+        None, when use_dino_patches=False); text_emb (B, L, Dt); text_mask (B, L) bool, True = real
+        token, or None when nothing is padded (lets the fused kernel use flash attention);
+        drop_text / drop_dino (B,) bool: replace that sample's signal by the learned null, so the
+        dropped input has no influence on its output. Returns v (B, C, H, W).
+        """
+        cfg = self.cfg
+        B, C, H, W = x.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent {H}x{W} is not divisible by patch size {p}")
+        h, w = H // p, W // p
+        L = text_emb.shape[1]
+
+        if drop_dino is not None:
+            dino_emb = torch.where(drop_dino[:, None], self.null_dino.to(dino_emb.dtype), dino_emb)
+        if drop_text is not None:
+            # A dropped caption becomes one null token with every other position masked, so neither
+            # its values nor its length reach the output.
+            text_emb = torch.where(drop_text[:, None, None], self.null_text.to(text_emb.dtype), text_emb)
+            first = torch.arange(L, device=x.device) == 0                              # (L,)
+            keep = text_mask if text_mask is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
+            text_mask = torch.where(drop_text[:, None], first[None], keep)            # (B, L)
+
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)                             # (B, N, D)
+        x = x + self._pos("image", h, w, x.device).to(x.dtype)
+        cls = self.dino_proj(dino_emb)                                                 # (B, D)
+        c = cls + self.t_embedder(t).to(cls.dtype)                                     # (B, D) adaLN input
+        ctx = self.text_proj(text_emb)                                                 # (B, L, D)
+        key_mask = text_mask
+        if cfg.use_dino_patches:
+            if dino_patches is None:
+                raise ValueError("use_dino_patches=True needs dino_patches (B, P, Dd)")
+            if drop_dino is not None:
+                dino_patches = torch.where(drop_dino[:, None, None],
+                                           self.null_dino_patches.to(dino_patches.dtype), dino_patches)
+            patches = self.dino_patch_proj(dino_patches)                               # (B, P, D)
+            if cfg.patch_pos_embed == "learned":
+                patches = patches + self.patch_pos.to(patches.dtype)
+            elif cfg.patch_pos_embed == "sincos":
+                patches = patches + self._pos("patch", h, w, x.device).to(patches.dtype)
+            ctx = torch.cat([ctx, cls[:, None], patches], dim=1)                       # (B, L + 1 + P, D)
+            if key_mask is not None:  # CLS and patches are always valid
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1 + cfg.num_patches)], dim=1)  # (B, M)
+
+        rec = self._recorder
+        if rec is not None:
+            rec.begin(t=t, n_text=L, key_mask=key_mask, grid=(h, w))
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, ctx, key_mask, None if rec is None else rec.hook(i))
+        x = self.final_layer(x, c)                                                     # (B, N, p*p*C)
+        x = x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)                         # (B, C, h, p, w, p)
+        return x.reshape(B, C, H, W)                                                   # (B, C, H, W)
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        return sum(q.numel() for q in self.parameters() if q.requires_grad or not trainable_only)
+
+    def new_parameter_names(self) -> list[str]:
+        """Parameters that the pre-patch architecture lacks (what a warm start initialises)."""
+        if not self.cfg.use_dino_patches:
+            return []
+        names = ["dino_patch_proj.bias", "dino_patch_proj.weight", "null_dino_patches"]
+        return sorted(names + (["patch_pos"] if self.cfg.patch_pos_embed == "learned" else []))
+
+
+def initialize_weights(model: NanoDiT) -> None:
+    """The one init function (DiT's recipe, adapted).
+
+    - Every Linear: Xavier-uniform weights, zero bias; the patch embedding like a Linear.
+    - Timestep MLP: N(0, 0.02), as DiT.
+    - Zero at start, so each block is the identity and the model predicts v = 0 until it learns:
+      every adaLN modulation (shift = scale = 0 -> plain LayerNorm), the output projections of
+      self-attention, cross-attention and MLP (residual branches add nothing), the final linear.
+      New conditioning paths therefore cannot disturb a warm-started network at step 0.
+    - Learned nulls start at zero (seed plan); a learned patch position table at N(0, 0.02).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        for layer in (block.adaLN_modulation[-1], block.attn.proj, block.cross_attn.proj, block.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    for name in ("null_text", "null_dino", "null_dino_patches"):
+        if hasattr(model, name):
+            nn.init.zeros_(getattr(model, name))
+    if hasattr(model, "patch_pos"):
+        nn.init.normal_(model.patch_pos, std=0.02)
+
+
+# --------------------------------------------------------------------------- text trimming
+
+def prepare_text(text_emb: torch.Tensor, text_mask: torch.Tensor | None, multiple: int = 8):
+    """Trim a padded text batch to its longest real caption, rounded up to ``multiple``.
+
+    text_emb (B, L, Dt), text_mask (B, L) -> (B, L', Dt), mask (B, L') or None when no token of the
+    trimmed batch is padding (the fused kernel may then use flash attention). Call it on the host
+    side (CPU tensors) to keep the device step free of synchronisation. Real tokens must come first.
+    """
+    if text_mask is None:
+        return text_emb, None
+    L = text_emb.shape[1]
+    longest = int(text_mask.sum(1).max())
+    Lt = min(L, max(multiple, -(-longest // multiple) * multiple))
+    text_emb, text_mask = text_emb[:, :Lt], text_mask[:, :Lt]                          # (B, L', Dt), (B, L')
+    return text_emb, (None if bool(text_mask.all()) else text_mask)
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, ModelConfig] = {
+    # The seed plan's model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
+    # DINOv3 1024-d with a 14x14 patch grid -> context 512 + 1 + 196 = 709.
+    "production": ModelConfig(),
+    # The shapes world on a 2-core CPU: 64 px images -> 12x32x32 latents (pixel codec), patch 4
+    # (64 image tokens), captions <= 32 tokens, an 8x8 patch grid (context 32 + 1 + 64 = 97).
+    "tiny": ModelConfig(in_channels=12, input_size=32, patch_size=4, hidden_size=96, depth=3,
+                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------------- warm start
+
+def load_warm_start(model: nn.Module, state_dict: dict) -> dict:
+    """Load every tensor of ``state_dict`` whose name and shape match ``model``; the rest of the
+    model keeps its initialisation (``initialize_weights``). Returns the report
+    ``{"loaded": [...], "new": [...], "unexpected": [...], "mismatched": [...]}`` (sorted names)."""
+    own = model.state_dict()
+    loaded, mismatched = [], []
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            if name in own:
+                if own[name].shape == value.shape:
+                    own[name].copy_(value)
+                    loaded.append(name)
+                else:
+                    mismatched.append(name)
+    return {
+        "loaded": sorted(loaded),
+        "new": sorted(set(own) - set(state_dict)),
+        "unexpected": sorted(set(state_dict) - set(own)),
+        "mismatched": sorted(mismatched),
+    }

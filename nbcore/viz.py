@@ -1,0 +1,208 @@
+"""Figures for notebooks and CLIs. Every function returns a matplotlib Figure; ``save_figure`` writes
+a PNG. Headless-safe: the Agg backend is used unless a notebook backend is already active."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget", "ipympl"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SOURCE_COLOURS = {"text": "#4C72B0", "cls": "#DD8452", "patches": "#55A868"}
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _img(x) -> np.ndarray:
+    """(3, S, S) tensor/array in [0, 1] -> (S, S, 3) numpy for imshow."""
+    x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return np.clip(x.transpose(1, 2, 0), 0, 1)
+
+
+def image_grid(rows: dict, titles: list[str] | None = None, size: float = 1.4):
+    """Columns are the entries of ``rows`` (name -> (B, 3, S, S) images in [0, 1]); one row per sample.
+
+    e.g. ``image_grid({"source": src, "reconstruction": rec, "text only": txt})``; ``titles`` label
+    the rows (e.g. captions)."""
+    names = list(rows)
+    B = len(rows[names[0]])
+    fig, axes = plt.subplots(B, len(names), figsize=(size * len(names), size * B), squeeze=False)
+    for j, name in enumerate(names):
+        for i in range(B):
+            ax = axes[i, j]
+            ax.imshow(_img(rows[name][i]), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0 and titles is not None:
+                ax.set_ylabel(titles[i], fontsize=6, rotation=0, ha="right", va="center", wrap=True)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(logs: dict[str, list[dict]], keys: list[str], x: str = "step", smooth: int = 1, logy=None):
+    """One panel per key; one line per run (``logs``: run name -> list of JSONL records)."""
+    logy = set(logy or [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run, recs in logs.items():
+            pts = [(r[x], r[key]) for r in recs if r.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = map(np.asarray, zip(*pts))
+            if smooth > 1 and len(ys) >= smooth:
+                ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
+                xs = xs[smooth - 1:]
+            ax.plot(xs, ys, label=run, lw=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x)
+        if key in logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_by_bin(bins: dict[str, list[float]]):
+    """Loss per timestep bin (run name -> list of per-bin losses over t in [0, 1])."""
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    for run, vals in bins.items():
+        n = len(vals)
+        centres = (np.arange(n) + 0.5) / n
+        ax.plot(centres, vals, marker="o", ms=3, label=run)
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("loss")
+    ax.set_title("loss by timestep bin", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bar_table(table: dict[str, dict[str, float]], title: str = "", lower_is_better: set | None = None):
+    """Grouped bars: ``table`` metric -> {run -> value}; one panel per metric."""
+    metrics = list(table)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        runs = list(table[metric])
+        vals = [table[metric][r] if table[metric][r] is not None else np.nan for r in runs]
+        ax.bar(range(len(runs)), vals, color=[f"C{i}" for i in range(len(runs))])
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(runs, rotation=35, ha="right", fontsize=7)
+        arrow = " (lower better)" if lower_is_better and metric in lower_is_better else ""
+        ax.set_title(metric + arrow, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_context_layout(n_text: int, n_cls: int, n_patches: int, n_real_text: int | None = None):
+    """The cross-attention context as a bar: [text | CLS | patches] with token counts."""
+    fig, ax = plt.subplots(figsize=(8, 1.3))
+    start = 0
+    parts = [("text", n_text, SOURCE_COLOURS["text"]), ("CLS", n_cls, SOURCE_COLOURS["cls"]),
+             ("patches", n_patches, SOURCE_COLOURS["patches"])]
+    for name, n, colour in parts:
+        if n == 0:
+            continue
+        ax.barh(0, n, left=start, color=colour, edgecolor="k")
+        ax.text(start + n / 2, 0, f"{name}\n{n}", ha="center", va="center", fontsize=8)
+        start += n
+    if n_real_text is not None and n_real_text < n_text:
+        ax.barh(0, n_text - n_real_text, left=n_real_text, color="white", hatch="//", edgecolor="k", alpha=0.6)
+    ax.set_xlim(0, start)
+    ax.set_yticks([])
+    ax.set_xlabel("context token index")
+    ax.set_title(f"cross-attention context: {start} tokens", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_routing_mass(mass: np.ndarray, title: str = "attention mass per block"):
+    """``mass`` (depth, 3) or (depth, heads, 3) over [text, CLS, patches] -> stacked bars per block
+    (and per head when given)."""
+    mass = np.asarray(mass)
+    if mass.ndim == 2:
+        mass = mass[:, None]
+    depth, heads, _ = mass.shape
+    fig, axes = plt.subplots(1, depth, figsize=(max(2.2, 0.35 * heads + 1) * depth, 2.8), squeeze=False, sharey=True)
+    for b, ax in enumerate(axes[0]):
+        bottom = np.zeros(heads)
+        for i, src in enumerate(SOURCE_COLOURS):
+            ax.bar(range(heads), mass[b, :, i], bottom=bottom, color=SOURCE_COLOURS[src], label=src)
+            bottom += mass[b, :, i]
+        ax.set_title(f"block {b}", fontsize=8)
+        ax.set_xlabel("head" if heads > 1 else "")
+        ax.set_xticks(range(heads))
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("mass")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mass_over_t(t: np.ndarray, mass: np.ndarray, title: str = "routing over the sampling trajectory"):
+    """``t`` (F,), ``mass`` (F, 3): mass on each source per forward along t."""
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    for i, src in enumerate(SOURCE_COLOURS):
+        ax.plot(t, mass[:, i], marker="o", ms=3, color=SOURCE_COLOURS[src], label=src)
+    ax.set_xlabel("t")
+    ax.set_ylabel("mass")
+    ax.invert_xaxis()
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_patch_maps(image, maps: np.ndarray, grid: tuple[int, int], queries: list[int], patch_grid: int):
+    """For a few image tokens (``queries``, indices into the h x w token grid), show where on the
+    g x g patch grid their attention goes, beside the image with the query token marked.
+
+    image (3, S, S); maps (N, P) attention of each image token over the patches."""
+    h, w = grid
+    S = _img(image).shape[0]
+    fig, axes = plt.subplots(2, len(queries), figsize=(1.8 * len(queries), 3.6), squeeze=False)
+    for j, q in enumerate(queries):
+        r, c = divmod(q, w)
+        axes[0, j].imshow(_img(image), interpolation="nearest")
+        axes[0, j].add_patch(plt.Rectangle((c * S / w, r * S / h), S / w, S / h, fill=False, ec="yellow", lw=2))
+        axes[0, j].set_title(f"token ({r},{c})", fontsize=7)
+        axes[1, j].imshow(np.asarray(maps[q]).reshape(patch_grid, patch_grid), cmap="magma")
+        axes[1, j].plot((c + 0.5) * patch_grid / w - 0.5, (r + 0.5) * patch_grid / h - 0.5, "c+", ms=8)
+        for ax in axes[:, j]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[1, 0].set_ylabel("attention\nover patches", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_table(rows: list[dict], title: str = ""):
+    """A list of dicts rendered as a table figure (for check tables in notebooks)."""
+    cols = list(rows[0])
+    cells = [[("%.4g" % v) if isinstance(v, float) else str(v) for v in (r[c] for c in cols)] for r in rows]
+    fig, ax = plt.subplots(figsize=(min(14, 1.9 * len(cols)), 0.3 * len(rows) + 0.8))
+    ax.axis("off")
+    tab = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="left")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
