@@ -1,0 +1,186 @@
+"""Model contract checks as data: the checks of ``tests/test_model.py``, computed by one function
+and returned as table rows for the notebooks (02_checks shows them; a failed row fails the run).
+
+    rows = run_model_checks(preset("tiny"))
+    failed = [r for r in rows if not r["passed"]]
+
+Each row: ``check`` (what), ``variant`` ("patches" / "prepatch" / a pos-embedding name),
+``value`` (the measured number: a max |difference|, a count), ``tolerance`` (what ``value`` is
+compared with), ``passed`` (bool), ``detail`` (one line). The models are tiny random networks
+whose every parameter is perturbed away from its (partly zero) initialisation, because a
+zero-initialised output layer would make every invariance hold trivially.
+
+Shape legend: B batch, C latent channels, H W latent side, L text tokens, P patches, Dd DINO dim, Dt text dim.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .attention import capture
+from .model import ModelConfig, NanoDiT, load_warm_start, prepare_text
+
+__all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "warm_start_summary"]
+
+TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" checks
+RESPONDS = 1e-3     # a kept signal must move the output by at least this much
+
+
+def make_check_model(cfg: ModelConfig, seed: int = 0, perturb: bool = True) -> NanoDiT:
+    """A NanoDiT in eval mode with every parameter perturbed by N(0, 0.05^2) (see module doc)."""
+    torch.manual_seed(seed)
+    model = NanoDiT(cfg)
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_check_inputs(cfg: ModelConfig, B: int = 2, H: int | None = None, W: int | None = None,
+                      lengths: list[int] | None = None, seed: int = 1) -> dict:
+    """Random model inputs: x (B, C, H, W), t (B,), dino_emb (B, Dd), dino_patches (B, P, Dd),
+    text_emb (B, L, Dt) with L = cfg.text_len, text_mask (B, L) with ``lengths`` real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    H, W, L = H or cfg.input_size, W or cfg.input_size, cfg.text_len
+    lengths = lengths or [L] * B
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]                     # (B, L)
+    return dict(x=torch.randn(B, cfg.in_channels, H, W, generator=g), t=torch.rand(B, generator=g),
+                dino_emb=torch.randn(B, cfg.dino_dim, generator=g),
+                dino_patches=torch.randn(B, cfg.num_patches, cfg.dino_dim, generator=g),
+                text_emb=torch.randn(B, L, cfg.text_dim, generator=g), text_mask=mask)
+
+
+def _row(check, variant, value, tolerance, passed, detail=""):
+    return {"check": check, "variant": variant, "value": float(value), "tolerance": tolerance,
+            "passed": bool(passed), "detail": detail}
+
+
+def _maxdiff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+def _changed(inp: dict, what: str, seed: int = 99) -> dict:
+    """A copy of ``inp`` with one signal replaced by fresh noise (text also changes its length)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in inp.items()}
+    if what == "text":
+        out["text_emb"] = torch.randn(out["text_emb"].shape, generator=g)
+        out["text_mask"] = torch.ones_like(out["text_mask"])
+    elif what == "cls":
+        out["dino_emb"] = torch.randn(out["dino_emb"].shape, generator=g)
+    elif what == "patches":
+        out["dino_patches"] = torch.randn(out["dino_patches"].shape, generator=g)
+    else:
+        raise ValueError(f"unknown signal {what!r}")
+    return out
+
+
+def warm_start_summary(report: dict) -> dict:
+    """Counts of a ``load_warm_start`` report plus the names of the new parameters."""
+    return {"loaded": len(report["loaded"]), "new": report["new"],
+            "unexpected": report["unexpected"], "mismatched": report["mismatched"]}
+
+
+@torch.no_grad()
+def _forward_checks(cfg: ModelConfig, variant: str) -> list[dict]:
+    rows = []
+    model = make_check_model(cfg)
+    L = cfg.text_len
+    # shapes: square and a non-square latent, with padded captions
+    for H, W in [(cfg.input_size, cfg.input_size),
+                 (cfg.input_size - 2 * cfg.patch_size, cfg.input_size + 2 * cfg.patch_size)]:
+        inp = make_check_inputs(cfg, H=H, W=W, lengths=[max(1, L // 6), L])
+        v = model(**inp)
+        want = (2, cfg.in_channels, H, W)
+        ok = tuple(v.shape) == want and bool(torch.isfinite(v).all())
+        rows.append(_row(f"forward shape {H}x{W}", variant, 0 if ok else 1, 0, ok,
+                         f"v {tuple(v.shape)}, expected {want}, finite={bool(torch.isfinite(v).all())}"))
+    inp = make_check_inputs(cfg, lengths=[max(1, L // 8), max(2, (2 * L) // 3)])
+    v = model(**inp)
+    # fused SDPA == explicit attention (the routing-capture path)
+    with capture(model):
+        explicit = model(**inp)
+    d = _maxdiff(v, explicit)
+    rows.append(_row("fused == explicit attention", variant, d, TOL, d <= TOL, "model output, capture on vs off"))
+    # padding has no influence
+    noisy = dict(inp, text_emb=inp["text_emb"].clone())
+    pad = ~inp["text_mask"]
+    noisy["text_emb"][pad] = 1e3 * torch.randn(int(pad.sum()), cfg.text_dim, generator=torch.Generator().manual_seed(5))
+    d = _maxdiff(model(**noisy), v)
+    rows.append(_row("padded text has no influence", variant, d, TOL, d <= TOL, "padding replaced by 1e3-scale noise"))
+    # trimmed == padded
+    emb, mask = prepare_text(inp["text_emb"], inp["text_mask"])
+    d = _maxdiff(model(**dict(inp, text_emb=emb, text_mask=mask)), v)
+    rows.append(_row("trimmed text == padded", variant, d, TOL, d <= TOL, f"L {L} -> {emb.shape[1]}"))
+    # dropped signal has no influence; kept one responds
+    drop = torch.tensor([True, False])
+    for what in ["text", "cls"] + (["patches"] if cfg.use_dino_patches else []):
+        kw = {"drop_text": drop} if what == "text" else {"drop_dino": drop}
+        before, after = model(**inp, **kw), model(**_changed(inp, what), **kw)
+        d_drop, d_kept = _maxdiff(after[0], before[0]), _maxdiff(after[1], before[1])
+        ok = d_drop <= TOL and d_kept > RESPONDS
+        rows.append(_row(f"dropped {what} has no influence", variant, d_drop, TOL, ok,
+                         f"dropped sample moves {d_drop:.2e}; kept sample moves {d_kept:.2e} (> {RESPONDS})"))
+    # adaLN-zero init: the unperturbed model predicts exactly v = 0
+    zero = make_check_model(cfg, perturb=False)
+    d = float(zero(**inp).abs().max())
+    rows.append(_row("initial output is zero", variant, d, 0.0, d == 0.0, "unperturbed init, max |v|"))
+    return rows
+
+
+def _gradient_check(cfg: ModelConfig, variant: str) -> dict:
+    model = make_check_model(cfg).train()
+    L = cfg.text_len
+    inp = make_check_inputs(cfg, B=4, lengths=[3, L, max(1, L // 3), max(1, L // 4)])
+    drop_text = torch.tensor([False, True, False, True])      # one sample per CFG mode
+    drop_dino = torch.tensor([False, False, True, True])
+    model(**inp, drop_text=drop_text, drop_dino=drop_dino).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    n = sum(1 for _ in model.parameters())
+    return _row("gradient reaches every parameter", variant, len(missing), 0, not missing,
+                f"{n - len(missing)}/{n} tensors" + (f"; missing {missing[:4]}" if missing else ""))
+
+
+@torch.no_grad()
+def _order_check(cfg: ModelConfig, pos: str) -> dict:
+    """Without positions the patches are a set (permuting them changes nothing); with learned or
+    sin-cos positions the order matters."""
+    c = replace(cfg, use_dino_patches=True, patch_pos_embed=pos)
+    model = make_check_model(c)
+    inp = make_check_inputs(c)
+    perm = torch.randperm(c.num_patches, generator=torch.Generator().manual_seed(0))
+    d = _maxdiff(model(**dict(inp, dino_patches=inp["dino_patches"][:, perm])), model(**inp))
+    invariant = pos == "none"
+    ok = (d <= TOL) == invariant
+    return _row("patch order " + ("ignored (a set)" if invariant else "matters"), f"pos={pos}", d, TOL, ok,
+                "max |v(permuted) - v|" + (" <= tol" if invariant else " > tol"))
+
+
+def _warm_start_check(cfg: ModelConfig) -> dict:
+    base = make_check_model(replace(cfg, use_dino_patches=False), seed=3)
+    model = NanoDiT(replace(cfg, use_dino_patches=True))
+    report = load_warm_start(model, base.state_dict())
+    own = model.state_dict()
+    copied = all(torch.equal(own[k], v) for k, v in base.state_dict().items())
+    ok = (report["new"] == model.new_parameter_names() and not report["unexpected"]
+          and not report["mismatched"] and set(report["loaded"]) == set(base.state_dict()) and copied)
+    return _row("warm start from pre-patch", "patches", len(report["new"]), len(model.new_parameter_names()), ok,
+                f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {len(report['unexpected'])}, "
+                f"mismatched {len(report['mismatched'])}")
+
+
+def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos")) -> list[dict]:
+    """Run every model contract check on ``cfg`` (use a tiny preset: dozens of forwards) for the
+    patch model and the pre-patch architecture. Returns the rows described in the module doc."""
+    rows: list[dict] = []
+    for use, variant in [(True, "patches"), (False, "prepatch")]:
+        c = replace(cfg, use_dino_patches=use)
+        rows += _forward_checks(c, variant)
+        rows.append(_gradient_check(c, variant))
+    for pos in pos_variants:
+        rows.append(_gradient_check(replace(cfg, use_dino_patches=True, patch_pos_embed=pos), f"pos={pos}"))
+        rows.append(_order_check(cfg, pos))
+    rows.append(_warm_start_check(cfg))
+    return rows
