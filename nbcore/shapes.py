@@ -1,0 +1,506 @@
+"""The shapes world: the embedded default dataset, made by the project itself.
+
+Images of 1-3 coloured shapes (circle / square / triangle, small / large) on a plain dark
+background, captions generated from the same scene ("a large red circle at the top left and a
+small blue square at the bottom right"), and per-sample metadata (kind, colour, box, centroid).
+The layout is known exactly, so "blobs in the right places" becomes a number.
+
+Everything that plays an encoder here is a **stand-in** with the real encoder's interface, not a
+pretrained network:
+
+- ``StandInTextEncoder`` (plays T5): a fixed seeded embedding table over a small word vocabulary,
+  then two residual layers of fixed random mixing over neighbouring tokens.
+- ``StandInPatchEncoder`` (plays DINOv3): a frozen random per-patch MLP; each patch feature comes
+  from that patch's pixels only, so like DINOv3's RoPE features it carries no absolute position.
+  CLS is a fixed random projection of the mean-pooled patch features.
+- ``PixelCodec`` (plays the VAE): pixel_unshuffle by 2, then a fixed orthonormal map 12 -> C
+  channels, scaled to about unit std. decode(encode(x)) == x (up to float rounding) for C >= 12.
+
+The encoders' weights are fixed (their own constant seeds), independent of the world seed: data
+made with different world seeds share one embedding space. Sizes follow the model preset:
+
+    tiny        64 px images, 12x32x32 latents, 8x8 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
+    production  128 px images, 16x64x64 latents, 14x14 grid (a 224 px view, 16 px patches),
+                Dd 1024, Dt 4096, L <= 512
+
+Shape legend: B batch, S image side, C latent channels, h = w = S/2 latent side, g patch grid,
+P = g*g patches, Dd patch/CLS dim, L tokens, Dt token dim, r mixing rank.
+
+CLI: ``python -m nbcore.shapes make OUT_DIR --n N --seed S [--preset tiny|production]
+[--val-fraction F] [--shard-size K]`` writes ``OUT_DIR/{train,val}-NNNNNN.tar`` and
+``OUT_DIR/stats.json`` (the DESIGN.md data contract).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import ModelConfig, preset as model_preset
+
+__all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld",
+           "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
+           "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
+
+# Colours are multiples of 1/255 so a PNG round trip is exact. Pairwise RGB distance >= 0.5.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    name: tuple(v / 255 for v in rgb) for name, rgb in {
+        "red": (230, 25, 25),
+        "green": (25, 190, 40),
+        "blue": (40, 75, 240),
+        "yellow": (240, 215, 25),
+        "magenta": (215, 40, 215),
+        "cyan": (25, 215, 230),
+    }.items()
+}
+BACKGROUND: tuple[float, float, float] = (20 / 255, 20 / 255, 20 / 255)
+KINDS = ("circle", "square", "triangle")
+SIZES = {"small": 0.10, "large": 0.17}     # half-extent as a fraction of the image side
+_ROWS = ("top", "middle", "bottom")
+_COLS = ("left", "centre", "right")
+_MARGIN = 0.02                             # gap kept between shapes and to the image border
+
+# The stand-in text encoder's vocabulary: every word a caption can hold, plus a few spellings a
+# user may type in a demo. Anything else maps to <unk> (no hashing).
+VOCAB = (["<pad>", "<unk>", "a", "an", "and", ",", "at", "the", "on", "in", "of", "with",
+          "top", "bottom", "left", "right", "centre", "center", "middle", "small", "large", "big"]
+         + list(KINDS) + list(COLOURS))
+_WORD = re.compile(r"[a-z]+|[^a-z\s]")
+
+
+def region_of(cx: float, cy: float) -> tuple[str, str]:
+    """Which cell of the 3x3 grid of regions holds (cx, cy): (row word, column word)."""
+    return _ROWS[min(int(cy * 3), 2)], _COLS[min(int(cx * 3), 2)]
+
+
+def _where(row: str, col: str) -> str:
+    if row == "middle" and col == "centre":
+        return "in the centre"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "centre":
+        return f"at the {row}"
+    return f"at the {row} {col}"
+
+
+# --------------------------------------------------------------------------- scenes
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape: kind in KINDS, colour in COLOURS, centre (cx, cy) in [0, 1] image coordinates
+    (x to the right, y down), size in SIZES ("small" / "large")."""
+    kind: str
+    colour: str
+    cx: float
+    cy: float
+    size: str
+
+    @property
+    def radius(self) -> float:
+        """Half-extent as a fraction of the image side."""
+        return SIZES[self.size]
+
+    @property
+    def region(self) -> tuple[str, str]:
+        return region_of(self.cx, self.cy)
+
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in [0, 1]."""
+        r = self.radius
+        return (self.cx - r, self.cy - r, self.cx + r, self.cy + r)
+
+    def centroid(self) -> tuple[float, float]:
+        """Centre of mass of the drawn shape (x, y): the triangle's sits a third of r below cy."""
+        if self.kind == "triangle":
+            return (self.cx, self.cy + self.radius / 3)
+        return (self.cx, self.cy)
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.kind} {_where(*self.region)}"
+
+
+@dataclass
+class Scene:
+    """A list of non-overlapping shapes on the plain background."""
+    shapes: list[Shape] = field(default_factory=list)
+
+    def caption(self) -> str:
+        """'a large red circle at the top left and a small blue square at the bottom right'."""
+        parts = [s.phrase() for s in self.shapes]
+        if len(parts) <= 2:
+            return " and ".join(parts)
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+    def to_json(self) -> dict:
+        """Metadata per shape: kind, colour, size, cx, cy, region, box, centroid (image fractions)."""
+        return {"shapes": [{
+            "kind": s.kind, "colour": s.colour, "size": s.size, "cx": s.cx, "cy": s.cy,
+            "radius": s.radius, "region": list(s.region), "box": [round(v, 6) for v in s.box()],
+            "centroid": [round(v, 6) for v in s.centroid()]} for s in self.shapes]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scene":
+        return cls([Shape(s["kind"], s["colour"], float(s["cx"]), float(s["cy"]), s["size"])
+                    for s in d["shapes"]])
+
+
+def _overlaps(a: Shape, b: Shape) -> bool:
+    gap = a.radius + b.radius + _MARGIN
+    return abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap
+
+
+def sample_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
+    """1..max_shapes shapes with random kind, colour, size and position, boxes not overlapping."""
+    n = int(rng.integers(1, max_shapes + 1))
+    shapes: list[Shape] = []
+    for _ in range(n):
+        for _try in range(50):
+            size = str(rng.choice(list(SIZES)))
+            r = SIZES[size] + _MARGIN
+            cx, cy = (float(v) for v in rng.uniform(r, 1 - r, size=2))
+            cand = Shape(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), round(cx, 4), round(cy, 4), size)
+            if not any(_overlaps(cand, s) for s in shapes):
+                shapes.append(cand)
+                break
+    return Scene(shapes)
+
+
+@lru_cache(maxsize=8)
+def _grid(S: int) -> tuple[np.ndarray, np.ndarray]:
+    c = (np.arange(S, dtype=np.float32) + 0.5) / S    # pixel centres in [0, 1]
+    return c[None, :], c[:, None]                     # x (1, S), y (S, 1)
+
+
+def render(scene: Scene, image_size: int) -> torch.Tensor:
+    """Draw the scene: (3, S, S) float32 in [0, 1], hard edges, later shapes on top."""
+    S = image_size
+    x, y = _grid(S)
+    img = np.empty((S, S, 3), dtype=np.float32)
+    img[:] = BACKGROUND
+    for s in scene.shapes:
+        r = s.radius
+        if s.kind == "circle":
+            m = (x - s.cx) ** 2 + (y - s.cy) ** 2 <= r * r
+        elif s.kind == "square":
+            m = (np.abs(x - s.cx) <= r) & (np.abs(y - s.cy) <= r)
+        elif s.kind == "triangle":    # apex up at (cx, cy - r), base from cx - r to cx + r at cy + r
+            top = s.cy - r
+            m = (y >= top) & (y <= s.cy + r) & (np.abs(x - s.cx) <= (y - top) * 0.5)
+        else:
+            raise ValueError(f"unknown shape kind {s.kind!r}")
+        img[m] = COLOURS[s.colour]
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous()                       # (3, S, S)
+
+
+def colour_mask(images: torch.Tensor, colour_name: str, tol: float = 0.25) -> torch.Tensor:
+    """Pixels within RGB distance ``tol`` of a palette colour: images (B, 3, S, S) -> (B, S, S) bool."""
+    if colour_name not in COLOURS:
+        raise ValueError(f"unknown colour {colour_name!r}; choose from {sorted(COLOURS)}")
+    ref = torch.tensor(COLOURS[colour_name], dtype=images.dtype, device=images.device)
+    return ((images - ref[None, :, None, None]) ** 2).sum(1) <= tol * tol
+
+
+# --------------------------------------------------------------------------- stand-in encoders
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class StandInTextEncoder:
+    """Stand-in for T5 (not a language model): word tokens -> fixed random vectors, then two
+    residual layers of fixed random mixing over a 5-token neighbourhood (through a rank-r
+    bottleneck, cheap at Dt = 4096), so a token's vector depends a little on its neighbours.
+
+    ``__call__(captions) -> (emb (B, L, Dt) float32, mask (B, L) bool)``, L = the longest caption
+    (at most ``max_len``; longer captions are truncated like a tokenizer's max_length). Padded
+    positions are zero and do not influence real ones.
+    """
+
+    def __init__(self, dim: int, max_len: int, rank: int = 32, layers: int = 2, seed: int = 1234):
+        self.dim, self.max_len = dim, max_len
+        self.vocab = {w: i for i, w in enumerate(VOCAB)}
+        g = _gen(seed)
+        self.table = torch.randn(len(VOCAB), dim, generator=g)                        # (V, Dt)
+        self.table[0] = 0                                                              # <pad>
+        self.down = torch.randn(layers, dim, rank, generator=g) / math.sqrt(dim)      # (layers, Dt, r)
+        self.mix = torch.randn(layers, rank, rank, 5, generator=g) / math.sqrt(5 * rank)  # conv1d weights
+        self.up = torch.randn(layers, rank, dim, generator=g)                          # (layers, r, Dt)
+
+    def tokenize(self, caption: str) -> list[int]:
+        unk = self.vocab["<unk>"]
+        return [self.vocab.get(w, unk) for w in _WORD.findall(caption.lower())][: self.max_len]
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.tokenize(c) for c in captions]
+        L = max(1, max(len(i) for i in ids))
+        tok = torch.zeros(len(ids), L, dtype=torch.long)
+        for b, i in enumerate(ids):
+            tok[b, : len(i)] = torch.tensor(i, dtype=torch.long)
+        mask = tok != 0                                                                # (B, L)
+        m = mask[..., None].float()                                                    # (B, L, 1)
+        h = self.table[tok] * m                                                        # (B, L, Dt)
+        for k in range(self.down.shape[0]):
+            z = (h @ self.down[k]).transpose(1, 2)                                     # (B, r, L)
+            z = torch.tanh(F.conv1d(z, self.mix[k], padding=2)).transpose(1, 2)        # (B, L, r)
+            h = (h + 0.5 * (z @ self.up[k])) * m                                       # (B, L, Dt)
+        return h, mask
+
+
+class StandInPatchEncoder:
+    """Stand-in for DINOv3 (not a trained ViT): a frozen random MLP applied to each patch's own
+    pixels, so a patch feature carries no absolute position (moving content to another patch moves
+    its feature there). CLS = a fixed random projection of the mean of the patch features.
+
+    ``__call__(images (B, 3, S, S) in [0, 1]) -> (cls (B, Dd), patches (B, P, Dd))``, P = g*g in
+    row-major order. If S is not a multiple of g the image is resized to a (16 g) px view first,
+    like DINOv3's 224 px view with 16 px patches.
+    """
+
+    def __init__(self, image_size: int, grid: int, dim: int, seed: int = 4321):
+        self.grid, self.dim = grid, dim
+        self.view = image_size if image_size % grid == 0 else 16 * grid
+        self.ps = self.view // grid
+        d_in = 3 * self.ps * self.ps
+        g = _gen(seed)
+        self.w1 = torch.randn(d_in, dim, generator=g) * (2.0 / math.sqrt(d_in))      # (3 ps ps, Dd)
+        self.b1 = torch.randn(dim, generator=g) * 0.5
+        self.w2 = torch.randn(dim, dim, generator=g) / math.sqrt(dim)                  # (Dd, Dd)
+        self.wc = torch.randn(dim, dim, generator=g) / math.sqrt(dim)                  # (Dd, Dd)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float()
+        if x.shape[-1] != self.view or x.shape[-2] != self.view:
+            x = F.interpolate(x, size=(self.view, self.view), mode="bilinear", antialias=True, align_corners=False)
+        B, g, ps = x.shape[0], self.grid, self.ps
+        x = x.reshape(B, 3, g, ps, g, ps).permute(0, 2, 4, 1, 3, 5)                  # (B, g, g, 3, ps, ps)
+        x = x.reshape(B, g * g, 3 * ps * ps)                                           # (B, P, 3 ps ps)
+        patches = F.gelu((x - 0.5) @ self.w1 + self.b1) @ self.w2                      # (B, P, Dd)
+        cls = patches.mean(1) @ self.wc                                                # (B, Dd)
+        return cls, patches
+
+
+@lru_cache(maxsize=8)
+def _pixel_stats(image_size: int) -> tuple[tuple[float, float, float], float]:
+    """Per-RGB mean and overall std of world images (a fixed seed, independent of any world seed):
+    the codec's shift and scale, like a VAE's shift/scaling factor."""
+    rng = np.random.default_rng(2024)
+    imgs = torch.stack([render(sample_scene(rng), image_size) for _ in range(256)])  # (256, 3, S, S)
+    mean = imgs.mean(dim=(0, 2, 3))
+    std = (imgs - mean[None, :, None, None]).std()
+    return tuple(round(float(v), 6) for v in mean), round(float(std), 6)
+
+
+class PixelCodec:
+    """Stand-in for the VAE (no learned compression): pixel_unshuffle by 2 -> 12 channels per
+    2x2 cell, shift by the world's mean colour, scale to about unit std, then a fixed orthonormal
+    map 12 -> C (C >= 12; orthonormal columns, so ``decode(encode(x)) == x`` up to float rounding).
+
+    ``encode(images (B, 3, S, S) in [0, 1]) -> latents (B, C, S/2, S/2)``;
+    ``decode(latents) -> images (B, 3, S, S)`` clamped to [0, 1].
+    """
+
+    def __init__(self, channels: int, shift=(0.0, 0.0, 0.0), scale: float = 1.0, seed: int = 777):
+        if channels < 12:
+            raise ValueError(f"the pixel codec needs >= 12 latent channels to be invertible, got {channels}")
+        self.channels, self.scale = channels, float(scale)
+        self.shift = torch.tensor(shift, dtype=torch.float32).repeat_interleave(4)     # (12,) unshuffle order c*4 + k
+        q, _ = torch.linalg.qr(torch.randn(channels, 12, generator=_gen(seed), dtype=torch.float64))
+        self.weight = q.float().contiguous()                                           # (C, 12), W^T W = I
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.pixel_unshuffle(images.float(), 2)                                       # (B, 12, h, w)
+        x = (x - self.shift.to(x.device)[None, :, None, None]) * self.scale
+        return torch.einsum("ck,bkhw->bchw", self.weight.to(x.device), x)             # (B, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("ck,bchw->bkhw", self.weight.to(latents.device), latents.float())  # (B, 12, h, w)
+        x = x / self.scale + self.shift.to(x.device)[None, :, None, None]
+        return F.pixel_shuffle(x, 2).clamp(0, 1)                                       # (B, 3, S, S)
+
+
+# --------------------------------------------------------------------------- the world
+
+class ShapesWorld:
+    """The shapes world at the sizes of a model preset.
+
+    ``ShapesWorld(cfg, seed)``: image side S = 2 * cfg.input_size (the codec halves it), latents
+    (cfg.in_channels, S/2, S/2), a cfg.dino_grid^2 patch grid of cfg.dino_dim features, text of
+    cfg.text_dim with at most cfg.text_len tokens. ``seed`` drives the scenes (``scenes(n)``),
+    never the stand-in encoders' weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+        self.image_size = 2 * cfg.input_size
+        shift, std = _pixel_stats(self.image_size)
+        self.codec = PixelCodec(cfg.in_channels, shift=shift, scale=1.0 / std)
+        self.patch_encoder = StandInPatchEncoder(self.image_size, cfg.dino_grid, cfg.dino_dim)
+        self.text_encoder = StandInTextEncoder(cfg.text_dim, cfg.text_len)
+
+    def sample_scene(self, rng: np.random.Generator) -> Scene:
+        return sample_scene(rng)
+
+    def scene(self, index: int, split: str = "train") -> Scene:
+        """The index-th scene of a split: its own random stream (seed, split, index), so splits are
+        reproducible one sample at a time and train / val never share a stream."""
+        code = {"train": 0, "val": 1, "test": 2}[split]
+        return sample_scene(np.random.default_rng([self.seed, code, index]))
+
+    def render(self, scene: Scene) -> torch.Tensor:
+        """(3, S, S) float32 in [0, 1]."""
+        return render(scene, self.image_size)
+
+    def render_batch(self, scenes: list[Scene]) -> torch.Tensor:
+        return torch.stack([self.render(s) for s in scenes])                          # (B, 3, S, S)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, captions: list[str]) -> dict:
+        """images (B, 3, S, S) in [0, 1] + captions -> the loader's batch keys, unnormalised:
+        latent (B, C, S/2, S/2), dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt),
+        t5_mask (B, L) bool (L = longest caption), txt, png (the images)."""
+        cls, patches = self.patch_encoder(images)
+        emb, mask = self.text_encoder(list(captions))
+        return {"latent": self.codec.encode(images), "dinov3": cls, "dinov3_patches": patches,
+                "t5": emb, "t5_mask": mask, "txt": list(captions), "png": images}
+
+
+# --------------------------------------------------------------------------- shards
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _to_u8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) in [0, 1] -> (B, S, S, 3) uint8 (one vectorised op for a whole batch)."""
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _png(image) -> bytes:
+    """A (3, S, S) float tensor in [0, 1] or an (S, S, 3) uint8 array -> PNG bytes."""
+    from PIL import Image
+    arr = image if isinstance(image, np.ndarray) else _to_u8(image[None])[0]          # (S, S, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_sample_members(latent, dinov3, patches, t5_real, txt: str, png=None,
+                          meta: dict | None = None) -> dict:
+    """One sample's members per the data contract (bytes): latent.npy (C, H, W) float16,
+    dinov3.npy (Dd,) float32, dinov3_patches.npy (P, Dd) float16, t5.npy (L_valid, Dt) float16,
+    txt utf-8, optional png and json."""
+    f16 = lambda t: t.detach().cpu().numpy().astype(np.float16) if torch.is_tensor(t) else np.asarray(t, np.float16)
+    f32 = lambda t: t.detach().cpu().numpy().astype(np.float32) if torch.is_tensor(t) else np.asarray(t, np.float32)
+    out = {"latent.npy": _npy(f16(latent)), "dinov3.npy": _npy(f32(dinov3)),
+           "dinov3_patches.npy": _npy(f16(patches)), "t5.npy": _npy(f16(t5_real)),
+           "txt": txt.encode("utf-8")}
+    if png is not None:
+        out["png"] = _png(png)
+    if meta is not None:
+        out["json"] = json.dumps(meta).encode("utf-8")
+    return out
+
+
+def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fraction: float = 0.1,
+                 shard_size: int = 1000, batch_size: int = 256, progress: bool = True,
+                 cfg: ModelConfig | None = None) -> Path:
+    """Write ``n`` shapes-world samples as WebDataset shards plus ``stats.json`` (train split
+    statistics) under ``out_dir``: ``train-000000.tar ...`` and ``val-000000.tar ...``.
+    ``round(n * val_fraction)`` samples go to val. Returns the folder."""
+    from tqdm.auto import tqdm
+    import webdataset as wds
+    from .data import StatsAccumulator
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    cfg = cfg or model_preset(preset)
+    world = ShapesWorld(cfg, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
+        old.unlink()   # a rerun must not leave stale shards beside the new ones
+    n_val = int(round(n * val_fraction))
+    counts = {"train": n - n_val, "val": n_val}
+    acc = StatsAccumulator()
+    bar = tqdm(total=n, desc=f"shapes world -> {out}", unit="sample", disable=not progress)
+    for split, count in counts.items():
+        if count == 0:
+            continue
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
+                             encoder=False, mtime=0.0) as sink:
+            for start in range(0, count, batch_size):
+                idx = range(start, min(count, start + batch_size))
+                scenes = [world.scene(i, split) for i in idx]
+                images = world.render_batch(scenes)                                   # (B, 3, S, S)
+                b = world.encode(images, [s.caption() for s in scenes])
+                lens = b["t5_mask"].sum(1).tolist()
+                u8 = _to_u8(images)                                                   # (B, S, S, 3)
+                lat16 = b["latent"].half()
+                patches16, t516 = b["dinov3_patches"].half(), b["t5"].half()
+                for j, i in enumerate(idx):
+                    members = encode_sample_members(lat16[j], b["dinov3"][j], patches16[j],
+                                                    t516[j, : lens[j]], b["txt"][j], u8[j],
+                                                    scenes[j].to_json())
+                    sink.write({"__key__": f"{split}-{i:06d}", **members})
+                    if split == "train":
+                        acc.add(latent=lat16[j].float().numpy(), dinov3=b["dinov3"][j].numpy(),
+                                dinov3_patches=patches16[j].float().numpy(),
+                                t5=t516[j, : lens[j]].float().numpy())
+                bar.update(len(idx))
+    bar.close()
+    stats = acc.result()
+    stats.meta = {"source": "nbcore.shapes (stand-in encoders)", "preset": preset, "seed": seed,
+                  "n_train": counts["train"], "n_val": counts["val"], "image_size": world.image_size,
+                  "codec_shift": [float(v) for v in world.codec.shift[::4]], "codec_scale": world.codec.scale}
+    stats.save(out / "stats.json")
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nbcore.shapes", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make", help="write shapes-world shards + stats.json")
+    mk.add_argument("out_dir", help="output folder (e.g. outputs/data/shapes)")
+    mk.add_argument("--n", type=int, required=True, help="total samples (train + val)")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--preset", default="tiny", choices=["tiny", "production"])
+    mk.add_argument("--val-fraction", type=float, default=0.1)
+    mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    mk.add_argument("--batch-size", type=int, default=256, help="samples encoded together")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error("--n must be >= 1")
+    if not 0 <= args.val_fraction < 1:
+        ap.error("--val-fraction must be in [0, 1)")
+    if args.shard_size < 1 or args.batch_size < 1:
+        ap.error("--shard-size and --batch-size must be >= 1")
+    out = make_dataset(args.out_dir, args.n, args.seed, args.preset, args.val_fraction,
+                       args.shard_size, args.batch_size)
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
