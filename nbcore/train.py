@@ -1,0 +1,890 @@
+"""Training: flow matching with 4-way CFG dropout, EMA, safe checkpoints, monitoring and DDP.
+
+    from nbcore.train import TrainConfig, train
+    summary = train(TrainConfig(preset="tiny", data="outputs/shapes", out="outputs/run", steps=600))
+
+    python -m nbcore.train --preset tiny --data DIR --out DIR [--steps N ...]      # one process
+    torchrun --nproc_per_node=2 -m nbcore.train --preset tiny --data DIR --out DIR  # DDP
+
+Order of one optimiser step (nanoGPT's): lr (scheduler) -> forward/backward over ``grad_accum``
+micro-batches -> clip -> NaN/Inf guard -> AdamW step -> EMA -> log -> checkpoint / validation / samples.
+
+Flow matching (DESIGN.md): ``x_t = (1 - t) x0 + t noise``, target ``v = noise - x0``, loss = MSE of the
+predicted velocity, averaged per sample then over the batch. ``t`` is logit-normal (default) or
+uniform. Each sample draws one of four conditioning cases (``sample_dropout``): both dropped,
+text only (DINO dropped), DINO only (text dropped), both kept; the model replaces a dropped signal
+with its learned null (``drop_text`` / ``drop_dino``).
+
+Design notes (why, not what):
+- Host-device syncs. Text is trimmed on the host (``prepare_text``) before the copy. Everything
+  monitored for a step (loss, loss per t-bin, velocity RMS, gradient norms, the finite flag) is
+  packed into one small tensor and copied to the host once per optimiser step. That one sync is
+  the price of the NaN guard: deciding whether to apply the update needs the answer on the host
+  (a sync-free alternative, masking the update on the device as GradScaler does, would also have
+  to mask the scheduler, the EMA and the step count, and could only raise K steps late). After
+  backward the device queue is nearly drained anyway, so the cost is one launch latency per step.
+- NaN/Inf guard. A step is skipped (no optimiser, scheduler or EMA update; gradients dropped) when
+  the loss or the total gradient norm is not finite; in DDP the decision is all-reduced (MIN) so
+  every rank skips together. ``step`` still advances (the data was consumed); the scheduler
+  follows the number of applied updates. K skips in a row raise ``NonFiniteLossError``.
+- EMA. An explicit fp32 copy of the model updated with ``lerp`` after each applied update, decay
+  ``min(ema_decay, (1 + n) / (10 + n))`` (n = applied updates) so early EMA weights are not
+  dominated by the random init. Warm start initialises the EMA from the warm-started weights.
+- Resume determinism. The data stream is a sequence of epochs; epoch ``e`` is a fresh loader with
+  shuffle seed derived from (seed, e) (``drop_last=True`` so every step sees a full batch). A
+  checkpoint records, per rank, the epoch and the number of batches already taken from it; resume
+  rebuilds that epoch and skips those batches (their cost: decoding up to one epoch once). The
+  generator that draws t, noise and dropout is a dedicated ``torch.Generator`` per rank whose state
+  is saved, as are the global torch / numpy / python / CUDA RNG states. With the same world size,
+  on a deterministic CPU, the step after a resume computes the same loss as an uninterrupted run
+  (tests/test_train.py checks this with a SIGKILL). Changing the world size on resume still
+  loads weights and optimiser state but restarts each rank's data at its recorded epoch start.
+- DDP. ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; we init nccl on CUDA and gloo on CPU, wrap
+  the model in DistributedDataParallel (``no_sync`` on non-final accumulation micro-batches), and
+  let the loader split shards by rank itself. ``batch_size`` is per process and micro-batch; the
+  global batch is ``batch_size * world_size * grad_accum``. Rank 0 alone writes logs, checkpoints,
+  validation metrics and sample grids.
+- Weight decay applies to matrices only (Linear / conv weights), not to biases, learned nulls or
+  the learned patch-position table: decaying a null embedding would pull "no signal" towards 0.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from nbcore.model import ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
+from nbcore.utils import atomic_save, load_checkpoint, resolve_device, seed_everything
+
+__all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
+           "batch_to_device", "load_train_log", "NonFiniteLossError", "DROPOUT_CASES", "main"]
+
+# The four per-sample conditioning cases, in the order of ``sample_dropout``'s probabilities.
+DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when ``nan_max_consecutive`` optimiser steps in a row had a non-finite loss or gradient."""
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; stored whole in every checkpoint (``train_config``)."""
+    # model: a preset plus overrides (None = the preset's value)
+    preset: str = "tiny"
+    use_dino_patches: bool | None = None
+    patch_pos_embed: str | None = None
+    model_overrides: str = ""            # JSON object of further ModelConfig fields, e.g. '{"depth": 2}'
+    # data and output
+    data: str = ""                       # folder with train-*.tar shards (+ stats.json)
+    out: str = "outputs/train"
+    shuffle: int = 1000                  # shuffle buffer of the loader (0 = off)
+    num_workers: int = 0
+    # optimisation
+    steps: int = 1000                    # optimiser steps (including skipped ones)
+    batch_size: int = 32                 # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int = 100                    # linear warmup steps
+    schedule: str = "cosine"             # cosine | constant (after warmup)
+    lr_min_ratio: float = 0.1            # cosine ends at lr * lr_min_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0               # max total grad norm (0 = no clipping, norm still logged)
+    ema_decay: float = 0.999
+    # per-sample CFG dropout (DESIGN.md): keep = 1 - the three others
+    p_drop_both: float = 0.10
+    p_text_only: float = 0.30            # DINO dropped
+    p_dino_only: float = 0.05            # text dropped
+    # timesteps
+    timestep_sampling: str = "logit_normal"   # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_bins: int = 10
+    # runtime
+    device: str = "auto"
+    seed: int = 0
+    compile: bool = False
+    progress: bool = True
+    # intervals in optimiser steps (0 = off)
+    log_every: int = 10
+    ckpt_every: int = 500                # OUT/ckpt/last.pt (always written at the end too)
+    milestone_every: int = 0             # OUT/ckpt/step_XXXXXX.pt kept copies
+    val_every: int = 0
+    sample_every: int = 0
+    nan_max_consecutive: int = 5         # K: stop after K skipped steps in a row
+    # warm start / resume
+    warm_start: str = ""                 # checkpoint of a pre-patch (or any) run
+    warm_start_lr_scale: float = 0.5
+    warm_start_weights: str = "model"    # model | ema: which weights of the warm-start checkpoint
+    resume: str = "auto"                 # auto (OUT/ckpt/last.pt if present) | none | PATH
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        need(self.schedule in ("cosine", "constant"), f"schedule must be cosine|constant, got {self.schedule!r}")
+        need(0 <= self.lr_min_ratio <= 1, f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        probs = self.dropout_probs
+        need(all(p >= 0 for p in probs[:3]) and probs[3] >= -1e-9,
+             f"dropout probabilities must be >= 0 and sum to <= 1, got both/text_only/dino_only = {probs[:3]}")
+        need(self.timestep_sampling in ("logit_normal", "uniform"),
+             f"timestep_sampling must be logit_normal|uniform, got {self.timestep_sampling!r}")
+        need(self.logit_std > 0, f"logit_std must be > 0, got {self.logit_std}")
+        need(self.loss_bins >= 1, f"loss_bins must be >= 1, got {self.loss_bins}")
+        for name in ("log_every", "ckpt_every", "milestone_every", "val_every", "sample_every", "num_workers", "shuffle"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.log_every >= 1, "log_every must be >= 1")
+        need(self.nan_max_consecutive >= 1, f"nan_max_consecutive must be >= 1, got {self.nan_max_consecutive}")
+        need(self.warm_start_lr_scale > 0, f"warm_start_lr_scale must be > 0, got {self.warm_start_lr_scale}")
+        need(self.warm_start_weights in ("model", "ema"),
+             f"warm_start_weights must be model|ema, got {self.warm_start_weights!r}")
+        if self.model_overrides:
+            try:
+                ov = json.loads(self.model_overrides)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model_overrides is not valid JSON: {e}") from None
+            need(isinstance(ov, dict), "model_overrides must be a JSON object")
+
+    @property
+    def dropout_probs(self) -> tuple[float, float, float, float]:
+        """(both dropped, text only, DINO only, both kept)."""
+        keep = 1.0 - self.p_drop_both - self.p_text_only - self.p_dino_only
+        return (self.p_drop_both, self.p_text_only, self.p_dino_only, max(keep, 0.0) if keep > -1e-9 else keep)
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig this run trains: ``preset`` with the overrides applied."""
+        ov = json.loads(self.model_overrides) if self.model_overrides else {}
+        if self.use_dino_patches is not None:
+            ov["use_dino_patches"] = self.use_dino_patches
+        if self.patch_pos_embed is not None:
+            ov["patch_pos_embed"] = self.patch_pos_embed
+        unknown = set(ov) - {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) in overrides: {sorted(unknown)}")
+        return preset(self.preset, **ov)
+
+
+# --------------------------------------------------------------------------- flow matching pieces
+
+def sample_dropout(B: int, probs: Sequence[float] = (0.10, 0.30, 0.05, 0.55),
+                   generator: torch.Generator | None = None, device=None):
+    """One categorical draw per sample over ``DROPOUT_CASES``.
+
+    probs: (both dropped, text only, DINO only, both kept), summing to 1.
+    Returns ``(drop_text (B,) bool, drop_dino (B,) bool)``: text is dropped in cases both_dropped and
+    dino_only, DINO in both_dropped and text_only.
+    """
+    probs = [float(p) for p in probs]
+    if len(probs) != 4 or any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(f"dropout probs must be 4 non-negative numbers summing to 1, got {probs}")
+    if device is None and generator is not None:
+        device = generator.device
+    u = torch.rand(B, generator=generator, device=device)                                # (B,)
+    edges = torch.tensor(np.cumsum(probs[:3]), dtype=u.dtype, device=u.device)          # (3,)
+    case = torch.bucketize(u, edges, right=True)                                          # (B,) in 0..3
+    drop_text = (case == 0) | (case == 2)
+    drop_dino = (case == 0) | (case == 1)
+    return drop_text, drop_dino
+
+
+def sample_timesteps(B: int, mode: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """t (B,) in (0, 1): ``sigmoid(N(mean, std))`` (logit-normal, SD3) or uniform."""
+    if device is None and generator is not None:
+        device = generator.device
+    if mode == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(B, generator=generator, device=device))
+    if mode == "uniform":
+        return torch.rand(B, generator=generator, device=device)
+    raise ValueError(f"timestep sampling must be logit_normal|uniform, got {mode!r}")
+
+
+def batch_to_device(batch: dict, device, use_patches: bool = True) -> dict:
+    """Move a loader batch to ``device``; the text is trimmed on the host first (``prepare_text``), so
+    the mask may become None (no padding left). Returns a dict with ``latent (B,C,H,W)``, ``dinov3
+    (B,Dd)``, ``dinov3_patches (B,P,Dd)`` or None, ``t5 (B,L',Dt)``, ``t5_mask (B,L')`` or None."""
+    need = ["latent", "dinov3", "t5", "t5_mask"] + (["dinov3_patches"] if use_patches else [])
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
+    text, mask = prepare_text(batch["t5"], batch["t5_mask"])
+    nb = torch.device(device).type == "cuda"
+    out = {"latent": batch["latent"].to(device, torch.float32, non_blocking=nb),
+           "dinov3": batch["dinov3"].to(device, torch.float32, non_blocking=nb),
+           "t5": text.to(device, torch.float32, non_blocking=nb),
+           "t5_mask": None if mask is None else mask.to(device, non_blocking=nb),
+           "dinov3_patches": None}
+    if use_patches:
+        out["dinov3_patches"] = batch["dinov3_patches"].to(device, torch.float32, non_blocking=nb)
+    return out
+
+
+def flow_matching_loss(model: nn.Module, batch: dict, *, generator: torch.Generator | None = None,
+                       probs: Sequence[float] = (0.10, 0.30, 0.05, 0.55), timestep_sampling: str = "logit_normal",
+                       logit_mean: float = 0.0, logit_std: float = 1.0, t: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
+                       drop_dino: torch.Tensor | None = None, loss_bins: int = 10):
+    """Flow-matching loss of ``model`` on a device batch (``batch_to_device``'s output).
+
+    Draws (unless given) t (B,), noise like the latents, and the per-sample dropout, all from
+    ``generator``; ``x_t = (1 - t) x0 + t noise``, target ``v = noise - x0``; the model's output is
+    compared in fp32. Returns ``(loss scalar, aux)`` with aux tensors on the device (no sync):
+    ``per_sample (B,)``, ``t (B,)``, ``drop_text``, ``drop_dino`` (B,) bool, ``v_pred_rms``,
+    ``v_target_rms`` scalars, ``bin_sum``, ``bin_count`` (loss_bins,) (loss summed / counted per
+    t-bin, bin i = [i / nb, (i + 1) / nb)).
+    """
+    x0 = batch["latent"]
+    B, dev = x0.shape[0], x0.device
+    if t is None:
+        t = sample_timesteps(B, timestep_sampling, logit_mean, logit_std, generator, dev)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    if drop_text is None or drop_dino is None:
+        dt, dd = sample_dropout(B, probs, generator, dev)
+        drop_text = dt if drop_text is None else drop_text
+        drop_dino = dd if drop_dino is None else drop_dino
+    tb = t.view(B, 1, 1, 1).to(x0.dtype)
+    x_t = (1 - tb) * x0 + tb * noise                                                     # (B, C, H, W)
+    target = noise - x0                                                                  # (B, C, H, W)
+    v = model(x_t, t, batch["dinov3"], batch.get("dinov3_patches"), batch["t5"], batch.get("t5_mask"),
+              drop_text=drop_text, drop_dino=drop_dino).float()
+    per_sample = (v - target).square().flatten(1).mean(1)                                # (B,)
+    loss = per_sample.mean()
+    with torch.no_grad():
+        bins = (t.detach() * loss_bins).long().clamp_(0, loss_bins - 1)                  # (B,)
+        bin_sum = torch.zeros(loss_bins, device=dev).scatter_add_(0, bins, per_sample.detach())
+        bin_count = torch.bincount(bins, minlength=loss_bins).float()
+        aux = {"per_sample": per_sample.detach(), "t": t, "drop_text": drop_text, "drop_dino": drop_dino,
+               "v_pred_rms": v.detach().square().mean().sqrt(), "v_target_rms": target.square().mean().sqrt(),
+               "bin_sum": bin_sum, "bin_count": bin_count}
+    return loss, aux
+
+
+# --------------------------------------------------------------------------- data stream
+
+class BatchStream:
+    """Endless per-rank batch stream over epochs of ``source(epoch)``; the position
+    ``(epoch, index)`` (index = batches already taken from that epoch) is all a checkpoint needs:
+    resume rebuilds ``source(epoch)`` and skips ``index`` batches."""
+
+    def __init__(self, source: Callable[[int], Iterable[dict]], epoch: int = 0, index: int = 0):
+        self.source, self.epoch, self.index = source, epoch, index
+        self._it = None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = iter(self.source(self.epoch))
+                for k in range(self.index):  # resume: skip what the checkpointed run had consumed
+                    try:
+                        next(self._it)
+                    except StopIteration:
+                        raise RuntimeError(f"cannot resume: epoch {self.epoch} has only {k} batches, "
+                                           f"the checkpoint recorded {self.index} taken") from None
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.index == 0:
+                    raise RuntimeError(f"epoch {self.epoch} of the training data yielded no batch "
+                                       "(fewer samples than batch_size on this rank?)") from None
+                self.epoch, self.index, self._it = self.epoch + 1, 0, None
+                continue
+            self.index += 1
+            return batch
+
+    def __iter__(self):
+        return self
+
+
+def shard_source(cfg: TrainConfig) -> Callable[[int], Iterable[dict]]:
+    """Epoch -> loader over ``cfg.data``'s train shards (normalised with its stats.json when present).
+    The shuffle seed depends on (seed, epoch), so an epoch can be rebuilt exactly on resume; the
+    loader splits shards by rank itself under DDP."""
+    from nbcore.data import make_loader, shard_list  # the data module is optional until a run needs it
+
+    if not cfg.data:
+        raise ValueError("no training data: pass --data DIR (a folder of train-*.tar shards)")
+    if not Path(cfg.data).is_dir():
+        raise FileNotFoundError(f"data folder {cfg.data!r} does not exist")
+    shards = shard_list(cfg.data, "train")
+    if not shards:
+        raise FileNotFoundError(f"no train shards in {cfg.data!r} (expected train-XXXXXX.tar)")
+    stats = Path(cfg.data) / "stats.json"
+    stats = str(stats) if stats.exists() else None
+
+    def source(epoch: int):
+        return make_loader(shards, cfg.batch_size, stats=stats, shuffle=cfg.shuffle,
+                           seed=cfg.seed * 100_003 + epoch, epochs=1, num_workers=cfg.num_workers,
+                           drop_last=True)
+    return source
+
+
+# --------------------------------------------------------------------------- EMA
+
+class EMA:
+    """fp32 exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, n_updates: int) -> None:
+        d = min(self.decay, (1 + n_updates) / (10 + n_updates))
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach().float() for p in model.parameters()], 1 - d)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd):
+        self.module.load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- RNG state as plain types
+
+def _rng_state() -> dict:
+    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss_next = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+           "python": {"version": version, "state": list(pystate), "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in s and torch.cuda.is_available():
+        states = s["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+# --------------------------------------------------------------------------- logs
+
+def load_train_log(path, kind: str | None = "train") -> list[dict]:
+    """Records of a run's ``log.jsonl`` (a file or the run folder). ``kind``: "train" (per logged step),
+    "val", "event", or None for all. A torn last line (killed run) is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or rec.get("kind") == kind:
+            out.append(rec)
+    return out
+
+
+def _finite_or_none(x):
+    """NaN / Inf -> None so log lines stay strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(n: int) -> float:
+        if cfg.warmup and n < cfg.warmup:
+            return (n + 1) / cfg.warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup)
+        frac = min(1.0, (n - cfg.warmup) / span)
+        return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+# --------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """One training run. ``Trainer(cfg).run()`` is ``train(cfg)``; the object keeps ``model``, ``ema``,
+    ``optimizer``, ``step`` for tests and notebooks.
+
+    data: optional ``source(epoch, rank, world_size) -> iterable of batches`` replacing the shard
+    loader (stand-in batches for tests). val_fn / sample_fn: optional ``fn(trainer, ckpt_path) ->
+    dict | None`` hooks run on rank 0 every ``val_every`` / ``sample_every`` steps; by default
+    ``nbcore.validate`` / ``nbcore.sample`` + ``nbcore.viz`` when importable.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: Callable[[int, int, int], Iterable[dict]] | None = None,
+                 val_fn: Callable | None = None, sample_fn: Callable | None = None):
+        self.cfg = cfg
+        self.model_cfg = cfg.model_config()
+        self._init_dist()
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "ckpt"
+        self.log_path = self.out / "log.jsonl"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.model = NanoDiT(self.model_cfg).to(self.device)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(cfg.seed * 1_000_003 + 7919 * self.rank)
+
+        resume_path = self._resume_path()
+        self.warm_report = None
+        base_lr = cfg.lr
+        if cfg.warm_start:
+            base_lr = cfg.lr * cfg.warm_start_lr_scale
+            if resume_path is None:
+                self.warm_report = self._warm_start(cfg.warm_start)
+        self.ema = EMA(self.model, cfg.ema_decay)
+
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and not n.startswith(("null_", "patch_pos"))]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and not n.startswith(("null_", "patch_pos")))]
+        kw = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=base_lr, betas=(0.9, 0.999), **kw)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+
+        self.step = 0
+        self.n_updates = 0
+        self.skipped = 0
+        self.streak = 0
+        position = {"epoch": 0, "index": 0}
+        self.resumed_from = resume_path
+        if resume_path is not None:
+            position = self._resume(resume_path)
+
+        if data is not None:
+            src = lambda epoch: data(epoch, self.rank, self.world)  # noqa: E731
+        else:
+            src = shard_source(cfg)
+        self.stream = BatchStream(src, **position)
+
+        fwd = self.model
+        if cfg.compile:
+            fwd = torch.compile(fwd)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.fwd = fwd
+        self.val_fn = val_fn if val_fn is not None else _default_val_fn
+        self.sample_fn = sample_fn if sample_fn is not None else _default_sample_fn
+        self._bins_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
+        self._loss_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
+
+    # -- setup helpers
+    def _init_dist(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        device = resolve_device(self.cfg.device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        elif device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._own_pg = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self._own_pg = True
+
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if r in ("", "none"):
+            return None
+        if r == "auto":
+            p = self.ckpt_dir / "last.pt"
+            return p if p.exists() else None
+        if not Path(r).exists():
+            raise FileNotFoundError(f"resume checkpoint {r!r} does not exist")
+        return Path(r)
+
+    def _warm_start(self, path) -> dict:
+        ck = load_checkpoint(path)
+        key = self.cfg.warm_start_weights
+        if key not in ck:
+            raise KeyError(f"warm-start checkpoint {path} has no {key!r} weights (keys: {sorted(ck)})")
+        report = load_warm_start(self.model, ck[key])
+        if report["mismatched"]:
+            raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} "
+                             "(different preset or sizes?)")
+        if not report["loaded"]:
+            raise ValueError(f"warm start from {path}: no tensor matched this model")
+        if self.is_main:
+            print(f"warm start from {path} ({key} weights, lr x{self.cfg.warm_start_lr_scale}): "
+                  f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {report['unexpected']}, "
+                  f"mismatched {report['mismatched']}", file=sys.stderr)
+        return report
+
+    def _resume(self, path) -> dict:
+        ck = load_checkpoint(path)
+        if ck["config"] != self.model_cfg.to_dict():
+            diff = {k: (ck["config"].get(k), v) for k, v in self.model_cfg.to_dict().items() if ck["config"].get(k) != v}
+            raise ValueError(f"cannot resume from {path}: model config differs (checkpoint, now): {diff}")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.ema.load_state_dict(ck["ema"])
+        self.step, self.n_updates = int(ck["step"]), int(ck["n_updates"])
+        self.skipped, self.streak = int(ck["skipped"]), int(ck["streak"])
+        _set_rng_state(ck["rng"])
+        ds = ck["data_state"]
+        if ds["world_size"] == self.world:
+            self.gen.set_state(ck["rng"]["train"][self.rank])
+            position = ds["ranks"][self.rank]
+        else:
+            print(f"warning: resuming with world size {self.world} (checkpoint {ds['world_size']}): "
+                  "data order and noise are not the uninterrupted run's", file=sys.stderr)
+            position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            self._truncate_log(self.step)
+            for tmp in self.ckpt_dir.glob("*.tmp"):  # a write torn by a kill
+                tmp.unlink()
+        return position
+
+    def _truncate_log(self, step: int):
+        """Drop log records after the resumed step (a killed run logged past its last checkpoint)."""
+        if not self.log_path.exists():
+            return
+        keep = [json.dumps(r) for r in load_train_log(self.log_path, kind=None) if r.get("step", 0) <= step]
+        tmp = self.log_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.log_path)
+
+    # -- logging / checkpoints
+    def _log(self, rec: dict):
+        if self.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(_finite_or_none(rec)) + "\n")
+
+    def checkpoint(self, milestone: bool = False) -> Path:
+        """Write OUT/ckpt/last.pt (and step_XXXXXX.pt when ``milestone``) atomically; collective in DDP."""
+        pos, gen = self.stream.position(), self.gen.get_state()
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (pos, gen))
+            positions, gens = [g[0] for g in gathered], [g[1] for g in gathered]
+        else:
+            positions, gens = [pos], [gen]
+        path = self.ckpt_dir / "last.pt"
+        if self.is_main:
+            rng = _rng_state()
+            rng["train"] = gens
+            obj = {"config": self.model_cfg.to_dict(), "train_config": asdict(self.cfg),
+                   "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "step": self.step, "n_updates": self.n_updates, "skipped": self.skipped, "streak": self.streak,
+                   "rng": rng, "data_state": {"world_size": self.world, "ranks": positions}}
+            atomic_save(obj, path)
+            if milestone:
+                atomic_save(obj, self.ckpt_dir / f"step_{self.step:06d}.pt")
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # -- one optimiser step
+    def train_step(self) -> dict:
+        """Forward/backward over ``grad_accum`` micro-batches, clip, guard, update. Returns the host
+        stats of the step (one device->host copy)."""
+        cfg, dev = self.cfg, self.device
+        self.model.train()
+        nb = cfg.loss_bins
+        acc = torch.zeros(4 + 2 * nb, device=dev)  # loss, v_pred_rms, v_target_rms, n_samples, bins
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+        for micro in range(cfg.grad_accum):
+            batch = batch_to_device(next(self.stream), dev, self.model_cfg.use_dino_patches)
+            sync = self.world > 1 and micro < cfg.grad_accum - 1
+            with (self.fwd.no_sync() if sync else nullcontext()):
+                with autocast:
+                    loss, aux = flow_matching_loss(
+                        self.fwd, batch, generator=self.gen, probs=cfg.dropout_probs,
+                        timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                        logit_std=cfg.logit_std, loss_bins=nb)
+                (loss / cfg.grad_accum).backward()
+            acc += torch.cat([torch.stack([loss.detach(), aux["v_pred_rms"], aux["v_target_rms"],
+                                           aux["bin_count"].sum()]),
+                              aux["bin_sum"], aux["bin_count"]])
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        patch_norm = torch.zeros((), device=dev)
+        if self.model_cfg.use_dino_patches:
+            g = [p.grad for p in self.model.dino_patch_proj.parameters() if p.grad is not None]
+            if g:
+                patch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in g]))
+        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        ok = (torch.isfinite(acc[0]) & torch.isfinite(total_norm)).float()
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        host = torch.cat([ok.view(1), total_norm.float().view(1), patch_norm.float().view(1), acc]).tolist()  # the one sync
+        applied = host[0] > 0.5
+        lr = self.scheduler.get_last_lr()[0]
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.n_updates += 1
+            self.ema.update(self.model, self.n_updates)
+            self.streak = 0
+        else:
+            self.skipped += 1
+            self.streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        a = host[3:]
+        k = cfg.grad_accum
+        stats = {"applied": applied, "grad_norm": host[1], "grad_norm_patch_proj": host[2] if self.model_cfg.use_dino_patches else None,
+                 "loss": a[0] / k, "v_pred_rms": a[1] / k, "v_target_rms": a[2] / k, "samples": a[3],
+                 "bin_sum": a[4:4 + nb], "bin_count": a[4 + nb:], "lr": lr}
+        if not applied and self.streak >= cfg.nan_max_consecutive:
+            msg = (f"non-finite loss or gradient in {self.streak} steps in a row (up to step {self.step}, "
+                   f"{self.skipped} skipped in all; last loss {stats['loss']}, grad norm {stats['grad_norm']}): "
+                   "stopping. Check the data (nbcore.data check), lower the lr, or raise grad clipping.")
+            self._log({"kind": "event", "step": self.step, "event": "nan_stop", "message": msg})
+            raise NonFiniteLossError(msg)
+        return stats
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, device=self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # -- the loop
+    def run(self) -> dict:
+        cfg, nb = self.cfg, self.cfg.loss_bins
+        if self.warm_report is not None:
+            self._log({"kind": "event", "step": self.step, "event": "warm_start", "path": cfg.warm_start,
+                       "weights": cfg.warm_start_weights, "lr_scale": cfg.warm_start_lr_scale,
+                       **{k: v for k, v in self.warm_report.items() if k != "loaded"},
+                       "n_loaded": len(self.warm_report["loaded"])})
+        if self.resumed_from is not None:
+            self._log({"kind": "event", "step": self.step, "event": "resume", "path": str(self.resumed_from)})
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log({"kind": "event", "step": self.step, "event": "start", "world_size": self.world,
+                       "device": str(self.device), "params": self.model.num_params(),
+                       "train_config": asdict(cfg), "model_config": self.model_cfg.to_dict()})
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True)
+        win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
+        t0 = time.perf_counter()
+        t_win = t0
+        start_step = self.step
+        last_ckpt = None
+        try:
+            while self.step < cfg.steps:
+                s = self.train_step()
+                if s["applied"]:
+                    win["loss"] += s["loss"]
+                    win["n"] += 1
+                    win["bins"] = [a + b for a, b in zip(win["bins"], s["bin_sum"] + s["bin_count"])]
+                    self._loss_recent.append(s["loss"])
+                    self._bins_recent.append(s["bin_sum"] + s["bin_count"])
+                else:
+                    win["skipped"] += 1
+                win["samples"] += s["samples"]
+                bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
+                bar.update(1)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    red = self._reduce([s["loss"], s["v_pred_rms"], s["v_target_rms"], win["loss"], float(win["n"]),
+                                        win["samples"], *win["bins"]])
+                    w = self.world
+                    bsum, bcnt = red[6:6 + nb], red[6 + nb:]
+                    rec = {"kind": "train", "step": self.step, "loss": red[0] / w,
+                           "loss_avg": red[3] / red[4] if red[4] else None,
+                           "loss_bins": [a / c if c else None for a, c in zip(bsum, bcnt)],
+                           "v_pred_rms": red[1] / w, "v_target_rms": red[2] / w,
+                           "grad_norm": s["grad_norm"], "grad_norm_patch_proj": s["grad_norm_patch_proj"],
+                           "lr": s["lr"], "samples_per_s": red[5] / max(now - t_win, 1e-9),
+                           "skipped": self.skipped, "skipped_window": win["skipped"], "applied": s["applied"],
+                           "epoch": self.stream.epoch, "time_s": now - t0}
+                    self._log(rec)
+                    win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
+                    t_win = now
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 or (cfg.milestone_every and self.step % cfg.milestone_every == 0):
+                    last_ckpt = self.checkpoint(milestone=bool(cfg.milestone_every and self.step % cfg.milestone_every == 0))
+                    last_ckpt_step = self.step
+                if cfg.val_every and self.step % cfg.val_every == 0:
+                    self._hook("val", self.val_fn)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._hook("samples", self.sample_fn)
+            if last_ckpt is None or last_ckpt_step != self.step:
+                last_ckpt = self.checkpoint()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        bins = [0.0] * (2 * nb)
+        for b in self._bins_recent:
+            bins = [x + y for x, y in zip(bins, b)]
+        summary = {"steps": self.step, "steps_this_run": self.step - start_step, "time_s": elapsed,
+                   "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+                   "final_loss": (sum(self._loss_recent) / len(self._loss_recent)) if self._loss_recent else None,
+                   "final_loss_window": len(self._loss_recent),
+                   "loss_by_bin": [a / c if c else None for a, c in zip(bins[:nb], bins[nb:])],
+                   "skipped": self.skipped, "checkpoint": str(last_ckpt), "log": str(self.log_path),
+                   "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
+                   "warm_start": self.warm_report is not None}
+        self._log({"kind": "event", "step": self.step, "event": "end", **{k: v for k, v in summary.items()}})
+        return summary
+
+    def _hook(self, name: str, fn: Callable):
+        """Run a periodic hook on rank 0 (after a checkpoint, which it may read); log what it returns."""
+        path = self.checkpoint()
+        if self.is_main and fn is not None:
+            try:
+                result = fn(self, path)
+            except _HookUnavailable as e:
+                print(f"{name} hook off: {e}", file=sys.stderr)
+                if name == "val":
+                    self.val_fn = None
+                else:
+                    self.sample_fn = None
+                result = None
+            if result:
+                self._log({"kind": "val" if name == "val" else "event", "step": self.step,
+                           **({"event": "samples"} if name != "val" else {}), **result})
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self._own_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _HookUnavailable(RuntimeError):
+    pass
+
+
+def _default_val_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
+    """``nbcore.validate.validate_checkpoint`` on the run's val shards, tiny settings."""
+    try:
+        from nbcore.validate import validate_checkpoint
+    except ImportError as e:
+        raise _HookUnavailable(f"nbcore.validate not importable ({e})") from None
+    if not trainer.cfg.data:
+        raise _HookUnavailable("no --data folder to validate on")
+    out = trainer.out / "val" / f"step_{trainer.step:06d}"
+    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=16, steps=10,
+                                  device=str(trainer.device))
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _default_sample_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
+    """A small grid of EMA samples (text + DINO of val-set scenes) under OUT/samples/."""
+    try:
+        from nbcore import sample as sample_mod
+        from nbcore import viz
+    except ImportError as e:
+        raise _HookUnavailable(f"nbcore.sample / nbcore.viz not importable ({e})") from None
+    fn = getattr(sample_mod, "sample_grid", None)
+    if fn is None:
+        raise _HookUnavailable("nbcore.sample has no sample_grid(model, batch, ...)")
+    fig = fn(trainer.ema.module, data=trainer.cfg.data, n=4, device=str(trainer.device))
+    path = viz.save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
+    return {"path": str(path)}
+
+
+def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
+    """Train per ``cfg`` and return the summary: ``steps``, ``time_s``, ``steps_per_s``, ``final_loss``
+    (mean of the last <= 100 applied steps), ``loss_by_bin`` (same window), ``skipped``, ``checkpoint``
+    (OUT/ckpt/last.pt), ``log`` (OUT/log.jsonl), ``params``, ``world_size``, ``device``."""
+    trainer = Trainer(cfg, data=data, val_fn=val_fn, sample_fn=sample_fn)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+_FLAG_NAMES = {"nan_max_consecutive": "nan-max-consecutive"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nbcore.train",
+                                description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        typ = str(f.type)
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const="auto", default=default,
+                           help="resume: auto (OUT/ckpt/last.pt if present; the default), none, or a checkpoint PATH")
+            p.add_argument("--no-resume", dest="resume", action="store_const", const="none", help="start fresh")
+            continue
+        if typ.startswith("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"(default: {default}{', preset value' if default is None else ''})")
+        else:
+            conv = {"int": int, "float": float}.get(typ.split(" ")[0], str)
+            p.add_argument(flag, type=conv, default=default, help=f"(default: {default!r})")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = TrainConfig(**vars(args))
+        cfg.model_config()
+    except ValueError as e:
+        raise SystemExit(f"nbcore.train: {e}") from None
+    if not cfg.data:
+        raise SystemExit("nbcore.train: --data DIR is required (a folder of train-*.tar shards)")
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
+        raise SystemExit(f"nbcore.train: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

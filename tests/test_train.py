@@ -1,0 +1,337 @@
+"""Training: loss and dropout pieces against explicit references, loss falls on the shapes world,
+SIGKILL + resume equals an uninterrupted run, warm start, 2-process DDP (gloo), NaN guard, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbcore.model import NanoDiT, preset
+from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
+                          flow_matching_loss, load_train_log, sample_dropout, sample_timesteps, train)
+from nbcore.utils import atomic_save, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- stand-in batches
+
+def stand_in_source(mcfg, B, n_batches=4, seed=0, nan_batches=()):
+    """Plumbing stand-in for the loader: ``source(epoch, rank, world)`` yielding ``n_batches``
+    random batches in the loader's dict format (padded captions of varied length). Batch number
+    ``k`` (counted over the whole stream of a rank, from 0) in ``nan_batches`` has a NaN latent."""
+    def source(epoch, rank=0, world=1):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch * 10 + rank)
+        for i in range(n_batches):
+            lens = torch.randint(3, mcfg.text_len + 1, (B,), generator=g)
+            L = int(lens.max())
+            mask = torch.arange(L)[None] < lens[:, None]                               # (B, L)
+            lat = torch.randn(B, mcfg.in_channels, mcfg.input_size, mcfg.input_size, generator=g)
+            if epoch * n_batches + i in nan_batches:
+                lat[0, 0, 0, 0] = float("nan")
+            yield {"latent": lat, "dinov3": torch.randn(B, mcfg.dino_dim, generator=g),
+                   "dinov3_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
+                   "t5": torch.randn(B, L, mcfg.text_dim, generator=g) * mask[..., None],
+                   "t5_mask": mask, "txt": ["stand-in"] * B, "key": [f"{rank}-{epoch}-{i}-{j}" for j in range(B)]}
+    return source
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), steps=6, batch_size=4, log_every=1, ckpt_every=0, warmup=2,
+                resume="none", progress=False, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _random_model(seed=0, **over):
+    """A tiny model with every weight random (a fresh model predicts v = 0 everywhere)."""
+    torch.manual_seed(seed)
+    m = NanoDiT(preset("tiny", depth=1, hidden_size=32, num_heads=2, **over))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_sample_dropout_frequencies_match_config():
+    n = 200_000
+    for probs in [(0.10, 0.30, 0.05, 0.55), (0.25, 0.25, 0.25, 0.25), (0.0, 0.5, 0.0, 0.5)]:
+        g = torch.Generator().manual_seed(1)
+        drop_text, drop_dino = sample_dropout(n, probs, g)
+        assert drop_text.shape == drop_dino.shape == (n,) and drop_text.dtype == torch.bool
+        cases = {"both_dropped": drop_text & drop_dino, "text_only": ~drop_text & drop_dino,
+                 "dino_only": drop_text & ~drop_dino, "both_kept": ~drop_text & ~drop_dino}
+        for name, p in zip(DROPOUT_CASES, probs):
+            freq = cases[name].float().mean().item()
+            sd = math.sqrt(p * (1 - p) / n)
+            assert abs(freq - p) <= 5 * sd + 1e-12, (probs, name, freq, p)
+    with pytest.raises(ValueError, match="sum"):
+        sample_dropout(4, (0.5, 0.5, 0.5, 0.5))
+
+
+def test_timestep_sampling():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(100_000, "logit_normal", 0.0, 1.0, g)
+    logit = torch.log(t / (1 - t))
+    assert 0 < t.min() and t.max() < 1
+    assert abs(logit.mean().item()) < 0.02 and abs(logit.std().item() - 1) < 0.02
+    u = sample_timesteps(100_000, "uniform", generator=g)
+    assert abs(u.mean().item() - 0.5) < 0.01 and (u < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError):
+        sample_timesteps(3, "bogus")
+
+
+def test_flow_matching_loss_matches_reference():
+    m = _random_model()
+    mcfg = m.cfg
+    raw = next(iter(stand_in_source(mcfg, 5)(0)))
+    b = batch_to_device(raw, "cpu")
+    assert b["t5"].shape[1] <= raw["t5"].shape[1] and b["t5_mask"] is not None
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(5, generator=g)
+    noise = torch.randn(raw["latent"].shape, generator=g)
+    dt = torch.tensor([True, False, False, True, False])
+    dd = torch.tensor([True, True, False, False, False])
+    loss, aux = flow_matching_loss(m, b, t=t, noise=noise, drop_text=dt, drop_dino=dd, loss_bins=4)
+    x0 = raw["latent"]
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    v = m(x_t, t, raw["dinov3"], raw["dinov3_patches"], raw["t5"], raw["t5_mask"], drop_text=dt, drop_dino=dd)
+    ref = ((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3))                               # (B,)
+    torch.testing.assert_close(aux["per_sample"], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref.mean(), rtol=1e-5, atol=1e-6)
+    bins = (t * 4).long()
+    for k in range(4):
+        assert aux["bin_count"][k].item() == (bins == k).sum().item()
+        torch.testing.assert_close(aux["bin_sum"][k], ref.detach()[bins == k].sum(), rtol=1e-5, atol=1e-6)
+    # the generator path draws the same things from the same seed
+    l1, _ = flow_matching_loss(m, b, generator=torch.Generator().manual_seed(9))
+    l2, _ = flow_matching_loss(m, b, generator=torch.Generator().manual_seed(9))
+    assert l1.item() == l2.item()
+
+
+def test_lr_schedule_and_config_validation():
+    cfg = TrainConfig(steps=110, warmup=10, lr_min_ratio=0.1)
+    f = _lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert _lr_lambda(TrainConfig(schedule="constant", warmup=0))(500) == 1.0
+    assert TrainConfig().dropout_probs == pytest.approx((0.10, 0.30, 0.05, 0.55))
+    for bad in [dict(schedule="linear"), dict(p_drop_both=0.9), dict(steps=0), dict(timestep_sampling="x"),
+                dict(model_overrides="{"), dict(warm_start_weights="both")]:
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="unknown ModelConfig"):
+        TrainConfig(model_overrides='{"nope": 1}').model_config()
+    mc = TrainConfig(use_dino_patches=False, model_overrides='{"depth": 2}').model_config()
+    assert mc.use_dino_patches is False and mc.depth == 2 and mc.hidden_size == preset("tiny").hidden_size
+
+
+# --------------------------------------------------------------------------- loop behaviour
+
+def test_checkpoint_contents_and_nan_guard(tmp_path):
+    mcfg = preset("tiny")
+    # batches 2 and 3 (steps 3 and 4) carry a NaN: two skips in a row, K = 3 -> training goes on
+    src = stand_in_source(mcfg, 4, nan_batches=(2, 3))
+    cfg = _cfg(tmp_path, steps=7, nan_max_consecutive=3, ckpt_every=7, milestone_every=7)
+    tr = Trainer(cfg, data=src)
+    before = {}
+    for step in range(1, 8):
+        params = [p.detach().clone() for p in tr.model.parameters()]
+        ema = [p.detach().clone() for p in tr.ema.module.parameters()]
+        s = tr.train_step()
+        changed = any(not torch.equal(a, b) for a, b in zip(params, tr.model.parameters()))
+        ema_changed = any(not torch.equal(a, b) for a, b in zip(ema, tr.ema.module.parameters()))
+        before[step] = (s["applied"], changed, ema_changed)
+    assert [before[k][0] for k in range(1, 8)] == [True, True, False, False, True, True, True]
+    for k, (applied, changed, ema_changed) in before.items():
+        assert changed == applied and ema_changed == applied, k
+    assert tr.skipped == 2 and tr.n_updates == 5
+    assert tr.optimizer.state[next(iter(tr.model.parameters()))]["step"].item() == 5
+    assert tr.scheduler.last_epoch == 5
+
+    # checkpoint: every part present, readable with weights_only=True
+    path = tr.checkpoint(milestone=True)
+    assert (tmp_path / "run" / "ckpt" / "step_000007.pt").exists()
+    ck = load_checkpoint(path)
+    assert set(ck) >= {"config", "train_config", "model", "ema", "optimizer", "scheduler", "step", "rng", "data_state"}
+    assert ck["step"] == 7 and ck["config"] == mcfg.to_dict() and ck["train_config"]["steps"] == 7
+    assert ck["data_state"] == {"world_size": 1, "ranks": [{"epoch": 1, "index": 3}]}
+    assert isinstance(ck["rng"]["python"]["state"], list) and ck["rng"]["numpy"]["keys"].shape == (624,)
+    assert set(ck["model"]) == set(tr.model.state_dict())
+
+    # K in a row raises with a clear message
+    src = stand_in_source(mcfg, 4, nan_batches=(1, 2, 3, 4, 5))
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train(_cfg(tmp_path, out=str(tmp_path / "nan"), steps=10, nan_max_consecutive=3), data=src)
+    events = load_train_log(tmp_path / "nan", kind="event")
+    assert events[-1]["event"] == "nan_stop" and events[-1]["step"] == 4
+    recs = load_train_log(tmp_path / "nan")
+    assert [r["skipped"] for r in recs] == [0, 1, 2] and recs[1]["loss"] is None   # NaN logged as null
+
+
+def test_train_summary_and_log(tmp_path):
+    mcfg = preset("tiny", use_dino_patches=False)
+    cfg = _cfg(tmp_path, steps=6, log_every=2, use_dino_patches=False, grad_accum=2, schedule="constant")
+    s = train(cfg, data=stand_in_source(mcfg, 4))
+    assert s["steps"] == 6 and s["skipped"] == 0 and math.isfinite(s["final_loss"])
+    assert Path(s["checkpoint"]).exists() and len(s["loss_by_bin"]) == cfg.loss_bins
+    recs = load_train_log(s["log"])
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    r = recs[-1]
+    for key in ("loss", "loss_avg", "loss_bins", "v_pred_rms", "v_target_rms", "grad_norm", "samples_per_s", "lr"):
+        assert r[key] is not None, key
+    assert r["grad_norm_patch_proj"] is None                                          # no patches
+    assert r["v_target_rms"] == pytest.approx(math.sqrt(2), rel=0.1)                 # unit latents and noise
+    # grad_accum=2 with 4 batches per epoch: 6 steps took 12 batches = 3 epochs
+    assert load_checkpoint(s["checkpoint"])["data_state"]["ranks"][0] == {"epoch": 2, "index": 4}
+
+
+@pytest.mark.slow
+def test_loss_falls_on_shapes_world(tmp_path, tiny_shards):
+    cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=150, batch_size=16, lr=2e-3,
+                      warmup=10, schedule="constant", log_every=1, ckpt_every=0, resume="none", progress=False)
+    s = train(cfg)
+    losses = [r["loss"] for r in load_train_log(s["log"])]
+    assert len(losses) == 150 and s["skipped"] == 0
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_warm_start_from_baseline(tmp_path):
+    base_cfg = preset("tiny", use_dino_patches=False)
+    s = train(_cfg(tmp_path, out=str(tmp_path / "base"), steps=3, use_dino_patches=False),
+              data=stand_in_source(base_cfg, 4))
+    base = load_checkpoint(s["checkpoint"])
+    cfg = _cfg(tmp_path, out=str(tmp_path / "patch"), steps=3, use_dino_patches=True, warm_start=s["checkpoint"],
+               lr=1e-3, warm_start_lr_scale=0.5)
+    tr = Trainer(cfg, data=stand_in_source(preset("tiny"), 4))
+    rep = tr.warm_report
+    assert rep["new"] == tr.model.new_parameter_names() == ["dino_patch_proj.bias", "dino_patch_proj.weight",
+                                                           "null_dino_patches"]
+    assert rep["unexpected"] == [] and rep["mismatched"] == [] and set(rep["loaded"]) == set(base["model"])
+    sd = tr.model.state_dict()
+    for name in rep["loaded"]:
+        assert torch.equal(sd[name], base["model"][name]), name
+    ema_sd = tr.ema.state_dict()
+    assert all(torch.equal(ema_sd[n], sd[n]) for n in sd)                             # EMA starts from the warm start
+    assert [g["initial_lr"] for g in tr.optimizer.param_groups] == [5e-4, 5e-4]
+    out = tr.run()
+    assert out["steps"] == 3 and out["warm_start"] and math.isfinite(out["final_loss"])
+    ev = [e for e in load_train_log(tmp_path / "patch", kind="event") if e["event"] == "warm_start"]
+    assert ev and ev[0]["new"] == rep["new"] and ev[0]["lr_scale"] == 0.5
+    # the patch path learns: its gradient norm is logged and non-zero
+    assert all(r["grad_norm_patch_proj"] > 0 for r in load_train_log(tmp_path / "patch"))
+
+
+# --------------------------------------------------------------------------- crash + resume
+
+def _cli(args, out, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "nbcore.train", "--out", str(out), "--no-progress", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_shards):
+    # 64 train samples, batch 8 -> 8 batches per epoch: the runs cross epochs
+    args = ["--data", str(tiny_shards), "--steps", "30", "--batch-size", "8", "--log-every", "1",
+            "--ckpt-every", "5", "--warmup", "3", "--lr", "1e-3"]
+    ref = _cli(args, tmp_path / "ref")                          # uninterrupted, runs alongside
+    victim = _cli(args, tmp_path / "victim")
+    last = tmp_path / "victim" / "ckpt" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    ck = load_checkpoint(last)                                  # intact, weights_only=True
+    k = ck["step"]
+    assert 5 <= k < 30 and k % 5 == 0
+    killed_steps = [r["step"] for r in load_train_log(tmp_path / "victim")]
+    assert max(killed_steps) < 30
+
+    resumed = _cli(["--resume", *args], tmp_path / "victim")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resumed from {last} at step {k}" in err
+    ref_out, ref_err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_err[-2000:]
+
+    a = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "ref")}
+    b = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "victim")}
+    assert sorted(b) == list(range(1, 31))                      # log truncated at k, then continued
+    assert b[k + 1] == a[k + 1]                                 # the step after the resume: bit-equal
+    assert all(b[s] == a[s] for s in range(1, 31))              # and every other step
+    fin_a, fin_b = load_checkpoint(tmp_path / "ref" / "ckpt" / "last.pt"), load_checkpoint(last)
+    assert all(torch.equal(fin_a["ema"][n], fin_b["ema"][n]) for n in fin_a["ema"])
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 30
+
+
+def test_cli_help_and_bad_arguments(tmp_path, capsys):
+    from nbcore.train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--warm-start" in help_text and "--use-dino-patches" in help_text and "--resume" in help_text
+    for args, needle in [(["--out", str(tmp_path)], "--data"),
+                         (["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist"),
+                         (["--data", str(tmp_path), "--schedule", "linear"], "schedule"),
+                         (["--data", str(tmp_path), "--steps", "x"], "invalid int")]:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code != 0 and needle in msg, (args, msg)
+
+
+# --------------------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, world, port, out, data_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = TrainConfig(data=data_dir, out=out, steps=4, batch_size=8, log_every=2, ckpt_every=4, warmup=1,
+                      lr=1e-3, resume="none", progress=False, device="cpu")
+    tr = Trainer(cfg)
+    keys, source = [], tr.stream.source
+    tr.stream.source = lambda epoch: (keys.extend(b["key"]) or b for b in source(epoch))  # record what this rank saw
+    tr.run()
+    torch.save({"model": tr.model.state_dict(), "ema": tr.ema.state_dict(), "keys": keys},
+               os.path.join(out, f"rank{rank}.pt"))
+    tr.close()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_cpu_keep_parameters_equal(tmp_path, tiny_shards):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(2, port, out, str(tiny_shards)), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}/rank0.pt"), torch.load(f"{out}/rank1.pt")
+    assert r0["keys"] and r1["keys"] and not set(r0["keys"]) & set(r1["keys"])    # data split per rank
+    for part in ("model", "ema"):
+        for n in r0[part]:
+            assert torch.equal(r0[part][n], r1[part][n]), (part, n)
+    init = NanoDiT(preset("tiny")).state_dict()
+    assert any(not torch.equal(init[n], r0["model"][n]) for n in init)               # it did train
+    recs = load_train_log(out)
+    assert [r["step"] for r in recs] == [2, 4]                                       # rank 0 alone wrote
+    ck = load_checkpoint(f"{out}/ckpt/last.pt")
+    assert ck["data_state"]["world_size"] == 2 and len(ck["rng"]["train"]) == 2
