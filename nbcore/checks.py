@@ -21,7 +21,8 @@ import torch
 from .attention import capture
 from .model import ModelConfig, NanoDiT, load_warm_start, prepare_text
 
-__all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "warm_start_summary"]
+__all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "warm_start_summary",
+           "architecture_summary", "cfg_modes", "production_forward"]
 
 TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" checks
 RESPONDS = 1e-3     # a kept signal must move the output by at least this much
@@ -184,3 +185,85 @@ def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos"
         rows.append(_order_check(cfg, pos))
     rows.append(_warm_start_check(cfg))
     return rows
+
+
+# --------------------------------------------------------------------------- architecture (notebook 01)
+
+def architecture_summary(cfg: ModelConfig) -> dict:
+    """Build ``cfg`` as the patch model and as the pre-patch architecture and describe them:
+    ``context`` {text, cls, patches} token counts, ``context_len``, ``image_tokens``, parameter
+    counts ``params_patch`` / ``params_prepatch`` / ``params_new``, ``new_names`` and
+    ``new_table`` (rows: name, shape, params, init)."""
+    patch = NanoDiT(replace(cfg, use_dino_patches=True))
+    pre = NanoDiT(replace(cfg, use_dino_patches=False))
+    names = patch.new_parameter_names()
+    params = dict(patch.named_parameters())
+    init = {"dino_patch_proj.weight": "Xavier uniform", "dino_patch_proj.bias": "zeros",
+            "null_dino_patches": "zeros (learned null)", "patch_pos": "N(0, 0.02)"}
+    n_new = sum(params[n].numel() for n in names)
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    return {"context": {"text": cfg.text_len, "cls": 1, "patches": cfg.num_patches},
+            "context_len": replace(cfg, use_dino_patches=True).context_len, "image_tokens": tokens,
+            "params_patch": patch.num_params(), "params_prepatch": pre.num_params(), "params_new": n_new,
+            "new_names": names,
+            "new_table": [{"preset cfg": f"D={cfg.hidden_size} Dd={cfg.dino_dim}", "name": n,
+                           "shape": "x".join(map(str, params[n].shape)), "params": params[n].numel(),
+                           "init": init.get(n, "")} for n in names]}
+
+
+@torch.no_grad()
+def cfg_modes(cfg: ModelConfig, text_scale: float = 2.0, dino_scale: float = 2.0, seed: int = 0) -> dict:
+    """The four CFG modes on a perturbed tiny patch model: for each, which inputs it sees, whether
+    the dropped inputs have no influence (changing them leaves the output unchanged), and the
+    sampler's guidance coefficients per branch for both formulas. Returns ``table`` rows,
+    ``coefficients`` rows and ``distinct`` (the four outputs differ pairwise)."""
+    from .sample import BRANCHES, Guidance
+    c = replace(cfg, use_dino_patches=True)
+    model = make_check_model(c, seed=seed)
+    inp = make_check_inputs(c, B=1, lengths=[max(1, c.text_len // 2)])
+    modes = {"uncond": (True, True), "text": (False, True), "dino": (True, False), "full": (False, False)}
+    outs, table = {}, []
+    for name, (dt, dd) in modes.items():
+        kw = dict(drop_text=torch.tensor([dt]), drop_dino=torch.tensor([dd]))
+        v = model(**inp, **kw)
+        changed = dict(inp)
+        if dt:
+            changed = _changed(changed, "text")
+        if dd:
+            changed = _changed(_changed(changed, "cls"), "patches")
+        d = _maxdiff(model(**changed, **kw), v) if (dt or dd) else 0.0
+        outs[name] = v
+        uses_text, dino = BRANCHES[name]
+        table.append({"mode": name, "text": "real" if uses_text else "null", "CLS": "null" if dino == "null" else "real",
+                      "patches": "null" if dino == "null" else "real", "drop_text": dt, "drop_dino": dd,
+                      "dropped input has no influence": d <= TOL})
+    names = list(outs)
+    distinct = all(_maxdiff(outs[a], outs[b]) > RESPONDS for i, a in enumerate(names) for b in names[i + 1:])
+    coeff = []
+    for formula in ("independent", "nested"):
+        co = Guidance(formula, text_scale, dino_scale).guided_coefficients()
+        coeff.append({"formula": formula, **{b: round(co.get(b, 0.0), 3) for b in names}})
+    return {"table": table, "coefficients": coeff, "distinct": distinct}
+
+
+@torch.no_grad()
+def production_forward(device: str = "auto", seed: int = 0) -> dict:
+    """One B=1 forward of the production preset (709-token context) on ``device``: output
+    ``shape``, ``finite``, ``seconds`` (after one warm-up forward)."""
+    import time
+    from .model import PRESETS
+    from .utils import resolve_device
+    dev = resolve_device(device)
+    cfg = PRESETS["production"]
+    torch.manual_seed(seed)
+    model = NanoDiT(cfg).to(dev).eval()
+    inp = {k: v.to(dev) for k, v in make_check_inputs(cfg, B=1, lengths=[60]).items()}
+    inp["text_emb"], inp["text_mask"] = prepare_text(inp["text_emb"], inp["text_mask"])
+    model(**inp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    v = model(**inp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return {"shape": list(v.shape), "finite": bool(torch.isfinite(v).all()), "seconds": time.perf_counter() - t0}

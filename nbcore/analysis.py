@@ -1,0 +1,193 @@
+"""Analyses behind notebooks 04 (attention routing) and 05 (milestones): reductions of a routing
+capture, patch-map locality, CLS use over training, and the seed's success criteria answered in
+words built from the measured numbers.
+
+Shape legend: F forwards (sampling steps), depth blocks, B samples, nh heads, N = h*w image tokens,
+P = g*g patches, 3 sources [text, CLS, patches].
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .attention import SOURCES, capture
+
+__all__ = ["capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use",
+           "mass_at_t", "query_tokens", "success_criteria", "fmt"]
+
+
+def fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+@torch.no_grad()
+def capture_sampling(model, cond: dict, steps: int, seed: int = 0):
+    """Run the Euler sampler (no guidance: the full-conditional branch) with routing capture on.
+    cond: dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt), t5_mask (B, L), on the model's
+    device. Returns (latents (B, C, H, W), recorder with F = steps forwards)."""
+    from .sample import sample
+    with capture(model) as rec:
+        z = sample(model, dino_emb=cond["dinov3"], dino_patches=cond.get("dinov3_patches"),
+                   text_emb=cond["t5"], text_mask=cond.get("t5_mask"), steps=steps, seed=seed)
+    return z, rec
+
+
+def routing_tables(rec) -> dict:
+    """Reductions of ``rec.mass`` (F, depth, B, nh, N, 3): ``per_block_head`` (depth, nh, 3),
+    ``per_block`` (depth, 3), ``per_t`` (F, 3) with ``t`` (F,), ``overall`` {source: mass},
+    ``max_head`` {source: (mass, block, head)} (the head that uses each source most)."""
+    m = rec.mass.float()
+    bh = m.mean(dim=(0, 2, 4))                                                          # (depth, nh, 3)
+    per_t = m.mean(dim=(1, 2, 3, 4))                                                    # (F, 3)
+    out = {"per_block_head": bh.numpy(), "per_block": bh.mean(1).numpy(), "per_t": per_t.numpy(),
+           "t": rec.t.float().mean(1).numpy(),
+           "overall": {s: float(bh[..., i].mean()) for i, s in enumerate(SOURCES)}, "max_head": {}}
+    for i, s in enumerate(SOURCES):
+        flat = int(bh[..., i].argmax())
+        b, h = divmod(flat, bh.shape[1])
+        out["max_head"][s] = (float(bh[b, h, i]), b, h)
+    return out
+
+
+def colocated_patch(h: int, w: int, g: int) -> torch.Tensor:
+    """(N,) index of the DINO patch whose cell holds each image token's centre (h x w tokens over a
+    g x g patch grid, both covering the whole image, row-major)."""
+    r = ((torch.arange(h) + 0.5) * g / h).long().clamp(max=g - 1)
+    c = ((torch.arange(w) + 0.5) * g / w).long().clamp(max=g - 1)
+    return (r[:, None] * g + c[None, :]).flatten()                                      # (N,)
+
+
+def patch_locality(maps: torch.Tensor, grid: tuple[int, int], g: int) -> dict:
+    """How local is each image token's attention over the patches?
+
+    maps (..., N, P): attention over the patches (any leading dims). ``colocated_share``: mean over
+    tokens of (attention on the co-located patch) / (attention on all patches); ``uniform_share``
+    = 1 / P (what position-blind attention gives on average); ``ratio`` = their quotient (1 = no
+    locality). ``mean_distance``: attention-weighted distance between each token's centre and the
+    patch centres, in fractions of the image side, against ``uniform_distance`` for uniform
+    attention."""
+    h, w = grid
+    P = g * g
+    m = maps.float().reshape(-1, h * w, P)                                              # (K, N, P)
+    m = m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+    co = colocated_patch(h, w, g)                                                      # (N,)
+    share = m.gather(-1, co.view(1, -1, 1).expand(m.shape[0], -1, 1)).mean()
+    ty = ((torch.arange(h) + 0.5) / h).repeat_interleave(w)                             # (N,)
+    tx = ((torch.arange(w) + 0.5) / w).repeat(h)
+    py = ((torch.arange(g) + 0.5) / g).repeat_interleave(g)                             # (P,)
+    px = ((torch.arange(g) + 0.5) / g).repeat(g)
+    dist = ((ty[:, None] - py[None]) ** 2 + (tx[:, None] - px[None]) ** 2).sqrt()       # (N, P)
+    return {"colocated_share": float(share), "uniform_share": 1.0 / P, "ratio": float(share) * P,
+            "mean_distance": float((m * dist).sum(-1).mean()), "uniform_distance": float(dist.mean())}
+
+
+@torch.no_grad()
+def mass_at_t(model, cond: dict, t_values=(0.25, 0.5, 0.75), seed: int = 0) -> dict:
+    """Mean routing mass {source: mass} of ``model`` on noised latents of ``cond["latent"]``
+    (B, C, H, W) at fixed timesteps (x_t = (1 - t) x0 + t noise, real conditions)."""
+    x0 = cond["latent"]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    with capture(model, keep_maps=False) as rec:
+        for t in t_values:
+            tt = torch.full((x0.shape[0],), float(t), device=x0.device)
+            model((1 - t) * x0 + t * noise, tt, cond["dinov3"], cond.get("dinov3_patches"), cond["t5"], cond.get("t5_mask"))
+    m = rec.mass.float().mean(dim=(0, 1, 2, 3, 4))                                      # (3,)
+    return {s: float(m[i]) for i, s in enumerate(SOURCES)}
+
+
+def cls_use(checkpoints: list, cond: dict, device, t_values=(0.25, 0.5, 0.75)) -> list[dict]:
+    """Routing mass per source over training: ``checkpoints`` [(step, path)] -> records
+    {step, text, cls, patches} (EMA weights; fixed batch and timesteps)."""
+    from .sample import load_model
+    out = []
+    for step, path in checkpoints:
+        model = load_model(path, use_ema=True, device=device)
+        c = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+        out.append({"step": int(step), **mass_at_t(model, c, t_values)})
+    return out
+
+
+def query_tokens(scene_json: dict | None, h: int, w: int, n: int = 4) -> list[int]:
+    """Image-token indices to show patch maps for: the token under each shape's centre (from the
+    shapes-world metadata), then corners, up to ``n``."""
+    out = []
+    for sh in (scene_json or {}).get("shapes", []):
+        r = min(h - 1, int(sh["cy"] * h))
+        c = min(w - 1, int(sh["cx"] * w))
+        out.append(r * w + c)
+    for r, c in [(0, 0), (h - 1, w - 1), (0, w - 1), (h - 1, 0), (h // 2, w // 2)]:
+        out.append(r * w + c)
+    seen, uniq = set(), []
+    for q in out:
+        if q not in seen:
+            seen.add(q)
+            uniq.append(q)
+    return uniq[:n]
+
+
+# --------------------------------------------------------------------------- success criteria
+
+def _rel(new, old):
+    """Relative improvement of a lower-is-better number: (old - new) / old."""
+    if new is None or old is None or old == 0:
+        return None
+    return (old - new) / abs(old)
+
+
+def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, steps: int,
+                     lpips_key: str = "recon_lpips", layout_key: str = "recon_layout_error",
+                     text_key: str = "text_only_layout_error", swap_key: str = "swap_follows_dino_rate") -> list[dict]:
+    """The seed plan's success criteria, each answered from the numbers.
+
+    summaries: variant -> training summary (``final_loss``, ``skipped``, ``steps``); metrics:
+    variant -> validation metrics at the final step (lower-is-better errors, rates in [0, 1]).
+    Returns rows {level, criterion, verdict ("met" | "not met" | "not measurable"), evidence}: the
+    evidence sentence is built from the values, never pre-written.
+    """
+    rows = []
+    sb, sp = summaries.get(baseline, {}), summaries.get(patch, {})
+    mb, mp = metrics.get(baseline, {}), metrics.get(patch, {})
+
+    def add(level, criterion, ok, evidence):
+        verdict = "not measurable" if ok is None else ("met" if ok else "not met")
+        rows.append({"level": level, "criterion": criterion, "verdict": verdict, "evidence": evidence})
+
+    ran = sp.get("steps")
+    finite = sp.get("final_loss") is not None and math.isfinite(sp.get("final_loss"))
+    add("MVP", f"training runs without errors ({steps} steps here, 10k in the seed)",
+        None if ran is None else (ran >= steps and finite and sp.get("skipped", 0) == 0),
+        f"the patch model ran {ran} steps, {sp.get('skipped')} skipped, final loss {fmt(sp.get('final_loss'))}")
+    lb, lp = sb.get("final_loss"), sp.get("final_loss")
+    ratio = None if lb in (None, 0) or lp is None else lp / lb
+    add("MVP", "loss trajectory similar to the baseline (final loss within 10%)",
+        None if ratio is None else ratio <= 1.10,
+        f"final loss {fmt(lp)} (patch) vs {fmt(lb)} (baseline): ratio {fmt(ratio)}")
+    vb, vp = mb.get(lpips_key), mp.get(lpips_key)
+    imp = _rel(vp, vb)
+    add("Good", "reconstruction LPIPS improves by more than 10% vs baseline",
+        None if imp is None else imp > 0.10,
+        f"LPIPS {fmt(vp)} (patch) vs {fmt(vb)} (baseline)" + ("" if imp is None else f": {100 * imp:+.1f}%")
+        + ("" if vb is not None else f" ({mb.get('lpips_note') or mp.get('lpips_note') or 'LPIPS not computed'})"))
+    eb, ep = mb.get(layout_key), mp.get(layout_key)
+    imp = _rel(ep, eb)
+    add("Good", "spatial layout better: blobs in the right places (reconstruction centroid error)",
+        None if imp is None else imp > 0.10,
+        f"centroid error {fmt(ep)} (patch) vs {fmt(eb)} (baseline), fraction of the image side"
+        + ("" if imp is None else f": {100 * imp:+.1f}%"))
+    tb, tp = mb.get(text_key), mp.get(text_key)
+    worse = None if tb is None or tp is None else (tp - tb) / max(abs(tb), 1e-9)
+    add("Good", "text conditioning remains strong (text-only layout error no more than 10% worse)",
+        None if worse is None else worse <= 0.10,
+        f"text-only centroid error {fmt(tp)} (patch) vs {fmt(tb)} (baseline)"
+        + ("" if worse is None else f": {100 * worse:+.1f}%"))
+    add("Excellent", "reconstruction LPIPS < 0.4 (seed: by 50k steps)", None if vp is None else vp < 0.4,
+        f"LPIPS {fmt(vp)} at {ran} steps")
+    add("Excellent", "generation from pure text shows reasonable layout (text-only centroid error < 0.15)",
+        None if tp is None else tp < 0.15, f"text-only centroid error {fmt(tp)}")
+    fr = mp.get(swap_key)
+    add("Excellent", "DINO swap transfers spatial structure (swap follows the DINO source's layout in > 50%)",
+        None if fr is None else fr > 0.5, f"follows-DINO rate {fmt(fr)} (baseline {fmt(mb.get(swap_key))})")
+    return rows
