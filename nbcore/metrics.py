@@ -258,7 +258,7 @@ def swap_follow(generated: torch.Tensor, text_source: torch.Tensor, text_colours
     jac = lambda p, s: len(p & s) / max(1, len(p | s))
     ja = torch.tensor([jac(present[i], set(text_colours[i])) for i in range(len(present))])
     jb = torch.tensor([jac(present[i], set(dino_colours[i])) for i in range(len(present))])
-    rate = lambda m: float(m.float().mean()) if n else None
+    rate = lambda m: int(m.sum()) / n if n else None                                   # exact fractions
     return {
         "pairs": n, "skipped": int((~ok).sum()),
         "follows_dino_rate": rate(b < a - margin),
@@ -266,8 +266,8 @@ def swap_follow(generated: torch.Tensor, text_source: torch.Tensor, text_colours
         "tie_rate": rate((a - b).abs() <= margin),
         "error_vs_text_source": float(a.mean()) if n else None,
         "error_vs_dino_source": float(b.mean()) if n else None,
-        "colour_follows_dino_rate": float((jb > ja).float().mean()) if len(present) else None,
-        "colour_follows_text_rate": float((ja > jb).float().mean()) if len(present) else None,
+        "colour_follows_dino_rate": int((jb > ja).sum()) / len(present) if len(present) else None,
+        "colour_follows_text_rate": int((ja > jb).sum()) / len(present) if len(present) else None,
     }
 
 

@@ -63,7 +63,7 @@ from .model import ModelConfig, NanoDiT, prepare_text
 from .utils import load_checkpoint, resolve_device
 
 __all__ = ["Guidance", "BRANCHES", "sample", "sample_batch", "branch_velocities", "load_model",
-           "load_model_with_info"]
+           "load_model_with_info", "sample_grid"]
 
 # branch name -> (uses text, DINO mode: "null" | "cls" (real CLS, null patches) | "full")
 BRANCHES: dict[str, tuple[bool, str]] = {
@@ -334,3 +334,11 @@ def sample_batch(model: NanoDiT, batch: dict, *, use_text: bool = True, use_dino
                   dino_patches=src.get("dinov3_patches") if use_dino else None,
                   text_emb=batch["t5"] if use_text else None,
                   text_mask=batch.get("t5_mask") if use_text else None, **kw)
+
+
+def sample_grid(model: NanoDiT, data, n: int = 4, **kw):
+    """Figure of n validation scenes: source | guided text + DINO sample | no guidance (for the
+    trainer's sample hook). See ``nbcore.validate.sample_grid`` (imported lazily: validate imports
+    this module)."""
+    from .validate import sample_grid as _grid
+    return _grid(model, data, n=n, **kw)
