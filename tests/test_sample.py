@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nbcore.model import NanoDiT, preset
-from nbcore.sample import (BRANCHES, Guidance, _prepare, branch_velocities, load_model,
+from nbcore.sample import (BRANCHES, Guidance, _prepare, branch_velocities, load_model, sample_batch,
                            load_model_with_info, sample)
 from nbcore.utils import atomic_save
 
@@ -275,3 +275,42 @@ def test_load_model_prefers_ema(tmp_path):
     atomic_save({"config": bad_cfg, "model": model.state_dict(), "ema": None}, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_model(tmp_path / "mismatch.pt", device="cpu")
+
+
+def test_sample_batch_and_dino_swap_match_explicit_conditions():
+    model = _model()
+    c, noise = _cond(model.cfg), _noise(model.cfg)
+    batch = {"dinov3": c["dino_emb"], "dinov3_patches": c["dino_patches"], "t5": c["text_emb"], "t5_mask": c["text_mask"]}
+    other = {"dinov3": c["dino_emb"].flip(0), "dinov3_patches": c["dino_patches"].flip(0)}
+    g = Guidance("nested", 2.0, 1.5)
+    swap = sample_batch(model, batch, dino_from=other, guidance=g, steps=2, noise=noise)
+    ref = sample(model, dino_emb=other["dinov3"], dino_patches=other["dinov3_patches"], text_emb=c["text_emb"],
+                 text_mask=c["text_mask"], guidance=g, steps=2, noise=noise)
+    assert torch.equal(swap, ref)
+    text_only = sample_batch(model, batch, use_dino=False, guidance=g, steps=2, noise=noise)
+    assert torch.equal(text_only, sample(model, text_emb=c["text_emb"], text_mask=c["text_mask"], guidance=g,
+                                         steps=2, noise=noise))
+
+
+@pytest.mark.parametrize("guidance,has_text,rows_per_step", [
+    (Guidance.off(), True, [B]),                                           # full branch only
+    (Guidance("independent", 0.0, 1.0), True, [B]),                        # DINO-only branch only
+    (Guidance("independent", 2.0, 1.5), True, [3 * B]),                    # uncond, text, dino (full unused)
+    (Guidance("nested", 2.0, 1.5), True, [3 * B]),                         # uncond, dino, full
+    (Guidance("nested", 2.0, 1.0), True, [2 * B]),                         # s_d = 1: uncond drops out
+    (Guidance("nested", 2.0, 1.5, patch_scale=3.0), True, [4 * B]),        # + the CLS-only branch
+    (Guidance("nested", 2.0, 1.5), False, [2 * B]),                        # no text: uncond, dino
+    (Guidance("nested", 2.0, 1.5, interval=(0.0, 0.6)), True, [B, 3 * B]),  # t = 1: full only; t = 0.5: guided
+])
+def test_only_needed_branches_are_computed_in_one_forward(guidance, has_text, rows_per_step):
+    model = _model()
+    c = _cond(model.cfg)
+    if not has_text:
+        c = {"dino_emb": c["dino_emb"], "dino_patches": c["dino_patches"]}
+    rows = []
+    h = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        sample(model, **c, guidance=guidance, steps=2)
+    finally:
+        h.remove()
+    assert rows == rows_per_step if len(rows_per_step) == 2 else rows == rows_per_step * 2
