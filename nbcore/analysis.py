@@ -139,7 +139,7 @@ def _rel(new, old):
 
 def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, steps: int,
                      lpips_key: str = "recon_lpips", layout_key: str = "recon_layout_error",
-                     text_key: str = "text_only_layout_error", swap_key: str = "swap_follows_dino_rate") -> list[dict]:
+                     text_key: str = "textonly_layout_error", swap_key: str = "swap_follows_dino_rate") -> list[dict]:
     """The seed plan's success criteria, each answered from the numbers.
 
     summaries: variant -> training summary (``final_loss``, ``skipped``, ``steps``); metrics:
@@ -170,7 +170,7 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
     add("Good", "reconstruction LPIPS improves by more than 10% vs baseline",
         None if imp is None else imp > 0.10,
         f"LPIPS {fmt(vp)} (patch) vs {fmt(vb)} (baseline)" + ("" if imp is None else f": {100 * imp:+.1f}%")
-        + ("" if vb is not None else f" ({mb.get('lpips_note') or mp.get('lpips_note') or 'LPIPS not computed'})"))
+        + ("" if vb is not None else f" ({mb.get('lpips_status') or mp.get('lpips_status') or 'LPIPS not computed'})"))
     eb, ep = mb.get(layout_key), mp.get(layout_key)
     imp = _rel(ep, eb)
     add("Good", "spatial layout better: blobs in the right places (reconstruction centroid error)",

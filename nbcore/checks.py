@@ -190,12 +190,13 @@ def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos"
 # --------------------------------------------------------------------------- architecture (notebook 01)
 
 def architecture_summary(cfg: ModelConfig) -> dict:
-    """Build ``cfg`` as the patch model and as the pre-patch architecture and describe them:
+    """Build ``cfg`` (on the meta device) as the patch model and as the pre-patch architecture and describe them:
     ``context`` {text, cls, patches} token counts, ``context_len``, ``image_tokens``, parameter
     counts ``params_patch`` / ``params_prepatch`` / ``params_new``, ``new_names`` and
     ``new_table`` (rows: name, shape, params, init)."""
-    patch = NanoDiT(replace(cfg, use_dino_patches=True))
-    pre = NanoDiT(replace(cfg, use_dino_patches=False))
+    with torch.device("meta"):  # structure and counts need no memory (a production model is 160M params)
+        patch = NanoDiT(replace(cfg, use_dino_patches=True))
+        pre = NanoDiT(replace(cfg, use_dino_patches=False))
     names = patch.new_parameter_names()
     params = dict(patch.named_parameters())
     init = {"dino_patch_proj.weight": "Xavier uniform", "dino_patch_proj.bias": "zeros",

@@ -308,39 +308,36 @@ def load_val_batch(data_dir, n: int, device=None) -> dict:
 
 
 def validate_milestones(ctx: Context, variants: list[str]) -> dict:
-    """``nbcore.validate.validate_checkpoint`` on every milestone checkpoint of each variant (cached
-    as ``RUN/train/<variant>/val/step_XXXXXX.json``). Returns variant -> [{"step", metric: value}]
-    with the scalar metrics only."""
+    """``nbcore.validate.validate_checkpoint`` on every milestone checkpoint of each variant, with
+    the run's guidance (nested, ``text_scale`` / ``dino_scale``), ``val_samples`` samples and
+    ``sample_steps`` steps; cached as ``RUN/train/<variant>/val/step_XXXXXX.json``. Returns
+    variant -> [{"step", metric: value}] (flat scalars)."""
+    from .metrics import LPIPSMetric
+    from .sample import Guidance
     from .validate import validate_checkpoint
+    from tqdm.auto import tqdm
     s = ctx.s
     data = ctx.run_dir / "data"
-    out = {}
-    for v in variants:
-        rows = []
-        for step, path in variant_checkpoints(ctx.run_dir, v):
-            cache = variant_dir(ctx.run_dir, v) / "val" / f"step_{step:06d}.json"
-            key = {"ckpt": str(path), "mtime": path.stat().st_mtime, "n": s["val_samples"], "steps": s["sample_steps"],
-                   "text_scale": s["text_scale"], "dino_scale": s["dino_scale"], "seed": ctx.seed}
-            if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-                m = json.loads(cache.read_text())["metrics"]
-            else:
-                m = validate_checkpoint(str(path), data=str(data), out=str(cache.parent / f"step_{step:06d}"),
-                                        n=int(s["val_samples"]), steps=int(s["sample_steps"]), device=ctx.device,
-                                        **_validate_extra(s))
-                m = {k: val for k, val in _flatten(m).items()}
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps({"key": key, "metrics": m}, indent=1, default=str))
-            rows.append({"step": int(step), **m})
-        out[v] = rows
+    guidance = Guidance("nested", float(s["text_scale"]), float(s["dino_scale"]))
+    lp = None
+    todo = [(v, step, path) for v in variants for step, path in variant_checkpoints(ctx.run_dir, v)]
+    out: dict = {v: [] for v in variants}
+    for v, step, path in tqdm(todo, desc="validate milestones", unit="ckpt"):
+        cache = variant_dir(ctx.run_dir, v) / "val" / f"step_{step:06d}.json"
+        key = {"ckpt": str(path), "mtime": path.stat().st_mtime, "n": s["val_samples"], "steps": s["sample_steps"],
+               "guidance": str(guidance), "seed": ctx.seed}
+        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+            m = json.loads(cache.read_text())["metrics"]
+        else:
+            lp = lp or LPIPSMetric(device=ctx.device)
+            m = validate_checkpoint(str(path), str(data), out_dir=str(cache.parent / f"step_{step:06d}"),
+                                    n=int(s["val_samples"]), steps=int(s["sample_steps"]), seed=ctx.seed,
+                                    guidance=guidance, device=ctx.device, lpips=lp, progress=False)
+            m = _flatten(m)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "metrics": m}, indent=1, default=str))
+        out[v].append({**m, "step": int(step)})
     return out
-
-
-def _validate_extra(s: dict) -> dict:
-    """Guidance scales for validate_checkpoint when it accepts them."""
-    import inspect
-    from .validate import validate_checkpoint
-    names = inspect.signature(validate_checkpoint).parameters
-    return {k: float(s[k]) for k in ("text_scale", "dino_scale") if k in names}
 
 
 def _flatten(m: dict, prefix: str = "") -> dict:
@@ -371,12 +368,13 @@ def lower_is_better(key: str) -> bool:
 def metric_keys(final: dict) -> list[str]:
     """Numeric metric names present (not None) in every variant's final metrics, comparable ones
     first (errors, LPIPS, PSNR, IoU, rates), bookkeeping (counts, times) left out."""
-    skip = ("step", "samples", "count", "skipped", "time", "seconds", "n_", "pairs", "evaluated", "absent")
+    skip = ("samples", "count", "skipped", "time", "seconds", "pairs", "evaluated", "absent", "cap", "codec_roundtrip")
+    exact = {"n", "step", "steps", "seed"}
     common = None
     for m in final.values():
         ks = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         common = ks if common is None else common & ks
-    keys = [k for k in sorted(common or []) if not any(w in k.lower() for w in skip)]
+    keys = [k for k in sorted(common or []) if k not in exact and not any(w in k.lower() for w in skip)]
     rank = lambda k: (0 if lower_is_better(k) else 1 if any(w in k.lower() for w in _HIGHER) else 2, k)
     return sorted(keys, key=rank)
 
@@ -408,18 +406,9 @@ def rank_variants(final: dict, keys: list[str]) -> dict:
 
 
 def criteria_keys(keys: list[str]) -> dict:
-    """Map the validation metric names found to the roles ``analysis.success_criteria`` needs."""
-    def find(*parts, avoid=()):
-        for k in keys:
-            kl = k.lower()
-            if all(p in kl for p in parts) and not any(a in kl for a in avoid):
-                return k
-        return "(absent)"
-    return {"lpips_key": find("recon", "lpips"),
-            "layout_key": find("recon", "centroid") if find("recon", "centroid") != "(absent)" else find("recon", "layout"),
-            "text_key": find("text", "centroid", avoid=("swap",)) if find("text", "centroid", avoid=("swap",)) != "(absent)"
-            else find("text", "layout", avoid=("swap",)),
-            "swap_key": find("follows_dino", avoid=("colour",))}
+    """The validation metric names (``nbcore.validate``) that ``analysis.success_criteria`` reads."""
+    return {"lpips_key": "recon_lpips", "layout_key": "recon_layout_error",
+            "text_key": "textonly_layout_error", "swap_key": "swap_follows_dino_rate"}
 
 
 # --------------------------------------------------------------------------- runner

@@ -1,0 +1,136 @@
+"""The notebook suite: parameters cells, settings, runner CLI errors, and (slow) the smoke profile
+executed end to end through papermill plus the failure path."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from papermill.translators import PythonTranslator
+
+from nbcore import notebooks as suite
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+COMMON = {"profile", "device", "run_dir", "seed", "fail_check"}
+
+
+@pytest.mark.parametrize("name", suite.NOTEBOOKS)
+def test_parameters_cell_is_first_and_fully_parsed(name):
+    book = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    parsed = {p.name for p in PythonTranslator.inspect(code[0])}
+    assigned = {ln.split("=")[0].strip() for ln in code[0].source.splitlines() if "=" in ln and not ln.startswith("#")}
+    assert parsed == assigned                      # papermill silently skips lines it cannot parse
+    assert COMMON <= parsed
+    src = "\n".join(c.source for c in code)
+    assert f"suite.start({name!r}" in src and "ctx.finish()" in code[-1].source
+    assert book.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_generator_matches_committed_notebooks():
+    sys.path.insert(0, str(NB_DIR))
+    try:
+        import make_notebooks
+    finally:
+        sys.path.pop(0)
+    for name, book in make_notebooks.BOOKS.items():
+        committed = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+        assert [c.source for c in committed.cells] == [c.source for c in book.cells], name
+
+
+def test_settings_fill_none_from_the_profile():
+    s = suite.settings("smoke", train_steps=None, lr=0.5, extra="x")
+    assert s["train_steps"] == suite.PROFILES["smoke"]["train_steps"]
+    assert s["lr"] == 0.5 and s["extra"] == "x" and s["profile"] == "smoke"
+    with pytest.raises(ValueError, match="unknown profile"):
+        suite.settings("huge")
+    for p in suite.PROFILES.values():
+        assert set(p) == set(suite.PROFILES["smoke"])   # every profile sets every knob
+
+
+def test_context_fails_after_writing_metrics(tmp_path):
+    ctx = suite.start("02_checks", profile="smoke", run_dir=tmp_path, device="cpu")
+    ctx.check(True, "fine")
+    ctx.check(False, "broken", value=3)
+    with pytest.raises(suite.CheckFailed, match="broken"):
+        ctx.finish()
+    rec = json.loads((tmp_path / "02_checks" / "metrics.json").read_text())
+    assert rec["failed_checks"] == ["broken"] and len(rec["checks"]) == 2
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "nbcore.notebooks", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["run", "--profile", "huge"], "invalid choice"),
+    (["run", "--profile", "smoke", "--only", "9"], "matches no notebook"),
+    (["run", "--profile", "smoke", "-p", "nonsense_knob=1"], "declared by none"),
+    (["run", "--profile", "smoke", "-p", "novalue"], "not KEY=VALUE"),
+    (["run", "--profile", "smoke", "-p", "profile=cpu"], "not -p"),
+    (["run", "--profile", "smoke", "--params-yaml", "/nonexistent.yaml"], "does not exist"),
+])
+def test_cli_rejects_bad_arguments(args, msg):
+    r = _cli(*args, timeout=120)
+    assert r.returncode != 0
+    assert msg in r.stderr
+
+
+def test_cli_help():
+    r = _cli("run", "--help", timeout=120)
+    assert r.returncode == 0 and "--profile" in r.stdout and "--params-yaml" in r.stdout
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_every_notebook(tmp_path):
+    """The whole suite on the smoke profile: every notebook executed, each wrote metrics.json and
+    its figures, and the index links them all."""
+    yaml_file = tmp_path / "params.yaml"
+    yaml_file.write_text("seed: 0\n")
+    r = _cli("run", "--profile", "smoke", "--out-root", str(tmp_path), "--name", "smoke",
+             "--params-yaml", str(yaml_file), "--device", "cpu", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "smoke"
+    index = (run / "index.md").read_text()
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["meta"]["status"] == "ok"
+    for name in suite.NOTEBOOKS:
+        assert (run / f"{name}.ipynb").exists()
+        rec = json.loads((run / name / "metrics.json").read_text())
+        assert rec["failed_checks"] == [] and rec["checks"], name
+        assert rec["figures"], name
+        for fig in rec["figures"]:
+            assert (run / name / fig).stat().st_size > 1000, (name, fig)
+        assert meta["notebooks"][name]["status"] == "ok"
+        assert f"[{name}]({name}.ipynb)" in index
+        executed = nbformat.read(run / f"{name}.ipynb", as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert errors == [], name
+    # the training notebook made checkpoints that later notebooks used
+    assert (run / "train" / "baseline" / "ckpt" / "last.pt").exists()
+    assert (run / "train" / "patch-none" / "ckpt" / "last.pt").exists()
+    demo = json.loads((run / "06_dino_swap_demo" / "metrics.json").read_text())
+    assert demo["metrics"]["checkpoint"].startswith(str(run))
+
+
+@pytest.mark.slow
+def test_failing_check_stops_the_run_and_keeps_the_notebook(tmp_path):
+    r = _cli("run", "--profile", "smoke", "--only", "2", "3", "--out-root", str(tmp_path), "--name", "bad",
+             "-p", "fail_check=true", "--device", "cpu", timeout=600)
+    assert r.returncode == 1
+    run = tmp_path / "bad"
+    executed = nbformat.read(run / "02_checks.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert errors and "CheckFailed" in errors[0]["ename"]
+    rec = json.loads((run / "02_checks" / "metrics.json").read_text())
+    assert rec["failed_checks"] == ["deliberate failure (fail_check=True)"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["meta"]["status"] == "failed" and meta["notebooks"]["02_checks"]["status"] == "failed"
+    assert "03_training" not in meta["notebooks"] and not (run / "03_training.ipynb").exists()
+    assert "failed" in (run / "index.md").read_text()
