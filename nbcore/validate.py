@@ -355,6 +355,8 @@ def main(argv=None) -> int:
         device = str(resolve_device(a.device))
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"validate: {e}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"validate: --device {a.device}: CUDA is not available on this machine")
     out = Path(a.out)
     lp = LPIPSMetric(weights=a.lpips_weights, device=device)
     if not lp.available:

@@ -134,6 +134,9 @@ def test_cli_bad_input_exits_with_a_reason(tiny_shards, tmp_path):
         main([str(ck), "--data", str(empty), "--out", str(tmp_path / "o"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="interval"):
         main([str(ck), "--data", str(tiny_shards), "--interval", "0.8", "0.2"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            main([str(ck), "--data", str(tiny_shards), "--device", "cuda"])
     with pytest.raises(SystemExit) as e:
         main([str(ck), "--data", str(tiny_shards), "--n", "0"])
     assert e.value.code == 2                                  # argparse error
