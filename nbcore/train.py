@@ -130,6 +130,8 @@ class TrainConfig:
     milestone_every: int = 0             # OUT/ckpt/step_XXXXXX.pt kept copies
     val_every: int = 0
     sample_every: int = 0
+    val_n: int = 16                      # validation hook: samples scored
+    val_sample_steps: int = 10           # Euler steps of the validation / sample-grid hooks
     nan_max_consecutive: int = 5         # K: stop after K skipped steps in a row
     # warm start / resume
     warm_start: str = ""                 # checkpoint of a pre-patch (or any) run
@@ -161,6 +163,7 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "milestone_every", "val_every", "sample_every", "num_workers", "shuffle"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.log_every >= 1, "log_every must be >= 1")
+        need(self.val_n >= 1 and self.val_sample_steps >= 1, "val_n and val_sample_steps must be >= 1")
         need(self.nan_max_consecutive >= 1, f"nan_max_consecutive must be >= 1, got {self.nan_max_consecutive}")
         need(self.warm_start_lr_scale > 0, f"warm_start_lr_scale must be > 0, got {self.warm_start_lr_scale}")
         need(self.warm_start_weights in ("model", "ema"),
@@ -802,7 +805,8 @@ class _HookUnavailable(RuntimeError):
 
 
 def _default_val_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """``nbcore.validate.validate_checkpoint`` on the run's val shards, tiny settings."""
+    """``nbcore.validate.validate_checkpoint`` of the just-written checkpoint (its EMA weights) on the
+    run's val shards with tiny settings (``val_n`` samples, ``val_sample_steps`` Euler steps); writes OUT/val/step_XXXXXX/."""
     try:
         from nbcore.validate import validate_checkpoint
     except ImportError as e:
@@ -810,23 +814,25 @@ def _default_val_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
     if not trainer.cfg.data:
         raise _HookUnavailable("no --data folder to validate on")
     out = trainer.out / "val" / f"step_{trainer.step:06d}"
-    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=16, steps=10,
-                                  device=str(trainer.device))
+    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=trainer.cfg.val_n,
+                                  steps=trainer.cfg.val_sample_steps,
+                                  device=str(trainer.device), progress=False)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 def _default_sample_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """A small grid of EMA samples (text + DINO of val-set scenes) under OUT/samples/."""
+    """``nbcore.validate.sample_grid`` of the EMA model (4 val scenes, ``val_sample_steps``) saved as
+    OUT/samples/step_XXXXXX.png."""
     try:
-        from nbcore import sample as sample_mod
-        from nbcore import viz
+        from nbcore.validate import sample_grid
+        from nbcore.viz import save_figure
     except ImportError as e:
-        raise _HookUnavailable(f"nbcore.sample / nbcore.viz not importable ({e})") from None
-    fn = getattr(sample_mod, "sample_grid", None)
-    if fn is None:
-        raise _HookUnavailable("nbcore.sample has no sample_grid(model, batch, ...)")
-    fig = fn(trainer.ema.module, data=trainer.cfg.data, n=4, device=str(trainer.device))
-    path = viz.save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
+        raise _HookUnavailable(f"nbcore.validate / nbcore.viz not importable ({e})") from None
+    if not trainer.cfg.data:
+        raise _HookUnavailable("no --data folder to draw conditions from")
+    fig = sample_grid(trainer.ema.module, trainer.cfg.data, n=4, steps=trainer.cfg.val_sample_steps,
+                      device=str(trainer.device))
+    path = save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
     return {"path": str(path)}
 
 

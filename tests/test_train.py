@@ -199,11 +199,11 @@ def test_train_summary_and_log(tmp_path):
 
 @pytest.mark.slow
 def test_loss_falls_on_shapes_world(tmp_path, tiny_shards):
-    cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=150, batch_size=16, lr=2e-3,
+    cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=80, batch_size=8, lr=2e-3,
                       warmup=10, schedule="constant", log_every=1, ckpt_every=0, resume="none", progress=False)
     s = train(cfg)
     losses = [r["loss"] for r in load_train_log(s["log"])]
-    assert len(losses) == 150 and s["skipped"] == 0
+    assert len(losses) == 80 and s["skipped"] == 0
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.8 * first, (first, last)
 
@@ -248,8 +248,8 @@ def _cli(args, out, **popen):
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_shards):
     # 64 train samples, batch 8 -> 8 batches per epoch: the runs cross epochs
-    args = ["--data", str(tiny_shards), "--steps", "30", "--batch-size", "8", "--log-every", "1",
-            "--ckpt-every", "5", "--warmup", "3", "--lr", "1e-3"]
+    args = ["--data", str(tiny_shards), "--steps", "20", "--batch-size", "8", "--log-every", "1",
+            "--ckpt-every", "4", "--warmup", "3", "--lr", "1e-3"]
     ref = _cli(args, tmp_path / "ref")                          # uninterrupted, runs alongside
     victim = _cli(args, tmp_path / "victim")
     last = tmp_path / "victim" / "ckpt" / "last.pt"
@@ -261,9 +261,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_shards):
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     ck = load_checkpoint(last)                                  # intact, weights_only=True
     k = ck["step"]
-    assert 5 <= k < 30 and k % 5 == 0
+    assert 4 <= k < 20 and k % 4 == 0
     killed_steps = [r["step"] for r in load_train_log(tmp_path / "victim")]
-    assert max(killed_steps) < 30
+    assert max(killed_steps) < 20
 
     resumed = _cli(["--resume", *args], tmp_path / "victim")
     out, err = resumed.communicate(timeout=300)
@@ -274,12 +274,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_shards):
 
     a = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "ref")}
     b = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "victim")}
-    assert sorted(b) == list(range(1, 31))                      # log truncated at k, then continued
+    assert sorted(b) == list(range(1, 21))                      # log truncated at k, then continued
     assert b[k + 1] == a[k + 1]                                 # the step after the resume: bit-equal
-    assert all(b[s] == a[s] for s in range(1, 31))              # and every other step
+    assert all(b[s] == a[s] for s in range(1, 21))              # and every other step
     fin_a, fin_b = load_checkpoint(tmp_path / "ref" / "ckpt" / "last.pt"), load_checkpoint(last)
     assert all(torch.equal(fin_a["ema"][n], fin_b["ema"][n]) for n in fin_a["ema"])
-    assert json.loads(out.strip().splitlines()[-1])["steps"] == 30
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 20
 
 
 def test_cli_help_and_bad_arguments(tmp_path, capsys):
@@ -335,3 +335,22 @@ def test_ddp_two_processes_cpu_keep_parameters_equal(tmp_path, tiny_shards):
     assert [r["step"] for r in recs] == [2, 4]                                       # rank 0 alone wrote
     ck = load_checkpoint(f"{out}/ckpt/last.pt")
     assert ck["data_state"]["world_size"] == 2 and len(ck["rng"]["train"]) == 2
+
+
+@pytest.mark.slow
+def test_validation_and_sample_hooks(tmp_path, tiny_shards):
+    cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=2, batch_size=8, log_every=1,
+                      ckpt_every=0, val_every=2, sample_every=2, val_n=4, val_sample_steps=2, resume="none",
+                      progress=False)
+    train(cfg)
+    val = load_train_log(tmp_path / "run", kind="val")
+    assert len(val) == 1 and val[0]["step"] == 2 and "recon_psnr" in val[0] and val[0]["n"] == 4
+    assert (tmp_path / "run" / "val" / "step_000002" / "metrics.json").exists()
+    assert (tmp_path / "run" / "samples" / "step_000002.png").stat().st_size > 0
+    # custom hooks get the trainer and the checkpoint just written; what they return is logged
+    seen = []
+    hook = lambda tr, path: seen.append((tr.step, load_checkpoint(path)["step"])) or {"custom": 1.5}  # noqa: E731
+    train(_cfg(tmp_path, out=str(tmp_path / "run2"), steps=4, val_every=2), data=stand_in_source(preset("tiny"), 4),
+          val_fn=hook)
+    assert seen == [(2, 2), (4, 4)]
+    assert [r["custom"] for r in load_train_log(tmp_path / "run2", kind="val")] == [1.5, 1.5]
