@@ -151,7 +151,9 @@ NB03 = nb([
     new_markdown_cell("## The shapes world"),
     new_code_cell('''data_dir = suite.ensure_data(ctx)
 val = suite.load_val_batch(data_dir, 6)
-ctx.save(viz.image_grid({"image": val["png"]}, titles=val["txt"], size=1.6), "shapes_world.png")
+import textwrap
+ctx.save(viz.image_grid({textwrap.fill(c, 24): val["png"][i:i + 1] for i, c in enumerate(val["txt"])}, size=2.0),
+         "shapes_world.png")
 print(data_dir, *val["txt"], sep="\\n")'''),
     new_markdown_cell("## Baseline (pre-patch), then the patch model warm-started from it"),
     new_code_cell('''patch = suite.patch_variant(s["patch_pos"])
