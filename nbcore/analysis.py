@@ -173,7 +173,7 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
         + ("" if vb is not None else f" ({mb.get('lpips_status') or mp.get('lpips_status') or 'LPIPS not computed'})"))
     eb, ep = mb.get(layout_key), mp.get(layout_key)
     imp = _rel(ep, eb)
-    add("Good", "spatial layout better: blobs in the right places (reconstruction centroid error)",
+    add("Good", "spatial layout better: blobs in the right places (reconstruction centroid error >10% lower)",
         None if imp is None else imp > 0.10,
         f"centroid error {fmt(ep)} (patch) vs {fmt(eb)} (baseline), fraction of the image side"
         + ("" if imp is None else f": {100 * imp:+.1f}%"))

@@ -35,10 +35,16 @@ WIDGET_LABELS = ("text source", "DINO source", "text scale", "DINO scale", "step
 
 # --------------------------------------------------------------------------- model
 
-def find_patch_checkpoint(search_root=None, prefer_run_dir=None) -> Path | None:
-    """Newest ``train/patch-*/ckpt/last.pt`` of a notebook run: under ``prefer_run_dir`` first, then
-    anywhere under ``search_root/outputs/runs`` (default: the repository's). None when there is none."""
+def find_patch_checkpoint(search_root=None, prefer_run_dir=None, variant: str | None = None) -> Path | None:
+    """A patch-model checkpoint for the demo: ``prefer_run_dir/train/<variant>/ckpt/last.pt`` when
+    given and present, else the newest ``train/patch-*/ckpt/last.pt`` under ``prefer_run_dir``, then
+    anywhere under ``search_root`` (default: the repository's outputs/runs), then a previous demo
+    model under outputs/demo. None when there is none."""
     from .notebooks import repo_root
+    if prefer_run_dir and variant:
+        p = Path(prefer_run_dir) / "train" / variant / "ckpt" / "last.pt"
+        if p.exists():
+            return p
     roots = []
     if prefer_run_dir:
         roots.append(Path(prefer_run_dir))
@@ -68,15 +74,16 @@ def _train_demo_model(out_root: Path, preset: str, steps: int, n_data: int, devi
 
 
 def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: int = 400,
-                   n_data: int = 1500, preset: str = "tiny", seed: int = 0):
+                   n_data: int = 1500, preset: str = "tiny", seed: int = 0, variant: str | None = None):
     """(model in eval mode, info) for the demo. ``ckpt``: a checkpoint path; None = the newest
     patch-model checkpoint of a notebook run (``run_dir`` first), else train a tiny patch model
-    for ``train_steps`` steps under ``outputs/demo/`` (info["trained_now"] = True)."""
+    for ``train_steps`` steps under ``outputs/demo/`` (info["trained_now"] = True). ``variant``
+    (e.g. "patch-none") picks that run of ``run_dir`` first."""
     from .sample import load_model_with_info
     from .notebooks import repo_root
     trained = False
     if ckpt in (None, "", "auto"):
-        ckpt = find_patch_checkpoint(prefer_run_dir=run_dir)
+        ckpt = find_patch_checkpoint(prefer_run_dir=run_dir, variant=variant)
         if ckpt is None:
             ckpt = _train_demo_model(repo_root() / "outputs" / "demo", preset, train_steps, n_data,
                                      str(resolve_device(device)), seed)

@@ -356,53 +356,69 @@ def _flatten(m: dict, prefix: str = "") -> dict:
     return out
 
 
-_LOWER = ("error", "lpips", "loss", "mse", "distance", "dist")
-_HIGHER = ("psnr", "iou", "rate", "cos", "follow", "accuracy", "acc", "similarity")
+# The metrics that rank variants, with their direction (True = lower is better), headline first.
+RANKED: dict[str, bool] = {
+    "recon_layout_error": True, "recon_layout_iou": False, "textonly_layout_error": True,
+    "swap_follows_dino_rate": False, "recon_psnr": False, "recon_lpips": True, "noguid_layout_error": True,
+    "noguid_layout_iou": False, "textonly_layout_iou": False, "recon_patch_cos": False, "noguid_psnr": False,
+    "swap_colour_follows_dino_rate": False, "noguid_lpips": True,
+}
+_LOWER = ("error", "lpips", "loss", "mse", "distance")
 
 
 def lower_is_better(key: str) -> bool:
-    k = key.lower()
-    return any(w in k for w in _LOWER) and not any(w in k for w in ("rate",))
+    if key in RANKED:
+        return RANKED[key]
+    return any(w in key.lower() for w in _LOWER)
 
 
 def metric_keys(final: dict) -> list[str]:
-    """Numeric metric names present (not None) in every variant's final metrics, comparable ones
-    first (errors, LPIPS, PSNR, IoU, rates), bookkeeping (counts, times) left out."""
+    """Numeric metric names present (not None) in every variant's final metrics: the ranked
+    headline metrics (``RANKED``) first, then the rest; bookkeeping (counts, times) left out."""
     skip = ("samples", "count", "skipped", "time", "seconds", "pairs", "evaluated", "absent", "cap", "codec_roundtrip")
     exact = {"n", "step", "steps", "seed"}
     common = None
     for m in final.values():
         ks = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         common = ks if common is None else common & ks
-    keys = [k for k in sorted(common or []) if k not in exact and not any(w in k.lower() for w in skip)]
-    rank = lambda k: (0 if lower_is_better(k) else 1 if any(w in k.lower() for w in _HIGHER) else 2, k)
-    return sorted(keys, key=rank)
+    common = common or set()
+    head = [k for k in RANKED if k in common]
+    rest = [k for k in sorted(common) if k not in RANKED and k not in exact and not any(w in k.lower() for w in skip)]
+    return head + rest
 
 
-def rank_variants(final: dict, keys: list[str]) -> dict:
-    """Which variant is best on each metric (direction from its name), and a sentence built from
-    the counts and values. Returns {"best": variant, "wins": {variant: n}, "per_metric": {...}, "text"}."""
+def rank_variants(final: dict, keys: list[str], tie: float = 0.01) -> dict:
+    """Which variant is best on each ranked metric (``RANKED``: direction known), calling a
+    relative margin below ``tie`` over the runner-up a tie, and a sentence built from the values.
+    Returns {"best": variant | None, "wins": {variant: n}, "per_metric": {...}, "ties": [...], "text"}."""
     wins = {v: 0 for v in final}
-    per = {}
-    for k in keys:
-        if not (lower_is_better(k) or any(w in k.lower() for w in _HIGHER)):
-            continue
+    per, ties = {}, []
+    for k in [k for k in keys if k in RANKED]:
         vals = {v: m.get(k) for v, m in final.items() if isinstance(m.get(k), (int, float))}
         if len(vals) < 2:
             continue
-        best = (min if lower_is_better(k) else max)(vals, key=vals.get)
-        if list(vals.values()).count(vals[best]) > 1:
-            continue  # a tie names no winner
+        order = sorted(vals, key=vals.get, reverse=not RANKED[k])
+        best, second = order[0], order[1]
+        margin = abs(vals[best] - vals[second]) / max(abs(vals[second]), 1e-9)
+        if margin < tie:
+            ties.append(k)
+            continue
         wins[best] += 1
-        per[k] = {"best": best, **vals}
+        per[k] = {"best": best, "margin": margin, **vals}
     if not per:
-        return {"best": None, "wins": wins, "per_metric": per, "text": "no comparable metric: nothing to rank"}
-    best = max(wins, key=wins.get)
-    detail = "; ".join(f"{k}: {p['best']} ({p[p['best']]:.4g} vs " + ", ".join(
-        f"{v} {val:.4g}" for v, val in p.items() if v not in ("best", p["best"])) + ")" for k, p in per.items())
-    text = (f"At equal steps, {best} is best on {wins[best]} of {len(per)} metrics "
-            f"(wins: {', '.join(f'{v} {n}' for v, n in wins.items())}). Per metric: {detail}.")
-    return {"best": best, "wins": wins, "per_metric": per, "text": text}
+        text = (f"No variant is ahead by {100 * tie:.0f}% or more on any ranked metric "
+                f"({', '.join(ties) or 'none available'}): at these steps the positional embedding makes no measurable difference.")
+        return {"best": None, "wins": wins, "per_metric": per, "ties": ties, "text": text}
+    top = max(wins.values())
+    leaders = [v for v, n in wins.items() if n == top]
+    best = leaders[0] if len(leaders) == 1 else None
+    detail = "; ".join(f"{k} ({'lower' if RANKED[k] else 'higher'} is better): {p['best']} " + ", ".join(
+        f"{v} {p[v]:.4g}" for v in final if v in p) for k, p in per.items())
+    lead = (f"{best} is ahead on {top} of {len(per) + len(ties)} ranked metrics" if best else
+            f"{' and '.join(leaders)} share the lead ({top} metrics each of {len(per) + len(ties)})")
+    text = (f"At equal steps, {lead} (wins: {', '.join(f'{v} {n}' for v, n in wins.items())}; "
+            f"{len(ties)} within {100 * tie:.0f}%, called ties). {detail}.")
+    return {"best": best, "wins": wins, "per_metric": per, "ties": ties, "text": text}
 
 
 def criteria_keys(keys: list[str]) -> dict:

@@ -279,6 +279,9 @@ lower = {k for k in keys if suite.lower_is_better(k)}
 ctx.save(viz.bar_table({k: bars[k] for k in keys[:5]}, title=f"final checkpoints ({s['train_steps']} steps)", lower_is_better=lower), "final_a.png")
 if len(keys) > 5:
     ctx.save(viz.bar_table({k: bars[k] for k in keys[5:10]}, lower_is_better=lower), "final_b.png")
+print(f"{'metric':34s}" + "".join(f"{v:>15s}" for v in variants))
+for k in keys:
+    print(f"{k:34s}" + "".join(f"{analysis.fmt(final[v].get(k), 4):>15s}" for v in variants))
 ctx.save(viz.plot_table([{"metric": k, **{v: final[v].get(k) for v in variants}} for k in keys], title="final metrics"), "final_table.png")
 for k in keys:
     ctx.metrics[f"final_{k}"] = {v: final[v].get(k) for v in variants}'''),
@@ -314,7 +317,8 @@ NB06 = nb([
     new_code_cell(start("06_dino_swap_demo", ["demo_steps", "text_scale", "dino_scale", "demo_grid", "demo_train_steps"])),
     new_code_cell('''from nbcore.demo import Demo, swap_figure, build_widget
 demo = Demo.load(ckpt, run_dir=ctx.run_dir, device=ctx.device, n_scenes=max(8, 2 * s["demo_grid"]),
-                 train_steps=s["demo_train_steps"], preset=s["preset"], seed=ctx.seed)
+                 train_steps=s["demo_train_steps"], preset=s["preset"], seed=ctx.seed,
+                 variant=suite.patch_variant(s["patch_pos"]))
 print("checkpoint:", demo.info)
 ctx.metrics["checkpoint"] = demo.info["path"]
 ctx.metrics["checkpoint_step"] = demo.info["step"]'''),
