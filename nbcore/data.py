@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tarfile
 from collections import Counter, defaultdict
@@ -133,6 +134,11 @@ class Stats:
     def normalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.tensors(name)
         return (x - mean.to(x.device)) / std.to(x.device)
+
+    def normalise_(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """In-place ``normalise`` of a float32 tensor (multiplies by 1/std: equal up to rounding)."""
+        mean, std = self.tensors(name)
+        return x.sub_(mean.to(x.device)).mul_((1.0 / std).to(x.device))
 
     def denormalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.tensors(name)
@@ -397,30 +403,32 @@ def collate(samples: list[dict], stats: Stats | None = None, text_len: int | Non
     list when present. Conditioning is normalised with ``stats`` (real text tokens only).
     """
     B = len(samples)
-    f32 = lambda a: torch.from_numpy(np.asarray(a)).float()
-    latent = torch.stack([f32(s["latent"]) for s in samples])                          # (B, C, H, W)
-    cls = torch.stack([f32(s["dinov3"]) for s in samples])                             # (B, Dd)
-    patches = torch.stack([f32(s["dinov3_patches"]) for s in samples])                 # (B, P, Dd)
+    # Stack in the stored dtype (float16) and convert once per batch: the conversion and the
+    # normalisation are the loader's main cost at production shapes.
+    f32 = lambda arrs: torch.from_numpy(np.stack(arrs)).float()
+    latent = f32([s["latent"] for s in samples])                                       # (B, C, H, W)
+    cls = f32([s["dinov3"] for s in samples])                                          # (B, Dd)
+    patches = f32([s["dinov3_patches"] for s in samples])                              # (B, P, Dd)
     lens = [s["t5"].shape[0] for s in samples]
     Dt = samples[0]["t5"].shape[1]
     if text_len is None:
         L = max(multiple, -(-max(lens) // multiple) * multiple)
     else:
         L = text_len
-    t5 = torch.zeros(B, L, Dt)
+    t5 = np.zeros((B, L, Dt), dtype=np.result_type(*[s["t5"].dtype for s in samples]))
     mask = torch.zeros(B, L, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = min(lens[b], L)
         if n < lens[b] and counts is not None:
             counts.text_truncated += 1
-        rows = f32(s["t5"][:n])                                                        # (n, Dt)
-        if stats is not None and n:
-            rows = stats.normalise("t5", rows)
-        t5[b, :n] = rows
+        t5[b, :n] = s["t5"][:n]
         mask[b, :n] = True
+    t5 = torch.from_numpy(t5).float()                                                  # (B, L, Dt)
     if stats is not None:
-        cls = stats.normalise("dinov3", cls)
-        patches = stats.normalise("dinov3_patches", patches)
+        cls = stats.normalise_("dinov3", cls)
+        patches = stats.normalise_("dinov3_patches", patches)
+        t5 = stats.normalise_("t5", t5)
+        t5[~mask] = 0                                                                  # padding stays zero
     batch = {"latent": latent, "dinov3": cls, "dinov3_patches": patches, "t5": t5, "t5_mask": mask,
              "txt": [s["txt"] for s in samples], "key": [s["key"] for s in samples]}
     if all("png" in s for s in samples):
@@ -548,10 +556,18 @@ class Loader:
     def __iter__(self):
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                          persistent_workers=False)
-        for item in dl:
-            self.counts.add(item.pop("__counts__"))
-            if "latent" in item:
-                yield item
+        try:
+            for item in dl:
+                self.counts.add(item.pop("__counts__"))
+                if "latent" in item:
+                    yield item
+        except DataError as e:
+            if "Original Traceback" not in str(e):
+                raise
+            # from a worker process: keep the one-line reason and its shard / key / reason fields
+            line = str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+            m = re.match(r"^(.*): sample '(.*)': (\w+): ", line)
+            raise DataError(line, *(m.groups() if m else ())) from None
 
 
 def make_loader(shards, batch_size: int, *, stats=None, shuffle: int = 1000, seed: int = 0,

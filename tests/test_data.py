@@ -172,6 +172,9 @@ def test_malformed_sample_error_or_counted_skip(tmp_path, kind):
     with pytest.raises(DataError, match=rf"train-000007\.tar.*'k1'.*{kind}") as e:
         keys_of(make_loader(str(shard), 8, shuffle=0))
     assert e.value.key == "k1" and e.value.reason == kind
+    with pytest.raises(DataError, match=rf"^\S*train-000007\.tar: sample 'k1': {kind}: ") as e:   # from a worker process
+        keys_of(make_loader(str(shard), 8, shuffle=0, num_workers=2))
+    assert e.value.key == "k1" and e.value.reason == kind and e.value.shard == str(shard)
     loader = make_loader(str(shard), 8, shuffle=0, on_error="skip")
     assert keys_of(loader) == ["k0", "k2"]                     # no good sample lost around the bad one
     assert dict(loader.counts.skipped) == {kind: 1}
