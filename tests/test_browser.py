@@ -94,6 +94,12 @@ def _copy_notebook(src: Path, root: Path, parameters: dict) -> str:
     set in a cell right after its ``parameters`` cell (as papermill injects them); returns its
     name. The copy runs with cwd = the lab root, so its outputs stay in the test's tmp_path."""
     nb = nbformat.read(src, as_version=4)
+    # Open it as a clean notebook: no saved outputs, prompts or widget state (saved "[n]:"
+    # prompts would look like a finished run; saved widget views would be stale images).
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                  "language": "python"}
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
@@ -132,6 +138,7 @@ def _drive(nbp: NotebookPage, tmp_path: Path, prefix: str = "") -> dict[str, flo
     times, t0 = {}, time.monotonic()
     nbp.open(timeout=OPEN_TIMEOUT)
     times["open"] = time.monotonic() - t0
+    nbp.hide_left_sidebar()
     nbp.run_all()
     nbp.wait_until_executed(timeout=RUN_ALL_TIMEOUT)
     first = nbp.settled_fingerprint(timeout=CHANGE_TIMEOUT)
@@ -147,7 +154,7 @@ def _drive(nbp: NotebookPage, tmp_path: Path, prefix: str = "") -> dict[str, flo
     _screenshot(nbp, f"{prefix}after.png", tmp_path)
 
     # The DINO swap itself: another DINO source.
-    nbp.choose_other("DINO source")
+    nbp.choose_other("DINO source", avoid=("text source",))
     third = nbp.settled_fingerprint(timeout=CHANGE_TIMEOUT, different_from=second)
     assert third not in (first, second)
     _screenshot(nbp, f"{prefix}after_dino.png", tmp_path)

@@ -233,10 +233,25 @@ class NotebookPage:
                  f"kernel for {self.notebook} to start (server log tail:\n{self.lab.log_tail()})")
         return self
 
+    def hide_left_sidebar(self):
+        """View → File Browser (a toggle; the file browser is the open left panel): more room
+        for the notebook in screenshots. Cosmetic, so best effort."""
+        page = self.page
+        if not page.locator("#jp-left-stack").is_visible():
+            return
+        try:
+            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^View$")).click(timeout=5000)
+            page.locator('.lm-Menu-item[data-command="filebrowser:toggle-main"]').click(
+                timeout=5000)
+        except Exception:  # noqa: BLE001 - cosmetic only
+            page.keyboard.press("Escape")
+
     def run_all(self):
         """Run → Run All Cells, through the menu bar as a person would."""
         page = self.page
-        page.locator(".jp-NotebookPanel .jp-Notebook").first.click(position={"x": 5, "y": 5})
+        # Make sure the notebook is the current widget: click its tab (not the notebook body,
+        # where a click could land on a cell's collapser or enter edit mode).
+        page.locator("#jp-main-dock-panel .lm-TabBar-tab", has_text=self.notebook).first.click()
         page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
         item = page.locator('.lm-Menu-item[data-command="runmenu:run-all"]')
         if not item.count():  # other JupyterLab versions label the same command differently
@@ -335,14 +350,18 @@ class NotebookPage:
     def dropdown(self, description: str):
         return self._labelled("widget-dropdown", description).locator("select")
 
-    def choose_other(self, description: str) -> str:
-        """Select a different option of dropdown ``description``; returns its label."""
+    def choose_other(self, description: str, avoid: tuple[str, ...] = ()) -> str:
+        """Select another option of dropdown ``description``: the first after the current one
+        (cyclically) whose value is not also the current value of a dropdown in ``avoid`` (e.g.
+        a DINO source other than the text source); returns the chosen option's label."""
         select = self.dropdown(description)
         select.scroll_into_view_if_needed()
         current = select.input_value()
+        taken = {current} | {self.dropdown(d).input_value() for d in avoid if self.dropdown(d).count()}
         values = select.locator("option").evaluate_all("os => os.map(o => o.value)")
-        others = [v for v in values if v != current]
+        i = values.index(current)
+        others = [v for v in values[i + 1:] + values[:i] if v not in taken]
         if not others:
-            raise HarnessError(f"dropdown {description!r} has no other option than {current!r}")
+            raise HarnessError(f"dropdown {description!r} has no option besides {sorted(taken)}")
         select.select_option(others[0])
-        return select.locator(f'option[value="{others[0]}"]').inner_text()
+        return select.locator("option:checked").inner_text()
