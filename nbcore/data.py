@@ -135,10 +135,10 @@ class Stats:
         mean, std = self.tensors(name)
         return (x - mean.to(x.device)) / std.to(x.device)
 
-    def normalise_(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """In-place ``normalise`` of a float32 tensor (multiplies by 1/std: equal up to rounding)."""
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) as float32 numpy arrays (the loader normalises in numpy)."""
         mean, std = self.tensors(name)
-        return x.sub_(mean.to(x.device)).mul_((1.0 / std).to(x.device))
+        return mean.numpy(), std.numpy()
 
     def denormalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.tensors(name)
@@ -403,36 +403,44 @@ def collate(samples: list[dict], stats: Stats | None = None, text_len: int | Non
     list when present. Conditioning is normalised with ``stats`` (real text tokens only).
     """
     B = len(samples)
-    # Stack in the stored dtype (float16) and convert once per batch: the conversion and the
-    # normalisation are the loader's main cost at production shapes.
-    f32 = lambda arrs: torch.from_numpy(np.stack(arrs)).float()
-    latent = f32([s["latent"] for s in samples])                                       # (B, C, H, W)
-    cls = f32([s["dinov3"] for s in samples])                                          # (B, Dd)
-    patches = f32([s["dinov3_patches"] for s in samples])                              # (B, P, Dd)
+    # Stack in the stored dtype (float16), convert once per batch and normalise in place, all in
+    # numpy: single-threaded, so no OpenMP thread pool spinning on a busy CPU (at production
+    # shapes the conversion and normalisation are the loader's main cost).
+    def stack32(name, arrs):
+        x = np.stack(arrs).astype(np.float32)
+        if stats is not None:
+            mean, std = stats.arrays(name)
+            x -= mean
+            x *= 1.0 / std
+        return x
+    latent = torch.from_numpy(np.stack([s["latent"] for s in samples]).astype(np.float32))  # (B, C, H, W)
+    cls = torch.from_numpy(stack32("dinov3", [s["dinov3"] for s in samples]))          # (B, Dd)
+    patches = torch.from_numpy(stack32("dinov3_patches", [s["dinov3_patches"] for s in samples]))  # (B, P, Dd)
     lens = [s["t5"].shape[0] for s in samples]
     Dt = samples[0]["t5"].shape[1]
     if text_len is None:
         L = max(multiple, -(-max(lens) // multiple) * multiple)
     else:
         L = text_len
-    t5 = np.zeros((B, L, Dt), dtype=np.result_type(*[s["t5"].dtype for s in samples]))
-    mask = torch.zeros(B, L, dtype=torch.bool)
+    t5 = np.zeros((B, L, Dt), dtype=np.float32)
+    mask = np.zeros((B, L), dtype=bool)
     for b, s in enumerate(samples):
         n = min(lens[b], L)
         if n < lens[b] and counts is not None:
             counts.text_truncated += 1
         t5[b, :n] = s["t5"][:n]
         mask[b, :n] = True
-    t5 = torch.from_numpy(t5).float()                                                  # (B, L, Dt)
     if stats is not None:
-        cls = stats.normalise_("dinov3", cls)
-        patches = stats.normalise_("dinov3_patches", patches)
-        t5 = stats.normalise_("t5", t5)
+        mean, std = stats.arrays("t5")
+        t5 -= mean
+        t5 *= 1.0 / std
         t5[~mask] = 0                                                                  # padding stays zero
+    t5, mask = torch.from_numpy(t5), torch.from_numpy(mask)                            # (B, L, Dt), (B, L)
     batch = {"latent": latent, "dinov3": cls, "dinov3_patches": patches, "t5": t5, "t5_mask": mask,
              "txt": [s["txt"] for s in samples], "key": [s["key"] for s in samples]}
     if all("png" in s for s in samples):
-        batch["png"] = torch.stack([torch.from_numpy(s["png"]).permute(2, 0, 1) for s in samples]).float() / 255  # (B, 3, S, S)
+        png = np.stack([s["png"] for s in samples]).transpose(0, 3, 1, 2)               # (B, 3, S, S) uint8
+        batch["png"] = torch.from_numpy(np.ascontiguousarray(png, dtype=np.float32) / np.float32(255))
     if all("json" in s for s in samples):
         batch["json"] = [s["json"] for s in samples]
     return batch
@@ -497,9 +505,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             except _Bad as b:
                 _handle(b, raw, counts, self.on_error, self.strict)
                 continue
-            if not self.expect:   # the first good sample fixes the sizes the rest must match
-                self.expect = {"C": s["latent"].shape[0], "Dd": s["dinov3"].shape[0],
-                               "P": s["dinov3_patches"].shape[0], "Dt": s["t5"].shape[1]}
+            if len(self.expect) < 4:   # the first good sample fixes the sizes the rest must match
+                for k, v in (("C", s["latent"].shape[0]), ("Dd", s["dinov3"].shape[0]),
+                             ("P", s["dinov3_patches"].shape[0]), ("Dt", s["t5"].shape[1])):
+                    self.expect.setdefault(k, v)
             yield s
 
     def __iter__(self):
@@ -545,6 +554,11 @@ def _shuffled(it, size: int, rng: random.Random):
     yield from buf
 
 
+def _identity(x):
+    """Batches are collated by the dataset; the DataLoader only passes them on (no default_convert)."""
+    return x
+
+
 class Loader:
     """Iterable of batch dicts (see ``collate``) with ``counts`` (SkipCounter) accumulating over
     every worker: good samples yielded, skips by reason, truncated captions."""
@@ -555,7 +569,7 @@ class Loader:
 
     def __iter__(self):
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, collate_fn=_identity)
         try:
             for item in dl:
                 self.counts.add(item.pop("__counts__"))

@@ -202,7 +202,8 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     for split, items in splits.items():
         if not items:
             continue
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False) as sink:
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False,
+                             mtime=0) as sink:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 images = torch.stack([load_image(p, image_size) for _, p, _ in chunk])      # (B, 3, S, S)

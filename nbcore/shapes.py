@@ -447,7 +447,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
         if count == 0:
             continue
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
-                             encoder=False, mtime=0.0) as sink:
+                             encoder=False, mtime=0) as sink:   # int mtime: no PAX headers
             for start in range(0, count, batch_size):
                 idx = range(start, min(count, start + batch_size))
                 scenes = [world.scene(i, split) for i in idx]
@@ -496,8 +496,11 @@ def main(argv=None) -> int:
         ap.error("--val-fraction must be in [0, 1)")
     if args.shard_size < 1 or args.batch_size < 1:
         ap.error("--shard-size and --batch-size must be >= 1")
-    out = make_dataset(args.out_dir, args.n, args.seed, args.preset, args.val_fraction,
-                       args.shard_size, args.batch_size)
+    try:
+        out = make_dataset(args.out_dir, args.n, args.seed, args.preset, args.val_fraction,
+                           args.shard_size, args.batch_size)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out_dir}: {e}")
     print(f"wrote {args.n} samples to {out}")
     return 0
 
