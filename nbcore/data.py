@@ -325,9 +325,33 @@ def iter_raw_samples(shards: list[str], counts: SkipCounter, on_error: str = "ra
             yield raw
 
 
+_NPY_HEADER = re.compile(r"""\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': False, 'shape': \(([\d, ]*)\), *\}""")
+
+
+def _npy_bytes(buf: bytes) -> np.ndarray:
+    """Parse .npy bytes. The common header (what np.save writes for C-order arrays) is read with a
+    regex instead of ``ast.literal_eval`` (np.load's header parser dominates small samples);
+    anything else goes through np.load. A size mismatch raises ValueError, like np.load."""
+    if buf[:6] == b"\x93NUMPY" and len(buf) > 10:
+        major = buf[6]
+        hl_size = 2 if major == 1 else 4
+        hlen = int.from_bytes(buf[8:8 + hl_size], "little")
+        start = 8 + hl_size
+        m = _NPY_HEADER.match(buf[start:start + hlen].decode("latin1"))
+        if m and major in (1, 2, 3):
+            dtype = np.dtype(m.group(1))
+            shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
+            count = math.prod(shape)
+            offset = start + hlen
+            if len(buf) - offset != count * dtype.itemsize:
+                raise ValueError(f"npy data has {len(buf) - offset} bytes, shape {shape} {dtype} needs {count * dtype.itemsize}")
+            return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return np.load(io.BytesIO(buf), allow_pickle=False)
+
+
 def _load_npy(raw: dict, member: str) -> np.ndarray:
     try:
-        arr = np.load(io.BytesIO(raw[member]), allow_pickle=False)
+        arr = _npy_bytes(raw[member])
     except Exception as e:  # numpy raises ValueError / EOFError / OSError for broken bytes
         raise _Bad("corrupt_npy", f"{member}: {type(e).__name__}: {e}") from None
     if arr.dtype.kind not in "fiub":
