@@ -462,9 +462,21 @@ class Trainer:
         self.cfg = cfg
         self.model_cfg = cfg.model_config()
         self._init_dist()
+        try:
+            self._build(data, val_fn, sample_fn)
+        except BaseException:
+            self.close()  # a process group we opened must not outlive a failed setup
+            raise
+
+    def _build(self, data, val_fn, sample_fn):
+        cfg = self.cfg
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "ckpt"
         self.log_path = self.out / "log.jsonl"
+        if data is not None:
+            src = lambda epoch: data(epoch, self.rank, self.world)  # noqa: E731
+        else:
+            src = shard_source(cfg)  # checks the data folder before anything is written
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -498,11 +510,10 @@ class Trainer:
         self.resumed_from = resume_path
         if resume_path is not None:
             position = self._resume(resume_path)
-
-        if data is not None:
-            src = lambda epoch: data(epoch, self.rank, self.world)  # noqa: E731
-        else:
-            src = shard_source(cfg)
+        elif self.is_main and self.log_path.exists():
+            old = self.log_path.with_name(f"log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self.log_path, old)  # a fresh run starts a fresh log; the old one is kept aside
+            print(f"fresh run in {self.out}: previous log moved to {old.name}", file=sys.stderr)
         self.stream = BatchStream(src, **position)
 
         fwd = self.model
@@ -626,9 +637,16 @@ class Trainer:
             atomic_save(obj, path)
             if milestone:
                 atomic_save(obj, self.ckpt_dir / f"step_{self.step:06d}.pt")
+        self._ckpt_step = self.step
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _checkpoint_once(self) -> Path:
+        """last.pt at the current step, written unless this step's checkpoint already exists."""
+        if getattr(self, "_ckpt_step", None) != self.step:
+            self.checkpoint()
+        return self.ckpt_dir / "last.pt"
 
     # -- one optimiser step
     def train_step(self) -> dict:
@@ -717,7 +735,6 @@ class Trainer:
         t0 = time.perf_counter()
         t_win = t0
         start_step = self.step
-        last_ckpt = None
         try:
             while self.step < cfg.steps:
                 s = self.train_step()
@@ -750,15 +767,14 @@ class Trainer:
                     self._log(rec)
                     win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
                     t_win = now
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 or (cfg.milestone_every and self.step % cfg.milestone_every == 0):
-                    last_ckpt = self.checkpoint(milestone=bool(cfg.milestone_every and self.step % cfg.milestone_every == 0))
-                    last_ckpt_step = self.step
+                milestone = bool(cfg.milestone_every) and self.step % cfg.milestone_every == 0
+                if milestone or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                    self.checkpoint(milestone=milestone)
                 if cfg.val_every and self.step % cfg.val_every == 0:
                     self._hook("val", self.val_fn)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._hook("samples", self.sample_fn)
-            if last_ckpt is None or last_ckpt_step != self.step:
-                last_ckpt = self.checkpoint()
+            last_ckpt = self._checkpoint_once()
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -778,7 +794,7 @@ class Trainer:
 
     def _hook(self, name: str, fn: Callable):
         """Run a periodic hook on rank 0 (after a checkpoint, which it may read); log what it returns."""
-        path = self.checkpoint()
+        path = self._checkpoint_once()  # collective in DDP: every rank calls it, hook or not
         if self.is_main and fn is not None:
             try:
                 result = fn(self, path)
@@ -796,7 +812,7 @@ class Trainer:
             dist.barrier()
 
     def close(self):
-        if self._own_pg and dist.is_initialized():
+        if getattr(self, "_own_pg", False) and dist.is_initialized():
             dist.destroy_process_group()
 
 
