@@ -87,6 +87,11 @@ def lab(tmp_path, page):
     root.mkdir()
     with LabServer(root, state=tmp_path / "jupyter") as server:
         yield server
+    time.sleep(1)  # a kernel told to shut down may take a moment to exit
+    left = server.leftover_processes()
+    assert not left, f"processes of the test's JupyterLab survived its shutdown: {left}"
+    if server.forced_kills:
+        print(f"note: kernel processes {server.forced_kills} needed SIGKILL after the server stopped")
 
 
 def _copy_notebook(src: Path, root: Path, parameters: dict) -> str:

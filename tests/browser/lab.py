@@ -35,7 +35,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 # Cells' output images that belong to a widget view: an ipywidgets.Output holding a displayed
 # figure (``.widget-output img``) or an ipywidgets.Image (``img.widget-image``).
 WIDGET_IMAGE = ".jp-Cell .jupyter-widgets img, .jp-Cell img.jupyter-widgets"
-ERROR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]'
+# JupyterLab 4 renders a cell's error (traceback) as a stderr output; older ones used the error
+# mime type. A stderr output is an error when it holds a traceback (tqdm bars are stderr too).
+ERROR_OUTPUT = ('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], '
+                '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\S*(Error|Exception)\b", re.M)
 
 # Returns a SHA-256 of the image's bytes (data: and blob: URLs alike), or null while the image is
 # being replaced (a revoked blob URL); identical pixels give identical fingerprints.
@@ -95,6 +99,7 @@ class LabServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = self.state / "jupyterlab.log"
         self.proc: subprocess.Popen | None = None
+        self.forced_kills: list[int] = []  # pids that needed SIGKILL after the server stopped
 
     # --- lifecycle -------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -172,13 +177,36 @@ class LabServer:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
-        # Anything left in the server's own process group (a kernel that ignored shutdown).
+        # Anything left in the server's own process group, then any kernel of this server that
+        # survived (kernels run in process groups of their own; they are found by their
+        # connection file, which lives in this server's private runtime dir).
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         if proc.poll() is None:
             proc.wait(timeout=10)
+        self.forced_kills = self.leftover_processes()
+        for pid in self.forced_kills:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def leftover_processes(self) -> list[int]:
+        """Pids of live processes started for this server: their command line names its private
+        runtime dir (kernels: ``-f RUNTIME/kernel-*.json``) or its token."""
+        marks = (str(self.state / "runtime") + os.sep, self.token)
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z" and any(m in cmd for m in marks):
+                found.append(int(entry.name))
+        return found
 
     def __enter__(self) -> "LabServer":
         try:
@@ -264,10 +292,9 @@ class NotebookPage:
             "els => els.map(e => e.textContent.trim())")
 
     def raise_on_errors(self):
-        errors = self.page.locator(ERROR_OUTPUT)
-        if errors.count():
-            text = errors.first.inner_text()[-2000:]
-            raise HarnessError(f"a cell raised an error in the browser:\n{text}")
+        for text in self.page.locator(ERROR_OUTPUT).all_inner_texts():
+            if TRACEBACK.search(text):
+                raise HarnessError(f"a cell raised an error in the browser:\n{text[-2000:]}")
         broken = self.page.get_by_text(re.compile(r"Error displaying widget|Failed to load model"))
         if broken.count():
             raise HarnessError("a widget failed to render in the browser: "
@@ -305,10 +332,20 @@ class NotebookPage:
                             different_from: str | None = None) -> str:
         """The widget image's fingerprint once it is present (and differs from
         ``different_from`` when given), the kernel is idle, and it has not changed for ``settle`` s."""
-        state = {"fp": None, "since": time.monotonic()}
+        state = {"fp": None, "since": time.monotonic(), "logs": self.log_count()}
 
         def stable():
             self.raise_on_errors()
+            # A widget callback's exception (or print) goes to JupyterLab's Log Console, not to
+            # the cell: when the status bar's log count goes up, read the console and fail on a
+            # traceback at once.
+            logs = self.log_count()
+            if logs > state["logs"]:
+                state["logs"] = logs
+                text = self.log_console_text()
+                if TRACEBACK.search(text):
+                    raise HarnessError(f"a widget callback raised (JupyterLab Log Console):\n"
+                                       f"{text[-3000:]}")
             fp = self.fingerprint()
             now = time.monotonic()
             if fp != state["fp"]:
@@ -324,6 +361,30 @@ class NotebookPage:
         what = ("the widget image to appear and settle" if different_from is None
                 else "the widget image to change after the widget change")
         return wait_for(stable, timeout, what)
+
+    def log_count(self) -> int:
+        """The Log Console's message count shown in the status bar (0 when none)."""
+        item = self.page.locator(".jp-LogConsoleStatusItem")
+        text = item.first.inner_text() if item.count() else ""
+        m = re.search(r"\d+", text)
+        return int(m.group()) if m else 0
+
+    def log_console_text(self) -> str:
+        """Open View → Show Log Console, read it, close it again; its text ('' if unavailable)."""
+        page = self.page
+        try:
+            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^View$")).click(timeout=5000)
+            page.locator('.lm-Menu-item[data-command="logconsole:open"]').click(timeout=5000)
+            panel = page.locator(".jp-LogConsolePanel").first
+            panel.wait_for(timeout=5000)
+            page.wait_for_timeout(500)
+            text = panel.inner_text()
+            tab = page.locator(".lm-TabBar-tab", has_text="Log Console").first
+            tab.locator(".lm-TabBar-tabCloseIcon").click(timeout=5000)
+            return text
+        except Exception:  # noqa: BLE001 - diagnostics only
+            page.keyboard.press("Escape")
+            return ""
 
     # --- widgets ---------------------------------------------------------------------------
     def _labelled(self, kind: str, description: str):
