@@ -502,7 +502,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.rank * nw + wid, self.world_size * nw
 
-    def _raw_for_slot(self, epoch: int, slot: int, nslots: int, counts: SkipCounter):
+    def _raw_for_slot(self, epoch: int, slot: int, nslots: int):
         order = list(self.shards)
         if self.shuffle:   # same order on every slot: a function of (seed, epoch) only
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
@@ -518,7 +518,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     yield raw
 
     def _decoded(self, epoch: int, slot: int, nslots: int, counts: SkipCounter):
-        raws = self._raw_for_slot(epoch, slot, nslots, counts)
+        raws = self._raw_for_slot(epoch, slot, nslots)
         if self.shuffle > 1:
             raws = _shuffled(raws, self.shuffle, random.Random(self.seed * 1_000_003 + epoch * 1009 + slot))
         for raw in raws:
@@ -616,7 +616,8 @@ def make_loader(shards, batch_size: int, *, stats=None, shuffle: int = 1000, see
     """A loader over WebDataset shards (see the module docstring).
 
     shards: folder, brace pattern, glob or list; stats: None | path to stats.json | Stats;
-    shuffle: buffer size (0 = off, also keeps shard order); epochs: None = forever; text_len:
+    shuffle: buffer size in samples, per worker (0 = off, also keeps shard order; the buffer holds
+    raw samples, about 1 MB each at production shapes, so 1000 is about 1 GB per worker); epochs: None = forever; text_len:
     None = pad to the batch's longest caption rounded up to 8, else a fixed length (longer
     captions are cut and counted in ``counts.text_truncated``); strict: raise on every bad sample
     (missing patches included); on_error: "raise" | "skip" for malformed samples; rank /

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcore.data import DataError, Stats, check_shards, compute_stats, make_loader, shard_list
+from nbcore.data import DataError, Stats, compute_stats, make_loader, shard_list
 from nbcore.model import prepare_text
 from nbcore.shapes import encode_sample_members
 
@@ -328,6 +328,7 @@ def run(*args, capsys=None):
     return Result(code, out.out, out.err + msg)
 
 
+@pytest.mark.slow
 def test_check_cli(tiny_shards, tmp_path, capsys):
     r = run("check", str(Path(tiny_shards) / "train-{000000..000003}.tar"))   # the real entry point
     assert r.returncode == 0, r.stderr
@@ -354,3 +355,17 @@ def test_stats_cli(tiny_shards, tmp_path, capsys):
     st = Stats.load(out)
     assert st.dim("dinov3") == 64 and st.dim("t5") == 64 and st.entries["dinov3"]["count"] == 16
     assert run("stats", str(tiny_shards), capsys=capsys).returncode != 0       # --out is required
+
+
+def test_fast_npy_parser_matches_np_load():
+    """The loader's .npy reader equals np.load (fast path and fallback) and rejects short data."""
+    from nbcore.data import _npy_bytes
+    arrays = [np.arange(12, dtype=np.float16).reshape(3, 4), np.float32(3.5) * np.ones(5, np.float32),
+              np.array(2.0), np.zeros((2, 0, 3), bool), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              np.arange(4, dtype=">f4"), np.arange(6, dtype=np.int64).reshape(1, 2, 3)]
+    for a in arrays:
+        b = npy(a)
+        got = _npy_bytes(b)
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    with pytest.raises(ValueError):
+        _npy_bytes(npy(np.zeros((4, 4), np.float16))[:-2])

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+# Building and saving the tiny models takes several seconds on 2 cores: the whole file is slow.
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
@@ -122,7 +125,6 @@ def _write_images(folder, n=5):
     return caps
 
 
-@pytest.mark.slow
 def test_precompute_cli_contract_shapes(model_dirs, tmp_path, capsys):
     caps = _write_images(tmp_path / "imgs")
     out = tmp_path / "shards"
