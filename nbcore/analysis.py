@@ -14,7 +14,7 @@ import torch
 
 from .attention import SOURCES, capture
 
-__all__ = ["capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use",
+__all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use",
            "mass_at_t", "query_tokens", "success_criteria", "fmt"]
 
 
@@ -130,6 +130,11 @@ def query_tokens(scene_json: dict | None, h: int, w: int, n: int = 4) -> list[in
 
 # --------------------------------------------------------------------------- success criteria
 
+def _pct(change: float) -> str:
+    """A relative change as words: 0.07 -> '7.0% higher', -0.1 -> '10.0% lower'."""
+    return f"{100 * abs(change):.1f}% {'higher' if change > 0 else 'lower'}"
+
+
 def _rel(new, old):
     """Relative improvement of a lower-is-better number: (old - new) / old."""
     if new is None or old is None or old == 0:
@@ -169,20 +174,20 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
     imp = _rel(vp, vb)
     add("Good", "reconstruction LPIPS improves by more than 10% vs baseline",
         None if imp is None else imp > 0.10,
-        f"LPIPS {fmt(vp)} (patch) vs {fmt(vb)} (baseline)" + ("" if imp is None else f": {100 * imp:+.1f}%")
+        f"LPIPS {fmt(vp)} (patch) vs {fmt(vb)} (baseline)" + ("" if imp is None else f": {_pct(-imp)} for the patch model")
         + ("" if vb is not None else f" ({mb.get('lpips_status') or mp.get('lpips_status') or 'LPIPS not computed'})"))
     eb, ep = mb.get(layout_key), mp.get(layout_key)
     imp = _rel(ep, eb)
     add("Good", "spatial layout better: blobs in the right places (reconstruction centroid error >10% lower)",
         None if imp is None else imp > 0.10,
         f"centroid error {fmt(ep)} (patch) vs {fmt(eb)} (baseline), fraction of the image side"
-        + ("" if imp is None else f": {100 * imp:+.1f}%"))
+        + ("" if imp is None else f": {_pct(-imp)} for the patch model"))
     tb, tp = mb.get(text_key), mp.get(text_key)
     worse = None if tb is None or tp is None else (tp - tb) / max(abs(tb), 1e-9)
     add("Good", "text conditioning remains strong (text-only layout error no more than 10% worse)",
         None if worse is None else worse <= 0.10,
         f"text-only centroid error {fmt(tp)} (patch) vs {fmt(tb)} (baseline)"
-        + ("" if worse is None else f": {100 * worse:+.1f}%"))
+        + ("" if worse is None else f": {_pct(worse)} for the patch model"))
     add("Excellent", "reconstruction LPIPS < 0.4 (seed: by 50k steps)", None if vp is None else vp < 0.4,
         f"LPIPS {fmt(vp)} at {ran} steps")
     add("Excellent", "generation from pure text shows reasonable layout (text-only centroid error < 0.15)",
@@ -191,3 +196,35 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
     add("Excellent", "DINO swap transfers spatial structure (swap follows the DINO source's layout in > 50%)",
         None if fr is None else fr > 0.5, f"follows-DINO rate {fmt(fr)} (baseline {fmt(mb.get(swap_key))})")
     return rows
+
+
+def criteria_markdown(rows: list[dict]) -> str:
+    """``success_criteria`` rows as a Markdown table (for ``IPython.display.Markdown``)."""
+    out = ["| level | criterion | verdict | evidence |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['level']} | {r['criterion']} | **{r['verdict']}** | {r['evidence'].replace('|', '/')} |")
+    return "\n".join(out)
+
+
+def criteria_figure(rows: list[dict], title: str = "success criteria"):
+    """``success_criteria`` rows as a figure of wrapped text, verdicts coloured (met green, not met
+    red, not measurable grey)."""
+    import textwrap
+    import matplotlib.pyplot as plt
+    colours = {"met": "#2a9d3a", "not met": "#c0392b", "not measurable": "#7f7f7f"}
+    blocks = [(r, textwrap.wrap(r["criterion"], 60), textwrap.wrap(r["evidence"], 70)) for r in rows]
+    height = sum(max(len(c), len(e)) for _, c, e in blocks) * 0.17 + 0.4 * len(rows) + 0.6
+    fig, ax = plt.subplots(figsize=(11, height))
+    ax.axis("off")
+    y = 1.0
+    step = 1.0 / (sum(max(len(c), len(e)) for _, c, e in blocks) + 1.6 * len(rows) + 1)
+    ax.text(0.0, y, title, fontsize=10, weight="bold", va="top")
+    y -= 1.8 * step
+    for r, crit, ev in blocks:
+        n = max(len(crit), len(ev))
+        ax.text(0.0, y, r["level"], fontsize=8, va="top", weight="bold")
+        ax.text(0.09, y, "\n".join(crit), fontsize=8, va="top")
+        ax.text(0.50, y, r["verdict"], fontsize=8, va="top", color=colours.get(r["verdict"], "k"), weight="bold")
+        ax.text(0.62, y, "\n".join(ev), fontsize=7.5, va="top")
+        y -= (n + 1.6) * step
+    return fig

@@ -49,10 +49,10 @@ NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routin
 PROFILES: dict[str, dict] = {
     # Plumbing: every notebook end to end on a tiny model in a few minutes (used by the tests).
     "smoke": dict(
-        preset="tiny", n_data=384, val_fraction=0.17, batch_size=16, train_steps=24, lr=1e-3, warmup=5,
+        preset="tiny", n_data=256, val_fraction=0.125, batch_size=8, train_steps=16, lr=1e-3, warmup=4,
         milestone_every=8, log_every=4, patch_pos="none", ablation=["learned", "sincos"],
-        val_samples=8, sample_steps=4, text_scale=2.0, dino_scale=2.0,
-        routing_samples=2, routing_steps=4, demo_steps=4, demo_train_steps=24, demo_grid=2,
+        val_samples=8, sample_steps=3, text_scale=2.0, dino_scale=2.0,
+        routing_samples=2, routing_steps=3, demo_steps=3, demo_train_steps=16, demo_grid=2,
         model_overrides={},
     ),
     # The real experiment at CPU scale (tiny preset): the whole suite in about 15 minutes on 2 cores.
@@ -351,7 +351,7 @@ def _flatten(m: dict, prefix: str = "") -> dict:
             continue
         elif isinstance(v, (int, float)) or v is None:
             out[name] = v
-        elif isinstance(v, str) and len(v) <= 200:
+        elif isinstance(v, str) and len(v) <= 600:
             out[name] = v
     return out
 

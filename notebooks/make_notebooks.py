@@ -21,28 +21,41 @@ device = "auto"       # auto | cpu | cuda
 run_dir = None        # None: REPO/outputs/runs/PROFILE (the runner passes its run folder)
 seed = 0
 fail_check = False    # True adds a deliberately failing check (tests the failure path)
+preset = None         # model preset: tiny | production
+model_overrides = None   # dict of ModelConfig fields over the preset, e.g. {"depth": 2}
 '''
 
+# The run's data and training knobs: declared by every notebook that may train (03-06), so a
+# command-line value reaches all of them and they agree on what "the run's models" are.
+TRAIN = '''n_data = None         # shapes-world samples (train + val)
+batch_size = None
+train_steps = None    # steps of the baseline and of each patch model
+lr = None
+warmup = None
+milestone_every = None   # steps between kept checkpoints
+patch_pos = None      # the main patch model's positional embedding: none | learned | sincos
+'''
+CTX_ARGS = ("profile", "device", "run_dir", "seed", "fail_check")
 
-def params(extra: str) -> "nbformat.NotebookNode":
+
+def header(name: str, extra: str = "", train: bool = False) -> list:
+    """The parameters cell (COMMON [+ TRAIN] + extra, tagged) and the cell that starts the context
+    with every declared parameter."""
     from papermill.translators import PythonTranslator
-    src = COMMON + extra
+    src = COMMON + (TRAIN if train else "") + extra
     names = [p.name for p in PythonTranslator.inspect({"source": src})]
     lines = [ln.split("=")[0].strip() for ln in src.splitlines() if ln.strip() and not ln.startswith("#")]
     if names != lines:  # papermill skips a line it cannot parse (e.g. '=' in a comment): never ship that
         raise ValueError(f"papermill parses {names}, the cell assigns {lines}")
     cell = new_code_cell(src)
     cell.metadata["tags"] = ["parameters"]
-    return cell
-
-
-def start(name: str, keys: list[str]) -> str:
-    given = "".join(f", {k}={k}" for k in keys)
-    return ("from nbcore import notebooks as suite, viz\n"
-            f"ctx = suite.start({name!r}, profile=profile, run_dir=run_dir, device=device, seed=seed,\n"
-            f"                  fail_check=fail_check{given})\n"
-            "s = ctx.s\n"
-            "print(f'run folder {ctx.run_dir}; outputs -> {ctx.out}; device {ctx.device}')")
+    given = ", ".join(f"{k}={k}" for k in names if k not in CTX_ARGS)
+    start = ("from nbcore import notebooks as suite, viz\n"
+             f"ctx = suite.start({name!r}, profile=profile, run_dir=run_dir, device=device, seed=seed, fail_check=fail_check,\n"
+             f"                  {given})\n"
+             "s = ctx.s\n"
+             "print(f'run folder {ctx.run_dir}; outputs -> {ctx.out}; device {ctx.device}')")
+    return [cell, new_code_cell(start)]
 
 
 def nb(cells) -> "nbformat.NotebookNode":
@@ -58,8 +71,7 @@ NB01 = nb([
     new_markdown_cell("# 01 · Architecture\n\nNanoDiT with DINOv3 patch conditioning: both presets built, the "
                       "cross-attention context `[text | CLS | patches]`, parameter counts, the parameters the "
                       "patch model adds, and the four CFG modes. Everything here is computed by `nbcore`."),
-    params('preset = None        # the run\'s small preset (tiny)\nproduction_forward = None   # one batch-1 forward of the production preset (None: all profiles but smoke)\n'),
-    new_code_cell(start("01_architecture", ["preset"])),
+    *header("01_architecture", "production_forward = None   # one batch-1 forward of the production preset (None: all profiles but smoke)\n"),
     new_markdown_cell("## Both presets\n`production` is the seed plan's model; `tiny` is the shapes world on a CPU. "
                       "`use_dino_patches=False` is exactly the pre-patch architecture."),
     new_code_cell('''from nbcore.checks import architecture_summary
@@ -122,8 +134,7 @@ NB02 = nb([
                       "`nbcore.checks.run_model_checks` on perturbed random models (zero-initialised output "
                       "layers would make every invariance trivial) and shown as a table. A failed row fails "
                       "the notebook."),
-    params("preset = None\n"),
-    new_code_cell(start("02_checks", ["preset"])),
+    *header("02_checks"),
     new_code_cell('''from nbcore.checks import run_model_checks
 rows = run_model_checks(suite.model_config(ctx))
 ctx.save(viz.plot_table([{k: r[k] for k in ("check", "variant", "value", "tolerance", "passed")} for r in rows],
@@ -139,15 +150,11 @@ ctx.metrics["rows"] = rows'''),
 
 # --------------------------------------------------------------------------- 03 training
 
-TRAIN_KEYS = ["preset", "n_data", "batch_size", "train_steps", "lr", "patch_pos"]
 NB03 = nb([
     new_markdown_cell("# 03 · Training\n\nThe shapes world (made once per run folder), the pre-patch baseline, "
                       "then the patch model warm-started from the baseline's last checkpoint for the same number "
                       "of steps. Curves of loss, loss by timestep bin, velocity and gradient norms."),
-    params("preset = None\nn_data = None        # shapes-world samples (train + val)\nbatch_size = None\n"
-           "train_steps = None   # steps of the baseline and of each patch model\nlr = None\n"
-           "patch_pos = None     # the patch model's positional embedding: none | learned | sincos\n"),
-    new_code_cell(start("03_training", TRAIN_KEYS)),
+    *header("03_training", train=True),
     new_markdown_cell("## The shapes world"),
     new_code_cell('''data_dir = suite.ensure_data(ctx)
 val = suite.load_val_batch(data_dir, 6)
@@ -192,9 +199,7 @@ NB04 = nb([
                       "CLS or patches? Per block, head and timestep along a sampling trajectory; which patch each "
                       "image token attends to; and CLS use over training (seed risk 5: is CLS attended at all?). "
                       "Uses the patch model trained by notebook 03 (trained here if missing)."),
-    params("patch_pos = None     # which patch model: none | learned | sincos\nrouting_samples = None\n"
-           "routing_steps = None\n"),
-    new_code_cell(start("04_attention_routing", ["patch_pos", "routing_samples", "routing_steps"])),
+    *header("04_attention_routing", "routing_samples = None\nrouting_steps = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 from nbcore.sample import load_model
 patch = suite.patch_variant(s["patch_pos"])
@@ -253,9 +258,8 @@ NB05 = nb([
                       "embedding ablation (none / learned / sin-cos, each warm-started from the same baseline for "
                       "the same number of steps: seed open question 5). The seed's success criteria are answered "
                       "below from the numbers."),
-    params("patch_pos = None     # the main patch model\nablation = None      # further patch_pos variants to train and compare\n"
-           "val_samples = None\nsample_steps = None\ntext_scale = None\ndino_scale = None\n"),
-    new_code_cell(start("05_milestones", ["patch_pos", "ablation", "val_samples", "sample_steps", "text_scale", "dino_scale"])),
+    *header("05_milestones", "ablation = None      # further patch_pos variants to train and compare\n"
+            "val_samples = None\nsample_steps = None\ntext_scale = None\ndino_scale = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 variants = ["baseline"] + [suite.patch_variant(p) for p in dict.fromkeys([s["patch_pos"], *s["ablation"]])]
 summaries = {v: suite.ensure_trained(ctx, v) for v in variants}
@@ -294,7 +298,9 @@ ctx.metrics["ablation_best"] = best["best"]'''),
     new_markdown_cell("## The seed's success criteria, answered from the numbers"),
     new_code_cell('''patch = suite.patch_variant(s["patch_pos"])
 crit = analysis.success_criteria(summaries, final, "baseline", patch, s["train_steps"], **suite.criteria_keys(keys))
-ctx.save(viz.plot_table(crit, title=f"success criteria: {patch} vs baseline"), "criteria.png")
+from IPython.display import Markdown, display
+display(Markdown(analysis.criteria_markdown(crit)))
+ctx.save(analysis.criteria_figure(crit, title=f"success criteria: {patch} vs baseline ({s['train_steps']} steps)"), "criteria.png")
 for r in crit:
     print(f"[{r['level']}] {r['criterion']}: {r['verdict'].upper()} -- {r['evidence']}")
 ctx.metrics["criteria"] = crit
@@ -311,10 +317,11 @@ NB06 = nb([
                       "(`nbcore.demo.Demo.swap`) as the headless grid. The checkpoint defaults to the newest "
                       "patch model of a notebook run (this run folder first), else a quick tiny model is "
                       "trained for the demo."),
-    params("ckpt = None          # a checkpoint path, or None: the newest patch model found (else train a quick one)\n"
-           "demo_steps = None\ntext_scale = None\ndino_scale = None\ndemo_grid = None     # pairs in the headless grid\n"
-           "demo_train_steps = None\nwidgets = True       # build the interactive panel (needs a live kernel to react)\n"),
-    new_code_cell(start("06_dino_swap_demo", ["demo_steps", "text_scale", "dino_scale", "demo_grid", "demo_train_steps"])),
+    *header("06_dino_swap_demo",
+            "ckpt = None          # a checkpoint path, or None: the newest patch model found (else train a quick one)\n"
+            "demo_steps = None\ntext_scale = None\ndino_scale = None\ndemo_grid = None     # pairs in the headless grid\n"
+            "demo_train_steps = None\nwidgets = True       # build the interactive panel (needs a live kernel to react)\n",
+            train=True),
     new_code_cell('''from nbcore.demo import Demo, swap_figure, build_widget
 demo = Demo.load(ckpt, run_dir=ctx.run_dir, device=ctx.device, n_scenes=max(8, 2 * s["demo_grid"]),
                  train_steps=s["demo_train_steps"], preset=s["preset"], seed=ctx.seed,
