@@ -236,9 +236,12 @@ def expand_shards(shards) -> list[str]:
 
 
 def shard_list(folder, split: str = "train") -> list[str]:
-    """Sorted ``{split}-*.tar`` shard paths in ``folder``; an empty list when there are none (so
-    ``shard_list(d, "val") or shard_list(d, "train")`` works; ``make_loader([])`` raises)."""
-    return sorted(glob.glob(os.path.join(str(folder), f"{split}-*.tar")))
+    """Sorted ``{split}-*.tar`` shard paths in ``folder``; FileNotFoundError ("no {split}-*.tar
+    shards in FOLDER") when there are none."""
+    found = sorted(glob.glob(os.path.join(str(folder), f"{split}-*.tar")))
+    if not found:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {folder}")
+    return found
 
 
 # --------------------------------------------------------------------------- reading
