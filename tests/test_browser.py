@@ -15,6 +15,7 @@ with that instruction. ``NBCORE_SKIP_BROWSER=1`` skips these tests for fast loca
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -35,8 +36,9 @@ VIEWPORT = {"width": 1280, "height": 1000}
 # The demo runs on its smoke profile. No checkpoint exists under the test's tmp root, so the
 # notebook takes its fresh-clone path and trains its quick tiny model; a few steps are enough for a
 # widget test (the images need to be the model's, not good), and the smoke profile's own
-# 24 steps take minutes on a loaded 2-core machine. NBCORE_BROWSER_DEMO_CKPT=path runs the demo on
-# that checkpoint instead (e.g. a real run's, for a README screenshot).
+# 24 steps take minutes on a loaded 2-core machine.
+# For a README screenshot of a trained model: NBCORE_BROWSER_DEMO_CKPT=path runs the demo on that
+# checkpoint, NBCORE_BROWSER_DEMO_PARAMS='{"demo_steps": 10}' (JSON) sets further parameters.
 DEMO_PARAMETERS = {"profile": "smoke", "demo_train_steps": 4}
 
 # CPU budget (2 shared cores): kernel start + torch import ~10-20 s, the demo's first render
@@ -195,7 +197,7 @@ def test_dino_swap_demo_in_jupyterlab(lab, page, tmp_path):
     """The real DINO-swap demo: run all, move a guidance slider, swap the DINO source."""
     if not DEMO.is_file():
         pytest.fail(f"{DEMO.relative_to(ROOT)} does not exist (the demo notebook)", pytrace=False)
-    params = dict(DEMO_PARAMETERS)
+    params = dict(DEMO_PARAMETERS, **json.loads(os.environ.get("NBCORE_BROWSER_DEMO_PARAMS") or "{}"))
     if os.environ.get("NBCORE_BROWSER_DEMO_CKPT"):
         params["ckpt"] = str(Path(os.environ["NBCORE_BROWSER_DEMO_CKPT"]).resolve())
     nbp = NotebookPage(page, lab, _copy_notebook(DEMO, lab.root, params))
