@@ -74,10 +74,11 @@ def _train_demo_model(out_root: Path, preset: str, steps: int, n_data: int, devi
 
 
 def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: int = 400,
-                   n_data: int = 1500, preset: str = "tiny", seed: int = 0, variant: str | None = None):
+                   n_data: int | None = None, preset: str = "tiny", seed: int = 0, variant: str | None = None):
     """(model in eval mode, info) for the demo. ``ckpt``: a checkpoint path; None = the newest
     patch-model checkpoint of a notebook run (``run_dir`` first), else train a tiny patch model
-    for ``train_steps`` steps under ``outputs/demo/`` (info["trained_now"] = True). ``variant``
+    for ``train_steps`` steps on ``n_data`` samples (None: 32 per step, 256..1500) under
+    ``outputs/demo/`` (info["trained_now"] = True). ``variant``
     (e.g. "patch-none") picks that run of ``run_dir`` first."""
     from .sample import load_model_with_info
     from .notebooks import repo_root
@@ -85,6 +86,7 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
     if ckpt in (None, "", "auto"):
         ckpt = find_patch_checkpoint(prefer_run_dir=run_dir, variant=variant)
         if ckpt is None:
+            n_data = n_data or min(1500, max(256, 32 * train_steps))   # about one pass at batch 32, capped
             ckpt = _train_demo_model(repo_root() / "outputs" / "demo", preset, train_steps, n_data,
                                      str(resolve_device(device)), seed)
             trained = True
