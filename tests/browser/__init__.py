@@ -1,0 +1,1 @@
+"""Helpers for tests/test_browser.py: a private JupyterLab driven in headless Chromium."""
