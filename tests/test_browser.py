@@ -12,6 +12,9 @@ through the same harness, so a harness failure can be told apart from a demo fai
 
 Needs ``/usr/bin/chromium`` (``bash scripts/setup.sh --browser``); a missing browser fails the test
 with that instruction. ``NBCORE_SKIP_BROWSER=1`` skips these tests for fast local loops.
+
+Duration on this 2-core machine under heavy shared load (load average ~10): the demo test about
+2 min (run-all ~60-70 s of it: torch imports and the 4-step demo model), the stand-in about 40 s.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ VIEWPORT = {"width": 1280, "height": 1000}
 # The demo runs on its smoke profile. No checkpoint exists under the test's tmp root, so the
 # notebook takes its fresh-clone path and trains its quick tiny model; a few steps are enough for a
 # widget test (the images need to be the model's, not good), and the smoke profile's own
-# 24 steps take minutes on a loaded 2-core machine.
+# demo training takes minutes on a loaded 2-core machine.
 # For a README screenshot of a trained model: NBCORE_BROWSER_DEMO_CKPT=path runs the demo on that
 # checkpoint, NBCORE_BROWSER_DEMO_PARAMS='{"demo_steps": 10}' (JSON) sets further parameters.
 DEMO_PARAMETERS = {"profile": "smoke", "demo_train_steps": 4}
