@@ -44,6 +44,19 @@ Design notes (why, not what):
   let the loader split shards by rank itself. ``batch_size`` is per process and micro-batch; the
   global batch is ``batch_size * world_size * grad_accum``. Rank 0 alone writes logs, checkpoints,
   validation metrics and sample grids.
+- Warm start (``warm_start=CKPT``, seed Phase 7.1): loads the checkpoint's ``model`` weights by
+  default (the raw trained weights, as the seed's loader reads ``checkpoint['model']``;
+  ``warm_start_weights="ema"`` takes the EMA instead) through ``nbcore.model.load_warm_start``,
+  prints and logs its report, refuses shape mismatches, initialises the EMA from the result and
+  scales the learning rate by ``warm_start_lr_scale`` (0.5). Optimiser state is not carried over.
+  A run that resumes ignores ``warm_start`` (its own checkpoint already holds the weights).
+- Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``): OUT/ckpt/last.pt
+  every ``ckpt_every`` steps and at the end, OUT/ckpt/step_XXXXXX.pt every ``milestone_every``;
+  keys ``config`` (ModelConfig dict), ``train_config``, ``model``, ``ema``, ``optimizer``,
+  ``scheduler``, ``step``, ``n_updates``, ``skipped``, ``streak``, ``rng`` (torch, numpy, python
+  as plain lists/tensors, cuda, and ``train``: each rank's generator state) and ``data_state``
+  (world size and each rank's epoch / index). ``resume="auto"`` (the default) continues from
+  OUT/ckpt/last.pt when it exists; under DDP, OUT must be on a filesystem every rank sees.
 - Weight decay applies to matrices only (Linear / conv weights), not to biases, learned nulls or
   the learned patch-position table: decaying a null embedding would pull "no signal" towards 0.
 """
@@ -864,8 +877,6 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-
-_FLAG_NAMES = {"nan_max_consecutive": "nan-max-consecutive"}
 
 
 def _parser() -> argparse.ArgumentParser:

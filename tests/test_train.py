@@ -18,7 +18,7 @@ import torch
 from nbcore.model import NanoDiT, preset
 from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
                           flow_matching_loss, load_train_log, sample_dropout, sample_timesteps, train)
-from nbcore.utils import atomic_save, load_checkpoint
+from nbcore.utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
