@@ -17,10 +17,13 @@ What is compared (each case, same process, same batch, same dtype, steps interle
     padded), plus the DINO CLS vector and P patch tokens, so its context is ``L' + 1 + P`` tokens
     (197 more than the text alone at production sizes).
   * Caption lengths in a batch: sample 0 has exactly n real tokens, the others are drawn uniformly
-    from [ceil(n/2), n] (seeded), as in real batches; the full case has every token real.
-- ``guidance``: NanoDiT sampling (Euler, ``--sample-steps``) images/s with the four guidance
-  branches (unconditional, text only, DINO only, full) in one batched forward vs four forwards one
-  after another ("peer" = sequential).
+    from [ceil(n/2), n] (seeded; ``--caption-spread``), as in real batches; the full case has every
+    token real. ``--caption-spread 0`` gives every caption n tokens (NanoDiT then needs no mask when
+    n is a multiple of 8: the cost of the mask, measured).
+- ``guidance``: NanoDiT sampling images/s with ``nbcore.sample.sample`` (Euler, ``--sample-steps``),
+  four guidance branches per step (the "independent" formula with a patch scale: unconditional,
+  text only, CLS only, DINO = CLS + patches) in one batched forward vs four forwards one after
+  another ("peer" = sequential).
 - ``capture``: NanoDiT inference forward samples/s with the routing capture off vs on
   (``nbcore.attention.capture``; "peer" = capture on).
 
@@ -56,12 +59,11 @@ from nbcore.utils import resolve_device, seed_everything, write_json
 
 __all__ = ["TRAIN_CASES", "CASES", "real_tokens", "make_batch", "pixart_kwargs", "build_pixart",
            "nanodit_inputs", "pixart_inputs", "TrainStep", "count_flops", "peak_step_memory",
-           "guided_sample_local", "run", "main"]
+           "bench_guidance", "run", "main"]
 
 REFERENCE_TEXT_LEN = 512                      # caption lengths are named out of 512 T5 tokens
 TRAIN_CASES = {"train60": 60, "train120": 120, "train512": 512}
 CASES = (*TRAIN_CASES, "guidance", "capture")
-GUIDANCE_BRANCHES = ((True, True), (False, True), (True, False), (False, False))  # (drop_text, drop_dino)
 
 
 def _import_pixart():
@@ -79,16 +81,18 @@ def real_tokens(n_reference: int, text_len: int) -> int:
     return min(text_len, max(1, math.ceil(n_reference * text_len / REFERENCE_TEXT_LEN)))
 
 
-def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0) -> dict:
+def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0, spread: float = 0.5) -> dict:
     """A synthetic training batch on the host (CPU, float32), shared by both models.
 
     Returns latent x0 (B, C, S, S), noise (B, C, S, S), x_t (B, C, S, S), t (B,), target v (B, C, S, S),
     dino (B, Dd), patches (B, P, Dd), text (B, text_len, Dt) zero past each caption, mask (B, text_len)
-    bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in [ceil(n/2), n];
-    every token is real when n_real == text_len.
+    bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in
+    [ceil(n (1 - spread)), n] (spread 0: all exactly n); every token is real when n_real == text_len.
     """
     if not 1 <= n_real <= cfg.text_len:
         raise ValueError(f"n_real must be in [1, {cfg.text_len}], got {n_real}")
+    if not 0.0 <= spread < 1.0:
+        raise ValueError(f"spread must be in [0, 1), got {spread}")
     g = torch.Generator().manual_seed(seed)
     S, L = cfg.input_size, cfg.text_len
     x0 = torch.randn(batch, cfg.in_channels, S, S, generator=g)
@@ -98,7 +102,7 @@ def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0) -> dict
     if n_real == L:
         lengths = torch.full((batch,), L)
     else:
-        lengths = torch.randint(math.ceil(n_real / 2), n_real + 1, (batch,), generator=g)
+        lengths = torch.randint(max(1, math.ceil(n_real * (1 - spread))), n_real + 1, (batch,), generator=g)
         lengths[0] = n_real
     mask = torch.arange(L)[None] < lengths[:, None]                                    # (B, L)
     text = torch.randn(batch, L, cfg.text_dim, generator=g) * mask[..., None]           # (B, L, Dt)
@@ -339,60 +343,13 @@ def measure_peak_tflops(device: torch.device, dtype: str) -> float:
     return 2 * n ** 3 / min(times) / 1e12
 
 
-# --------------------------------------------------------------------------- guidance (stand-in sampler)
+# --------------------------------------------------------------------------- guidance
 
-def _repeat(z, k):
-    return None if z is None else z.repeat(k, *([1] * (z.dim() - 1)))
-
-
-def guided_velocity_local(model: NanoDiT, x, t, inputs: dict, scale: float = 4.0, batched: bool = True):
-    """Four-branch guided velocity (stand-in until ``nbcore.sample`` lands).
-
-    Branches (drop_text, drop_dino): u = both dropped, t = text only, d = DINO only, f = full.
-    v = v_u + s (v_t - v_u) + s (v_d - v_u) + s (v_f - v_t - v_d + v_u)  (= v_u + s (v_f - v_u)
-    with one shared scale, i.e. classifier-free guidance; the split is what separate scales act on).
-    ``batched``: one forward over 4B samples; otherwise four forwards of B. x (B, C, H, W), t (B,).
-    """
-    B, dev = x.shape[0], x.device
-    cond = {k: inputs[k] for k in ("dino_emb", "dino_patches", "text_emb", "text_mask")}
-    if batched:
-        dt = torch.tensor([b[0] for b in GUIDANCE_BRANCHES], device=dev).repeat_interleave(B)  # (4B,)
-        dd = torch.tensor([b[1] for b in GUIDANCE_BRANCHES], device=dev).repeat_interleave(B)  # (4B,)
-        v = model(_repeat(x, 4), _repeat(t, 4), **{k: _repeat(z, 4) for k, z in cond.items()},
-                  drop_text=dt, drop_dino=dd).chunk(4)                                      # 4 x (B, C, H, W)
-    else:
-        v = [model(x, t, **cond, drop_text=torch.full((B,), a, device=dev), drop_dino=torch.full((B,), b, device=dev))
-             for a, b in GUIDANCE_BRANCHES]
-    vu, vt, vd, vf = v
-    return vu + scale * (vt - vu) + scale * (vd - vu) + scale * (vf - vt - vd + vu)
-
-
-def guided_sample_local(model: NanoDiT, inputs: dict, steps: int, batched: bool, seed: int = 0,
-                        scale: float = 4.0) -> torch.Tensor:
-    """Euler from t = 1 (noise) to t = 0: x <- x - dt * v (since x_t = (1 - t) x0 + t noise, v = noise - x0).
-    Returns latents (B, C, H, W). Stand-in for ``nbcore.sample`` (same branches, same batching choice)."""
-    x_ref = inputs["x"]
-    g = torch.Generator(device=x_ref.device).manual_seed(seed)
-    x = torch.randn(x_ref.shape, generator=g, device=x_ref.device, dtype=x_ref.dtype)
-    B = x.shape[0]
-    for i in range(steps):
-        t = torch.full((B,), 1 - i / steps, device=x.device)
-        x = x - guided_velocity_local(model, x, t, inputs, scale, batched) / steps
-    return x
-
-
-def _nbcore_sampler():
-    """``nbcore.sample`` when it is there with the API this benchmark needs (``sample(...,
-    guidance_batched=)`` and ``Guidance``), else None (the stand-in above is used)."""
-    import inspect
-    try:
-        from nbcore import sample as S
-    except ImportError:
-        return None
-    fn, G = getattr(S, "sample", None), getattr(S, "Guidance", None)
-    if fn is None or G is None or "guidance_batched" not in inspect.signature(fn).parameters:
-        return None
-    return S
+def bench_guidance():
+    """The guidance the sampling case uses: ``nbcore.sample``'s "independent" formula with a separate
+    patch scale, so every Euler step evaluates four branches (uncond, text, cls, dino)."""
+    from nbcore.sample import Guidance
+    return Guidance("independent", text_scale=4.0, dino_scale=2.0, patch_scale=3.0)
 
 
 # --------------------------------------------------------------------------- cases
@@ -420,7 +377,7 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
     n_ref = TRAIN_CASES[name]
     n_real = real_tokens(n_ref, cfg.text_len)
     seed_everything(args.seed)
-    b = make_batch(cfg, args.batch, n_real, seed=args.seed)
+    b = make_batch(cfg, args.batch, n_real, seed=args.seed, spread=args.caption_spread)
     ours_in, peer_in = nanodit_inputs(b, device), pixart_inputs(b, device)
     target = b["target"].to(device)
     nano = NanoDiT(cfg).to(device)
@@ -440,7 +397,7 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
         "case": name, "kind": "train_step", "preset": args.preset, "device": device.type,
         "machine": _machine(device), "torch": torch.__version__, "diffusers": _diffusers_version(),
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-        "compile": args.compile, "peer_fuse_qkv": args.peer_fuse_qkv,
+        "compile": args.compile, "peer_fuse_qkv": args.peer_fuse_qkv, "caption_spread": args.caption_spread,
         "real_tokens": n_real, "real_tokens_reference": f"{n_ref} of {REFERENCE_TEXT_LEN}",
         "text_len": cfg.text_len, "caption_lengths": [int(x) for x in b["mask"].sum(1)],
         "nbcore_text_tokens": L_ours, "nbcore_mask": ours_in["text_mask"] is not None,
@@ -465,38 +422,30 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
 
 
 def _guidance_case(cfg: ModelConfig, args, device) -> dict:
-    """Sampling images/s, four guidance branches per Euler step: one batched forward vs four."""
+    """Sampling images/s with ``nbcore.sample.sample``, four guidance branches per Euler step: one
+    batched forward (``guidance_batched=True``) vs one forward per branch."""
+    from nbcore.sample import sample
     n_real = real_tokens(120, cfg.text_len)
     b = make_batch(cfg, args.batch, n_real, seed=args.seed)
     seed_everything(args.seed)
     model = NanoDiT(cfg).to(device).eval()
-    S = _nbcore_sampler()
-    if S is None:
-        inputs = nanodit_inputs(b, device)
-        run_one = lambda batched: guided_sample_local(model, inputs, args.sample_steps, batched)
-        impl, branches = "nbcore.bench.guided_sample_local (stand-in)", ["uncond", "text", "dino", "full"]
-    else:
-        # Four branches: "independent" with a separate patch scale uses uncond, text, cls, dino.
-        guidance = S.Guidance("independent", text_scale=4.0, dino_scale=2.0, patch_scale=3.0)
-        branches = list(guidance.coefficients(0.5))
-        # Host tensors, as a caller passes them; the sampler trims the text and moves them itself.
-        cond = {"dino_emb": b["dino"], "dino_patches": b["patches"], "text_emb": b["text"], "text_mask": b["mask"]}
-        run_one = lambda batched: S.sample(model, **cond, guidance=guidance, steps=args.sample_steps,
-                                           guidance_batched=batched, seed=args.seed)
-        impl = f"nbcore.sample.sample (Guidance {guidance.formula}, s_t 4, s_d 2, s_p 3)"
-    if len(branches) != 4:
-        raise RuntimeError(f"guidance case expects 4 branches, the sampler runs {branches}")
+    guidance = bench_guidance()
+    branches = list(guidance.coefficients(0.5))
+    # Host tensors, as a caller passes them; the sampler trims the text and moves them itself.
+    cond = {"dino_emb": b["dino"], "dino_patches": b["patches"], "text_emb": b["text"], "text_mask": b["mask"]}
 
     def go(batched):
         def f():
             with torch.inference_mode(), _autocast(device, args.dtype):
-                run_one(batched)
+                sample(model, **cond, guidance=guidance, steps=args.sample_steps, guidance_batched=batched,
+                       seed=args.seed)
         return f
     times = time_interleaved([go(True), go(False)], max(2, args.sample_repeats), 1, device, desc="guidance")
-    r = _side_case("guidance", args, device, "images/s, 4 branches in one batched forward",
-                   "images/s, 4 branches one after another", _stats(times[0]), _stats(times[1]))
-    r.update(sample_steps=args.sample_steps, sampler=impl, branches=branches, real_tokens=n_real,
-             nbcore_params=model.num_params())
+    r = _side_case("guidance", args, device, f"images/s, {len(branches)} branches in one batched forward",
+                   f"images/s, {len(branches)} branches one after another", _stats(times[0]), _stats(times[1]))
+    r.update(sample_steps=args.sample_steps, branches=branches, real_tokens=n_real, nbcore_params=model.num_params(),
+             sampler=f"nbcore.sample.sample (Guidance {guidance.formula}, s_t {guidance.text_scale:g}, "
+                     f"s_d {guidance.dino_scale:g}, s_p {guidance.patch_scale:g})")
     return r
 
 
@@ -569,7 +518,8 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
             f"when nothing is padded) plus the DINO CLS vector and {cfg.num_patches} patch tokens, so its "
             f"cross-attention context is text + {1 + cfg.num_patches} tokens "
             f"({1 + cfg.num_patches} more than PixArt's at equal text length). "
-            "Captions: sample 0 has the case's real length, the rest uniform in [n/2, n]; train512 = every token real."
+            f"Captions: sample 0 has the case's real length n, the rest uniform in [n(1 - {r0['caption_spread']:g}), n]; "
+            "train512 = every token real."
             + (f" Tiny maps the 60/120/512-of-512 lengths proportionally to its {cfg.text_len}-token text: "
                + "/".join(str(r["real_tokens"]) for r in train) + f" of {cfg.text_len}." if cfg.text_len != 512 else ""),
             "",
@@ -661,6 +611,13 @@ def _nonneg(s):
     return v
 
 
+def _spread(s):
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nbcore.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -680,8 +637,14 @@ def parse_args(argv=None):
     ap.add_argument("--peer-fuse-qkv", action="store_true", help="PixArt with diffusers' fuse_qkv_projections()")
     ap.add_argument("--sample-steps", type=_positive, default=10, help="Euler steps per image in the guidance case")
     ap.add_argument("--sample-repeats", type=_positive, default=5, help="timed sampling runs per variant")
+    ap.add_argument("--caption-spread", type=_spread, default=0.5,
+                    help="captions in a batch have n(1-spread)..n real tokens (0 = all n)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        ap.error(f"--device {args.device!r}: {e}")
     if args.json is None:
         args.json = f"outputs/bench/bench-{resolve_device(args.device).type}.json"
     if not str(args.json).endswith(".json"):

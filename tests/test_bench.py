@@ -16,8 +16,18 @@ TRAIN_KEYS = {"nbcore_peak_mem_mb", "peer_peak_mem_mb", "nbcore_gflop_per_step",
               "nbcore_context", "peer_context", "real_tokens"}
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the CLI test: on the shared 2-core machine, two spinning threads per
+    process are what makes small steps slow; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_plumbing_cli_writes_json_and_markdown(tmp_path):
+def test_plumbing_cli_writes_json_and_markdown(tmp_path, one_thread):
     out = tmp_path / "b" / "bench.json"
     bench.main(["--json", str(out), "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
                 "--batch", "2", "--sample-steps", "1", "--sample-repeats", "2"])
@@ -74,6 +84,9 @@ def test_plumbing_make_batch_caption_lengths():
     assert bool((b["text"][~b["mask"]] == 0).all())                   # padding is zero
     ours = bench.nanodit_inputs(b, torch.device("cpu"))
     assert ours["text_emb"].shape[1] == 8                             # trimmed to the longest, rounded to 8
+    same = bench.make_batch(cfg, 5, 8, spread=0.0)                   # every caption exactly 8 tokens
+    assert bool((same["mask"].sum(1) == 8).all())
+    assert bench.nanodit_inputs(same, torch.device("cpu"))["text_mask"] is None
     full = bench.make_batch(cfg, 3, cfg.text_len)
     assert bool(full["mask"].all()) and bench.nanodit_inputs(full, torch.device("cpu"))["text_mask"] is None
 
@@ -118,25 +131,11 @@ def test_cpu_memory_tracker_counts_live_storages():
     assert tracker.now == 2 ** 19
 
 
-def test_stand_in_guidance_batched_equals_sequential():
-    cfg = preset("tiny")
-    torch.manual_seed(0)
-    model = NanoDiT(cfg).eval()
-    with torch.no_grad():                       # leave the zero init so every branch differs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    b = bench.make_batch(cfg, 3, 8)
-    inputs = bench.nanodit_inputs(b, torch.device("cpu"))
-    with torch.no_grad():
-        x, t = torch.randn_like(inputs["x"]), torch.full((3,), 0.7)
-        vb = bench.guided_velocity_local(model, x, t, inputs, batched=True)
-        vs = bench.guided_velocity_local(model, x, t, inputs, batched=False)
-        v_full = model(x, t, **{k: inputs[k] for k in ("dino_emb", "dino_patches", "text_emb", "text_mask")})
-        xb = bench.guided_sample_local(model, inputs, steps=2, batched=True)
-        xs = bench.guided_sample_local(model, inputs, steps=2, batched=False)
-    torch.testing.assert_close(vb, vs, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(xb, xs, rtol=1e-4, atol=1e-5)
-    assert (vb - v_full).abs().max() > 1e-3      # guidance changed the velocity
+def test_plumbing_guidance_case_runs_four_distinct_branches():
+    g = bench.bench_guidance()
+    coeffs = g.coefficients(0.5)
+    assert len(coeffs) == 4 and all(c != 0 for c in coeffs.values())
+    assert g.interval == (0.0, 1.0)                  # every Euler step is guided: four branches each
 
 
 def test_missing_diffusers_is_one_line_error(monkeypatch):
@@ -145,7 +144,8 @@ def test_missing_diffusers_is_one_line_error(monkeypatch):
         bench._import_pixart()
 
 
-@pytest.mark.parametrize("argv", [["--cases", "nope"], ["--steps", "0"], ["--json", "out.txt"]])
+@pytest.mark.parametrize("argv", [["--cases", "nope"], ["--steps", "0"], ["--json", "out.txt"],
+                                  ["--device", "nonsense"], ["--caption-spread", "1.5"]])
 def test_bad_arguments_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
