@@ -878,7 +878,6 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nbcore.train",
                                 description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
