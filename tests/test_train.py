@@ -195,6 +195,29 @@ def test_train_summary_and_log(tmp_path):
     assert r["v_target_rms"] == pytest.approx(math.sqrt(2), rel=0.1)                 # unit latents and noise
     # grad_accum=2 with 4 batches per epoch: 6 steps took 12 batches = 3 epochs
     assert load_checkpoint(s["checkpoint"])["data_state"]["ranks"][0] == {"epoch": 2, "index": 4}
+    # a fresh run (resume none) in the same folder starts a new log and keeps the old one aside
+    train(_cfg(tmp_path, steps=2, log_every=1, use_dino_patches=False), data=stand_in_source(mcfg, 4))
+    assert [r["step"] for r in load_train_log(tmp_path / "run")] == [1, 2]
+    kept = list((tmp_path / "run").glob("log.*.jsonl"))
+    assert len(kept) == 1 and [r["step"] for r in load_train_log(kept[0])] == [2, 4, 6]
+
+
+def test_ema_update_rule():
+    from nbcore.train import EMA
+    m = _random_model()
+    ema = EMA(m, decay=0.9)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update(m, n_updates=1)                       # warm-up decay min(0.9, 2 / 11)
+    d = 2 / 11
+    for e, s0, p in zip(ema.module.parameters(), start, m.parameters()):
+        torch.testing.assert_close(e, d * s0 + (1 - d) * p)
+        assert not e.requires_grad
+    ema.update(m, n_updates=1000)                    # steady state: the configured decay
+    for e, s0, p in zip(ema.module.parameters(), start, m.parameters()):
+        torch.testing.assert_close(e, 0.9 * (d * s0 + (1 - d) * p) + 0.1 * p)
 
 
 def test_grad_accumulation_and_clipping_match_reference(tmp_path):
