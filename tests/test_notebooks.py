@@ -134,3 +134,46 @@ def test_failing_check_stops_the_run_and_keeps_the_notebook(tmp_path):
     assert meta["meta"]["status"] == "failed" and meta["notebooks"]["02_checks"]["status"] == "failed"
     assert "03_training" not in meta["notebooks"] and not (run / "03_training.ipynb").exists()
     assert "failed" in (run / "index.md").read_text()
+
+
+def _standin_notebooks(folder: Path, names=("01_architecture", "02_checks")) -> None:
+    """Stand-in notebooks for runner plumbing: a parameters cell and one cell that writes a
+    metrics.json the way the real ones do (through nbcore.notebooks.start / finish)."""
+    folder.mkdir()
+    for name in names:
+        params = nbformat.v4.new_code_cell('profile = "smoke"\ndevice = "auto"\nrun_dir = None\nseed = 0\n'
+                                           'fail_check = False\nvalue = 1\n')
+        params.metadata["tags"] = ["parameters"]
+        body = nbformat.v4.new_code_cell(
+            "from nbcore import notebooks as suite\n"
+            f"ctx = suite.start({name!r}, profile=profile, run_dir=run_dir, device=device, seed=seed, fail_check=fail_check)\n"
+            "ctx.metrics['value'] = value\nctx.check(value > 0, 'value is positive')\nctx.finish()\n")
+        book = nbformat.v4.new_notebook(cells=[params, body])
+        book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(book, folder / f"{name}.ipynb")
+
+
+@pytest.mark.slow
+def test_runner_plumbing_on_standin_notebooks(tmp_path, capsys):
+    """Parameters reach the notebooks, YAML keys no selected notebook declares are dropped, -p keys
+    are strict, a failed check stops the run, and the index merges earlier entries."""
+    nbs = tmp_path / "nbs"
+    _standin_notebooks(nbs)
+    out = tmp_path / "runs"
+    rc = suite.run_suite("smoke", only=["1"], name="r", params={"value": 7, "unused": 1}, device="cpu",
+                         out_root=out, notebooks_dir=nbs, progress=False, lenient=frozenset({"unused"}))
+    assert rc == 0
+    assert "ignored" in capsys.readouterr().err
+    rec = json.loads((out / "r" / "01_architecture" / "metrics.json").read_text())
+    assert rec["metrics"]["value"] == 7 and rec["settings"]["profile"] == "smoke"
+    with pytest.raises(SystemExit, match="declared by none"):
+        suite.run_suite("smoke", only=["1"], name="r", params={"unused": 1}, out_root=out, notebooks_dir=nbs)
+    rc = suite.run_suite("smoke", only=["2"], name="r", params={"value": -1}, device="cpu", out_root=out,
+                         notebooks_dir=nbs, progress=False)
+    assert rc == 1
+    meta = json.loads((out / "r" / "run.json").read_text())
+    assert meta["notebooks"]["01_architecture"]["status"] == "ok"          # kept from the first call
+    assert meta["notebooks"]["02_checks"]["status"] == "failed"
+    assert meta["notebooks"]["02_checks"]["failed_checks"] == ["value is positive"]
+    html = (out / "r" / "index.html").read_text()
+    assert "01_architecture.ipynb" in html and "02_checks.ipynb" in html
