@@ -794,9 +794,11 @@ class Trainer:
         bins = [0.0] * (2 * nb)
         for b in self._bins_recent:
             bins = [x + y for x, y in zip(bins, b)]
+        red = self._reduce([sum(self._loss_recent), float(len(self._loss_recent)), *bins])  # mean over ranks in DDP
+        bins = red[2:]
         summary = {"steps": self.step, "steps_this_run": self.step - start_step, "time_s": elapsed,
                    "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
-                   "final_loss": (sum(self._loss_recent) / len(self._loss_recent)) if self._loss_recent else None,
+                   "final_loss": red[0] / red[1] if red[1] else None,
                    "final_loss_window": len(self._loss_recent),
                    "loss_by_bin": [a / c if c else None for a, c in zip(bins[:nb], bins[nb:])],
                    "skipped": self.skipped, "checkpoint": str(last_ckpt), "log": str(self.log_path),

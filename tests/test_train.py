@@ -364,8 +364,8 @@ def _ddp_worker(rank, world, port, out, data_dir):
     tr = Trainer(cfg)
     keys, source = [], tr.stream.source
     tr.stream.source = lambda epoch: (keys.extend(b["key"]) or b for b in source(epoch))  # record what this rank saw
-    tr.run()
-    torch.save({"model": tr.model.state_dict(), "ema": tr.ema.state_dict(), "keys": keys},
+    summary = tr.run()
+    torch.save({"model": tr.model.state_dict(), "ema": tr.ema.state_dict(), "keys": keys, "summary": summary},
                os.path.join(out, f"rank{rank}.pt"))
     tr.close()
 
@@ -383,6 +383,8 @@ def test_ddp_two_processes_cpu_keep_parameters_equal(tmp_path, tiny_shards):
     for part in ("model", "ema"):
         for n in r0[part]:
             assert torch.equal(r0[part][n], r1[part][n]), (part, n)
+    assert r0["summary"]["final_loss"] == r1["summary"]["final_loss"]                 # reduced over ranks
+    assert r0["summary"]["world_size"] == 2
     init = NanoDiT(preset("tiny")).state_dict()
     assert any(not torch.equal(init[n], r0["model"][n]) for n in init)               # it did train
     recs = load_train_log(out)
