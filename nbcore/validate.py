@@ -302,8 +302,10 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
 # --------------------------------------------------------------------------- CLI
 
 def _tag(i: int, path: str) -> str:
-    p = Path(path)
-    raw = f"{i:02d}_{p.parent.name}_{p.stem}" if p.parent.name else f"{i:02d}_{p.stem}"
+    """Output sub-folder name of the i-th checkpoint: index + two parent folders + stem
+    (the trainer's OUT/ckpt/last.pt -> 00_OUT_ckpt_last), so runs stay recognisable."""
+    p = Path(path).resolve()
+    raw = "_".join([f"{i:02d}"] + [x for x in (p.parent.parent.name, p.parent.name, p.stem) if x])
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
 
 
