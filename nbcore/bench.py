@@ -29,8 +29,8 @@ What is compared (each case, same process, same batch, same dtype, steps interle
 
 Timing: ``time.perf_counter`` on CPU, CUDA events on GPU; ``--warmup`` steps, then the median of
 ``--steps`` timed steps. Flops come from ``torch.utils.flop_counter.FlopCounterMode`` on one eager
-step (forward + backward; executed flops, so PixArt's padded keys count as work); MFU divides the
-achieved rate by a large matmul measured in the same run and dtype (bf16 on GPU). Peak memory is
+step (forward + backward; executed flops, so PixArt's padded keys count as work); MFU (GPU only) divides
+the achieved rate by a large matmul in the run's dtype (bf16 by default) measured in the same run. Peak memory is
 the step's peak tensor memory of one model: its parameters and optimizer state plus everything the
 step allocates (the shared input batch excluded) -- ``torch.cuda.max_memory_allocated`` on GPU,
 a dispatch-level tensor tracker on CPU.
@@ -333,7 +333,7 @@ def _stats(seconds: list[float]) -> dict:
 
 
 def measure_peak_tflops(device: torch.device, dtype: str) -> float:
-    """Best TFLOP/s of a large square matmul in the run's dtype (bf16 on GPU: n=8192; CPU: n=1024)."""
+    """Best TFLOP/s of a large square matmul in the run's dtype (n = 8192 on GPU, 1024 elsewhere)."""
     n = 8192 if device.type == "cuda" else 1024
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dt)
@@ -396,6 +396,7 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
     r = {
         "case": name, "kind": "train_step", "preset": args.preset, "device": device.type,
         "machine": _machine(device), "torch": torch.__version__, "diffusers": _diffusers_version(),
+        "threads": torch.get_num_threads(),
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "compile": args.compile, "peer_fuse_qkv": args.peer_fuse_qkv, "caption_spread": args.caption_spread,
         "real_tokens": n_real, "real_tokens_reference": f"{n_ref} of {REFERENCE_TEXT_LEN}",
@@ -472,7 +473,7 @@ def _capture_case(cfg: ModelConfig, args, device) -> dict:
 
 def _side_case(name, args, device, ours_what, peer_what, s_ours, s_peer) -> dict:
     r = {"case": name, "kind": name, "preset": args.preset, "device": device.type, "machine": _machine(device),
-         "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch,
+         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
          "nbcore_measures": ours_what, "peer_measures": peer_what,
          "nbcore_samples_per_s": _rate(args.batch, s_ours), "peer_samples_per_s": _rate(args.batch, s_peer),
          "nbcore_step_ms": 1e3 * s_ours["median_s"], "peer_step_ms": 1e3 * s_peer["median_s"],
@@ -499,7 +500,9 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
     side = [r for r in results if r["kind"] != "train_step"]
     head = results[0]
     lines = [f"# nbcore benchmark: NanoDiT vs diffusers PixArtTransformer2DModel", "",
-             f"Machine: {head['machine']}; device `{head['device']}`; torch {head['torch']}"
+             f"Machine: {head['machine']}; device `{head['device']}`"
+             + (f" ({head['threads']} intra-op thread{'s' * (head['threads'] != 1)})" if head["device"] == "cpu" else "")
+             + f"; torch {head['torch']}"
              + (f"; diffusers {train[0]['diffusers']}" if train else "")
              + f"; preset `{head['preset']}`; dtype {head['dtype']}"
              + (" (bf16 autocast, fp32 master weights)" if head["dtype"] == "bf16" else "")
@@ -549,9 +552,8 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
                 f"| {r['nbcore_tflops']:.3f} / {r['peer_tflops']:.3f} | {mfu} "
                 f"| {_fmt(r['nbcore_peak_mem_mb'], '.0f')} / {_fmt(r['peer_peak_mem_mb'], '.0f')} |")
         pk = train[0]["peak_tflops_measured"]
-        lines += ["", f"Measured matmul peak for MFU: {_fmt(pk, '.2f')} TFLOP/s "
-                  f"({'bf16 8192^3' if head['device'] == 'cuda' else head['dtype'] + ' 1024^3'}, same run)."
-                  + ("" if head["device"] == "cuda" else " CPU MFU is indicative only (shared cores)."), ""]
+        lines += ["", (f"Measured matmul peak for MFU: {pk:.1f} TFLOP/s ({head['dtype']} 8192^3 matmul, same run)."
+                       if pk else "MFU: GPU only (a shared CPU has no stable peak)."), ""]
     if side:
         lines += ["| case | NanoDiT variant | samples/s | other variant | samples/s | ratio | notes |",
                   "|---|---|---|---|---|---|---|"]
@@ -580,7 +582,9 @@ def run(args) -> list[dict]:
     cfg = preset(args.preset)
     if any(c in TRAIN_CASES for c in args.cases):
         _import_pixart()
-    peak = measure_peak_tflops(device, args.dtype) if any(c in TRAIN_CASES for c in args.cases) else None
+    # MFU only on GPU: a shared CPU's measured matmul rate moves with the neighbours' load.
+    peak = (measure_peak_tflops(device, args.dtype)
+            if device.type == "cuda" and any(c in TRAIN_CASES for c in args.cases) else None)
     results = []
     for name in tqdm(args.cases, desc="bench cases", file=sys.stderr):
         if name in TRAIN_CASES:

@@ -45,6 +45,8 @@ def test_plumbing_cli_writes_json_and_markdown(tmp_path, one_thread):
         assert r["peer_context"] == cfg.text_len
         assert r["nbcore_context"] == r["nbcore_text_tokens"] + 1 + cfg.num_patches
         assert r["nbcore_peak_mem_mb"] > 0 and r["peer_peak_mem_mb"] > 0
+        assert r["nbcore_gflop_per_step"] > 0 and r["peer_gflop_per_step"] > 0
+        assert r["nbcore_mfu"] is None and r["peer_mfu"] is None       # MFU is reported on GPU only
     assert [r["real_tokens"] for r in train] == [4, 8, 32]     # 60, 120, 512 of 512 -> of 32
     md = out.with_suffix(".md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| train")]
@@ -150,3 +152,7 @@ def test_bad_arguments_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert e.value.code != 0
+
+
+def test_plumbing_matmul_peak_positive():
+    assert bench.measure_peak_tflops(torch.device("cpu"), "fp32") > 0
