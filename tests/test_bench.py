@@ -28,6 +28,7 @@ def one_thread():
 
 @pytest.mark.slow
 def test_plumbing_cli_writes_json_and_markdown(tmp_path, one_thread):
+    pytest.importorskip("diffusers", reason="diffusers is the benchmark-only extra")
     out = tmp_path / "b" / "bench.json"
     bench.main(["--json", str(out), "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
                 "--batch", "2", "--sample-steps", "1", "--sample-repeats", "2"])
@@ -66,6 +67,7 @@ def test_plumbing_configs_match():
         assert kw["in_channels"] == kw["out_channels"] == cfg.in_channels
         assert kw["caption_channels"] == cfg.text_dim and kw["cross_attention_dim"] == cfg.hidden_size
     # The built models (tiny) agree, and both map the same latent batch to a velocity of its shape.
+    pytest.importorskip("diffusers", reason="diffusers is the benchmark-only extra")
     cfg = preset("tiny")
     peer = bench.build_pixart(cfg)
     assert peer.inner_dim == cfg.hidden_size and len(peer.transformer_blocks) == cfg.depth
