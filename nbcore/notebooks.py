@@ -412,8 +412,8 @@ def rank_variants(final: dict, keys: list[str], tie: float = 0.01) -> dict:
     top = max(wins.values())
     leaders = [v for v, n in wins.items() if n == top]
     best = leaders[0] if len(leaders) == 1 else None
-    detail = "; ".join(f"{k} ({'lower' if RANKED[k] else 'higher'} is better): {p['best']} " + ", ".join(
-        f"{v} {p[v]:.4g}" for v in final if v in p) for k, p in per.items())
+    detail = "; ".join(f"{k} ({'lower' if RANKED[k] else 'higher'} is better): best {p['best']} (" + ", ".join(
+        f"{v} {p[v]:.4g}" for v in final if v in p) + ")" for k, p in per.items())
     lead = (f"{best} is ahead on {top} of {len(per) + len(ties)} ranked metrics" if best else
             f"{' and '.join(leaders)} share the lead ({top} metrics each of {len(per) + len(ties)})")
     text = (f"At equal steps, {lead} (wins: {', '.join(f'{v} {n}' for v, n in wins.items())}; "
