@@ -18,6 +18,8 @@ Shape legend: B pairs, S image side, C H W latent, L text tokens, Dt text dim, P
 """
 from __future__ import annotations
 
+import html
+
 import io
 import json
 import os
@@ -106,7 +108,11 @@ def _stats_for(ckpt_path: Path):
     from .utils import load_checkpoint
     ck = load_checkpoint(ckpt_path)
     data = (ck.get("train_config") or {}).get("data", "")
-    path = Path(data) / "stats.json" if data else None
+    data = Path(data) if data else None
+    if data is not None and not data.is_absolute():  # a relative --data means the repo root, not the cwd
+        from .notebooks import repo_root
+        data = repo_root() / data
+    path = data / "stats.json" if data is not None else None
     if path is None or not path.exists():
         raise FileNotFoundError(f"{ckpt_path}: its training data stats ({path}) are missing; the demo must "
                                 "normalise conditioning exactly as training did")
@@ -243,8 +249,15 @@ def build_widget(demo: Demo, text_index: int = 0, dino_index: int = 1, text_scal
                         f"{fmt(m['error_vs_dino_source'])} (fraction of the image side)")
         return res
 
+    def on_change(change):
+        # A widget callback's exception only reaches JupyterLab's log console: show it in the panel.
+        try:
+            render()
+        except Exception as e:  # noqa: BLE001 - shown to the user, then the panel stays usable
+            status.value = f"<b style='color:#b00'>error: {type(e).__name__}: {html.escape(str(e))}</b>"
+
     for w in controls.values():
-        w.observe(render, names="value")
+        w.observe(on_change, names="value")
     render()
     panel = W.VBox([*controls.values(), status, image])
     panel.image, panel.controls, panel.render = image, controls, render

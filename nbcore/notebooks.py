@@ -293,16 +293,12 @@ def shift_steps(logs: dict, offsets: dict) -> dict:
 
 
 def load_val_batch(data_dir, n: int, device=None) -> dict:
-    """The first ``n`` validation samples of a run's shards, normalised like training (stats.json):
-    a loader batch (latent, dinov3, dinov3_patches, t5, t5_mask, txt, png, json), tensors on ``device``."""
-    from .data import make_loader, shard_list
-    data_dir = Path(data_dir)
-    shards = shard_list(data_dir, "val") or shard_list(data_dir, "train")
-    if not shards:
-        raise FileNotFoundError(f"no shards in {data_dir} (run notebook 03, or nbcore.shapes make)")
-    batch = next(iter(make_loader(shards, n, stats=data_dir / "stats.json", shuffle=0)))
+    """The first ``n`` validation samples of a run's shards, normalised like training
+    (``nbcore.validate.load_val_batch``), with tensors moved to ``device`` (png stays on the CPU)."""
+    import torch
+    from .validate import load_val_batch as _load
+    batch = _load(data_dir, n)
     if device is not None:
-        import torch
         batch = {k: (v.to(device) if torch.is_tensor(v) and k != "png" else v) for k, v in batch.items()}
     return batch
 

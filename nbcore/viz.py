@@ -55,7 +55,7 @@ def plot_curves(logs: dict[str, list[dict]], keys: list[str], x: str = "step", s
     logy = set(logy or [])
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for run, recs in logs.items():
+        for i, (run, recs) in enumerate(logs.items()):  # colour by run, not by drawing order
             pts = [(r[x], r[key]) for r in recs if r.get(key) is not None]
             if not pts:
                 continue
@@ -63,7 +63,7 @@ def plot_curves(logs: dict[str, list[dict]], keys: list[str], x: str = "step", s
             if smooth > 1 and len(ys) >= smooth:
                 ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
                 xs = xs[smooth - 1:]
-            ax.plot(xs, ys, label=run, lw=1.2)
+            ax.plot(xs, ys, label=run, lw=1.2, color=f"C{i}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(x)
         if key in logy:
@@ -194,14 +194,24 @@ def plot_patch_maps(image, maps: np.ndarray, grid: tuple[int, int], queries: lis
 
 
 def plot_table(rows: list[dict], title: str = ""):
-    """A list of dicts rendered as a table figure (for check tables in notebooks)."""
+    """A list of dicts rendered as a table figure (for check tables in notebooks); long text is
+    wrapped, columns are as wide as their longest line."""
+    import textwrap
     cols = list(rows[0])
-    cells = [[("%.4g" % v) if isinstance(v, float) else str(v) for v in (r[c] for c in cols)] for r in rows]
-    fig, ax = plt.subplots(figsize=(min(14, 1.9 * len(cols)), 0.3 * len(rows) + 0.8))
+    fmt = lambda v: ("%.4g" % v) if isinstance(v, float) else textwrap.fill(str(v), 48)
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    heights = [max(cell.count("\n") + 1 for cell in row) for row in cells]       # lines per row
+    widths = [max(len(line) for cell in [c, *(row[j] for row in cells)] for line in cell.split("\n")) + 2
+              for j, c in enumerate(cols)]
+    fig, ax = plt.subplots(figsize=(min(16, 0.075 * sum(widths)), 0.2 * (sum(heights) + 1) + 0.6))
     ax.axis("off")
-    tab = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="left")
+    tab = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="left",
+                   colWidths=[w / sum(widths) for w in widths])
     tab.auto_set_font_size(False)
     tab.set_fontsize(7)
+    unit = 1.0 / (sum(heights) + 1)
+    for (r, c), cell in tab.get_celld().items():
+        cell.set_height(unit * (1 if r == 0 else heights[r - 1]))
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
