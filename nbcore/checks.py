@@ -21,7 +21,7 @@ import torch
 from .attention import capture
 from .model import ModelConfig, NanoDiT, load_warm_start, prepare_text
 
-__all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "warm_start_summary",
+__all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "with_changed_signal", "warm_start_summary",
            "architecture_summary", "cfg_modes", "production_forward"]
 
 TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" checks
@@ -62,7 +62,7 @@ def _maxdiff(a, b) -> float:
     return float((a - b).abs().max())
 
 
-def _changed(inp: dict, what: str, seed: int = 99) -> dict:
+def with_changed_signal(inp: dict, what: str, seed: int = 99) -> dict:
     """A copy of ``inp`` with one signal replaced by fresh noise (text also changes its length)."""
     g = torch.Generator().manual_seed(seed)
     out = {k: v.clone() for k, v in inp.items()}
@@ -119,7 +119,7 @@ def _forward_checks(cfg: ModelConfig, variant: str) -> list[dict]:
     drop = torch.tensor([True, False])
     for what in ["text", "cls"] + (["patches"] if cfg.use_dino_patches else []):
         kw = {"drop_text": drop} if what == "text" else {"drop_dino": drop}
-        before, after = model(**inp, **kw), model(**_changed(inp, what), **kw)
+        before, after = model(**inp, **kw), model(**with_changed_signal(inp, what), **kw)
         d_drop, d_kept = _maxdiff(after[0], before[0]), _maxdiff(after[1], before[1])
         ok = d_drop <= TOL and d_kept > RESPONDS
         rows.append(_row(f"dropped {what} has no influence", variant, d_drop, TOL, ok,
@@ -229,9 +229,9 @@ def cfg_modes(cfg: ModelConfig, text_scale: float = 2.0, dino_scale: float = 2.0
         v = model(**inp, **kw)
         changed = dict(inp)
         if dt:
-            changed = _changed(changed, "text")
+            changed = with_changed_signal(changed, "text")
         if dd:
-            changed = _changed(_changed(changed, "cls"), "patches")
+            changed = with_changed_signal(with_changed_signal(changed, "cls"), "patches")
         d = _maxdiff(model(**changed, **kw), v) if (dt or dd) else 0.0
         outs[name] = v
         uses_text, dino = BRANCHES[name]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nbcore.attention import capture
+from nbcore.checks import make_check_inputs, make_check_model, with_changed_signal
 from nbcore.model import (PRESETS, ModelConfig, NanoDiT, attend, load_warm_start, prepare_text,
                           preset)
 
@@ -12,30 +13,12 @@ TINY = replace(PRESETS["tiny"], depth=2)
 
 
 def make_model(cfg=TINY, seed=0, perturb=True):
-    torch.manual_seed(seed)
-    model = NanoDiT(cfg)
-    if perturb:  # zero-initialised layers would hide missing paths: give every parameter a value
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    """Every parameter perturbed: zero-initialised layers would hide missing paths."""
+    return make_check_model(cfg, seed=seed, perturb=perturb)
 
 
-def make_inputs(cfg=TINY, B=2, H=None, W=None, L=None, lengths=None, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    H = H or cfg.input_size
-    W = W or cfg.input_size
-    L = L or cfg.text_len
-    lengths = lengths or [L] * B
-    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]                     # (B, L)
-    return dict(
-        x=torch.randn(B, cfg.in_channels, H, W, generator=g),
-        t=torch.rand(B, generator=g),
-        dino_emb=torch.randn(B, cfg.dino_dim, generator=g),
-        dino_patches=torch.randn(B, cfg.num_patches, cfg.dino_dim, generator=g),
-        text_emb=torch.randn(B, L, cfg.text_dim, generator=g),
-        text_mask=mask,
-    )
+def make_inputs(cfg=TINY, B=2, H=None, W=None, lengths=None, seed=1):
+    return make_check_inputs(cfg, B=B, H=H, W=W, lengths=lengths, seed=seed)
 
 
 @pytest.fixture(params=[True, False], ids=["patches", "prepatch"])
@@ -169,29 +152,16 @@ def test_no_mask_when_nothing_is_padded():
 
 # ----------------------------------------------------------------------------- CFG dropout
 
-def _changed(cfg, inp, what):
-    g = torch.Generator().manual_seed(99)
-    out = {k: v.clone() for k, v in inp.items()}
-    if what == "text":
-        out["text_emb"] = torch.randn(out["text_emb"].shape, generator=g)
-        out["text_mask"] = torch.ones_like(out["text_mask"])     # its length changes too
-    elif what == "cls":
-        out["dino_emb"] = torch.randn(out["dino_emb"].shape, generator=g)
-    elif what == "patches":
-        out["dino_patches"] = torch.randn(out["dino_patches"].shape, generator=g)
-    return out
-
-
-@pytest.mark.parametrize("what", ["text", "cls", "patches"])
-def test_dropped_signal_has_no_influence(cfg, what):
-    if what == "patches" and not cfg.use_dino_patches:
-        pytest.skip("the pre-patch architecture has no patch input")
+@pytest.mark.parametrize("use_patches,what", [(True, "text"), (True, "cls"), (True, "patches"),
+                                               (False, "text"), (False, "cls")])
+def test_dropped_signal_has_no_influence(use_patches, what):
+    cfg = replace(TINY, use_dino_patches=use_patches)
     model = make_model(cfg)
     inp = make_inputs(cfg, lengths=[7, 20])
     drop = torch.tensor([True, False])
     kw = {"drop_text": drop} if what == "text" else {"drop_dino": drop}
     before = model(**inp, **kw)
-    after = model(**_changed(cfg, inp, what), **kw)
+    after = model(**with_changed_signal(inp, what), **kw)
     torch.testing.assert_close(after[0], before[0], atol=1e-5, rtol=1e-5)    # dropped: unchanged
     assert (after[1] - before[1]).abs().max() > 1e-3                          # kept: responds
 
@@ -202,7 +172,7 @@ def test_kept_signals_respond_without_dropping(cfg):
     v = model(**inp)
     whats = ["text", "cls"] + (["patches"] if cfg.use_dino_patches else [])
     for what in whats:
-        assert (model(**_changed(cfg, inp, what)) - v).abs().max() > 1e-3, what
+        assert (model(**with_changed_signal(inp, what)) - v).abs().max() > 1e-3, what
 
 
 # ----------------------------------------------------------------------------- positions
