@@ -19,7 +19,8 @@ What is compared (each case, same process, same batch, same dtype, steps interle
   * Caption lengths in a batch: sample 0 has exactly n real tokens, the others are drawn uniformly
     from [ceil(n/2), n] (seeded; ``--caption-spread``), as in real batches; the full case has every
     token real. ``--caption-spread 0`` gives every caption n tokens (NanoDiT then needs no mask when
-    n is a multiple of 8: the cost of the mask, measured).
+    n is a multiple of 8: the cost of the mask, measured). Neither model gets CFG dropout in the
+    timed step; in ``nbcore.train`` a batch with a dropped caption always carries a key mask.
 - ``guidance``: NanoDiT sampling images/s with ``nbcore.sample.sample`` (Euler, ``--sample-steps``),
   four guidance branches per step (the "independent" formula with a patch scale: unconditional,
   text only, CLS only, DINO = CLS + patches) in one batched forward vs four forwards one after
@@ -522,7 +523,8 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
             f"cross-attention context is text + {1 + cfg.num_patches} tokens "
             f"({1 + cfg.num_patches} more than PixArt's at equal text length). "
             f"Captions: sample 0 has the case's real length n, the rest uniform in [n(1 - {r0['caption_spread']:g}), n]; "
-            "train512 = every token real."
+            "train512 = every token real. No CFG dropout in the timed step (in `nbcore.train` a batch "
+            "with a dropped caption always carries a key mask)."
             + (f" Tiny maps the 60/120/512-of-512 lengths proportionally to its {cfg.text_len}-token text: "
                + "/".join(str(r["real_tokens"]) for r in train) + f" of {cfg.text_len}." if cfg.text_len != 512 else ""),
             "",

@@ -393,6 +393,8 @@ def decode_sample(raw: dict, expect: dict | None = None) -> dict:
         if mask.shape != (t5.shape[0],):
             raise _Bad("wrong_shape", f"t5_mask.npy has shape {mask.shape}, t5.npy has {t5.shape[0]} rows")
         t5 = t5[mask.astype(bool)]
+    if t5.shape[0] == 0:  # no key at all for the text part of the cross-attention
+        raise _Bad("empty_text", "t5.npy has no real token")
     if expect:
         got = {"C": latent.shape[0], "Dd": cls.shape[0], "P": patches.shape[0], "Dt": t5.shape[1]}
         bad = {k: (got[k], v) for k, v in expect.items() if v is not None and got[k] != v}

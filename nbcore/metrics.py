@@ -245,8 +245,9 @@ def swap_follow(generated: torch.Tensor, text_source: torch.Tensor, text_colours
     (``layout_per_sample``, absent colours at max penalty, so colours count too) against A and
     against B; a sample follows the side whose error is smaller by more than ``margin``, else it is
     a tie. Colours: Jaccard similarity of the colours present in the generated image (among A's and
-    B's) with A's and with B's colour set. Returns rates over the samples where both layout errors
-    are defined (``pairs``), ``skipped`` pairs, and the mean errors.
+    B's) with A's and with B's colour set. Returns layout rates over the samples where both layout
+    errors are defined (``pairs``), ``skipped`` pairs, the mean errors, and colour rates over every
+    sample (colour presence is defined for all of them).
     """
     ea = layout_per_sample(generated, text_source, text_colours, mask_fn, min_pixels)
     eb = layout_per_sample(generated, dino_source, dino_colours, mask_fn, min_pixels)

@@ -259,7 +259,8 @@ class NanoDiT(nn.Module):
         None, when use_dino_patches=False); text_emb (B, L, Dt); text_mask (B, L) bool, True = real
         token, or None when nothing is padded (lets the fused kernel use flash attention);
         drop_text / drop_dino (B,) bool: replace that sample's signal by the learned null, so the
-        dropped input has no influence on its output. Returns v (B, C, H, W).
+        dropped input has no influence on its output (a dropped caption needs a key mask, so any
+        ``drop_text`` builds one; pass None when no sample drops text). Returns v (B, C, H, W).
         """
         cfg = self.cfg
         B, C, H, W = x.shape
@@ -330,7 +331,9 @@ def initialize_weights(model: NanoDiT) -> None:
     - Zero at start, so each block is the identity and the model predicts v = 0 until it learns:
       every adaLN modulation (shift = scale = 0 -> plain LayerNorm), the output projections of
       self-attention, cross-attention and MLP (residual branches add nothing), the final linear.
-      New conditioning paths therefore cannot disturb a warm-started network at step 0.
+      This makes a model trained from scratch start as the identity. A warm-started patch model
+      does change at step 0: its trained cross-attention now shares the softmax between the text
+      keys and the 1 + P new CLS / patch keys (an honest cost of concatenated cross-attention).
     - Learned nulls start at zero (seed plan); a learned patch position table at N(0, 0.02).
     """
     for m in model.modules():

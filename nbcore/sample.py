@@ -63,7 +63,7 @@ from .model import ModelConfig, NanoDiT, prepare_text
 from .utils import load_checkpoint, resolve_device
 
 __all__ = ["Guidance", "BRANCHES", "sample", "sample_batch", "branch_velocities", "load_model",
-           "load_model_with_info", "sample_grid"]
+           "load_model_with_info"]
 
 # branch name -> (uses text, DINO mode: "null" | "cls" (real CLS, null patches) | "full")
 BRANCHES: dict[str, tuple[bool, str]] = {
@@ -255,7 +255,10 @@ def branch_velocities(model: NanoDiT, x: torch.Tensor, t: torch.Tensor, cond: _C
         out = {}
         for name in branches:
             e, p, te, tm, dt, dd = _branch_inputs(model, cond, name)
-            out[name] = model(x, t, e, p, te, tm, drop_text=dt, drop_dino=dd)
+            # a branch that keeps its text passes no drop flag (known on the host): the model then
+            # needs no key mask when nothing is padded, and the fused kernel may use flash attention
+            keeps_text = BRANCHES[name][0] and cond.has_text
+            out[name] = model(x, t, e, p, te, tm, drop_text=None if keeps_text else dt, drop_dino=dd)
         return out
     K, B = len(branches), x.shape[0]
     parts = [_branch_inputs(model, cond, name) for name in branches]
@@ -335,10 +338,3 @@ def sample_batch(model: NanoDiT, batch: dict, *, use_text: bool = True, use_dino
                   text_emb=batch["t5"] if use_text else None,
                   text_mask=batch.get("t5_mask") if use_text else None, **kw)
 
-
-def sample_grid(model: NanoDiT, data, n: int = 4, **kw):
-    """Figure of n validation scenes: source | guided text + DINO sample | no guidance (for the
-    trainer's sample hook). See ``nbcore.validate.sample_grid`` (imported lazily: validate imports
-    this module)."""
-    from .validate import sample_grid as _grid
-    return _grid(model, data, n=n, **kw)

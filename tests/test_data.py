@@ -163,10 +163,12 @@ def _corrupt(kind: str) -> dict:
         t5 = sample_arrays(1)["t5"].copy()
         t5[2, 3] = np.nan
         return members(1, **{"t5.npy": npy(t5)})
+    if kind == "empty_text":  # a caption with no real token would leave cross-attention no text key
+        return members(1, **{"t5.npy": npy(np.zeros((0, sample_arrays(1)["t5"].shape[1]), np.float16))})
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["corrupt_npy", "wrong_shape", "nonfinite"])
+@pytest.mark.parametrize("kind", ["corrupt_npy", "wrong_shape", "nonfinite", "empty_text"])
 def test_malformed_sample_error_or_counted_skip(tmp_path, kind):
     shard = write_shard(tmp_path / "train-000007.tar", [("k0", members(0)), ("k1", _corrupt(kind)), ("k2", members(2))])
     with pytest.raises(DataError, match=rf"train-000007\.tar.*'k1'.*{kind}") as e:

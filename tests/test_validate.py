@@ -93,7 +93,7 @@ def test_validate_checkpoint_library_call_like_the_trainer_hook(tiny_shards, tmp
 def test_sample_grid_for_the_trainer_hook(tiny_shards):
     from matplotlib.figure import Figure
 
-    from nbcore.sample import sample_grid
+    from nbcore.validate import sample_grid
     fig = sample_grid(NanoDiT(preset("tiny", depth=1)), data=str(tiny_shards), n=2, steps=1, device="cpu")
     assert isinstance(fig, Figure) and len(fig.axes) == 2 * 3
 
