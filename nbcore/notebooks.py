@@ -39,7 +39,7 @@ from pathlib import Path
 __all__ = ["PROFILES", "NOTEBOOKS", "settings", "Context", "start", "CheckFailed", "repo_root",
            "default_run_dir", "ensure_data", "ensure_trained", "variant_dir", "variant_checkpoints",
            "run_suite", "main", "load_val_batch", "load_log", "warm_start_event",
-           "validate_milestones", "metric_keys", "rank_variants", "criteria_keys", "lower_is_better"]
+           "validate_milestones", "metric_keys", "rank_variants", "lower_is_better"]
 
 NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routing", "05_milestones",
              "06_dino_swap_demo")
@@ -415,12 +415,6 @@ def rank_variants(final: dict, keys: list[str], tie: float = 0.01) -> dict:
     text = (f"At equal steps, {lead} (wins: {', '.join(f'{v} {n}' for v, n in wins.items())}; "
             f"{len(ties)} within {100 * tie:.0f}%, called ties). {detail}.")
     return {"best": best, "wins": wins, "per_metric": per, "ties": ties, "text": text}
-
-
-def criteria_keys(keys: list[str]) -> dict:
-    """The validation metric names (``nbcore.validate``) that ``analysis.success_criteria`` reads."""
-    return {"lpips_key": "recon_lpips", "layout_key": "recon_layout_error",
-            "text_key": "textonly_layout_error", "swap_key": "swap_follows_dino_rate"}
 
 
 # --------------------------------------------------------------------------- runner

@@ -311,7 +311,7 @@ ctx.metrics["ablation_answer"] = best["text"]
 ctx.metrics["ablation_best"] = best["best"]'''),
     new_markdown_cell("## The seed's success criteria, answered from the numbers"),
     new_code_cell('''patch = suite.patch_variant(s["patch_pos"])
-crit = analysis.success_criteria(summaries, final, "baseline", patch, s["train_steps"], **suite.criteria_keys(keys))
+crit = analysis.success_criteria(summaries, final, "baseline", patch, s["train_steps"])
 from IPython.display import Markdown, display
 display(Markdown(analysis.criteria_markdown(crit)))
 ctx.save(analysis.criteria_figure(crit, title=f"success criteria: {patch} vs baseline ({s['train_steps']} steps)"), "criteria.png")
