@@ -16,6 +16,10 @@ What is compared (each case, same process, same batch, same dtype, steps interle
     (trimmed to the batch's longest real caption rounded up to 8; mask dropped when nothing is
     padded), plus the DINO CLS vector and P patch tokens, so its context is ``L' + 1 + P`` tokens
     (197 more than the text alone at production sizes).
+  * A third model in the same interleaved loop, the *pre-patch* NanoDiT (``use_dino_patches=False``:
+    the same trimmed text as context, the CLS vector only through adaLN), separates the
+    implementation's speed (the same inputs PixArt gets, plus one CLS vector) from the cost of the
+    research feature (the 1 + P extra context tokens). Its figures are the ``prepatch_*`` keys.
   * Caption lengths in a batch: sample 0 has exactly n real tokens, the others are drawn uniformly
     from [ceil(n/2), n] (seeded; ``--caption-spread``), as in real batches; the full case has every
     token real. ``--caption-spread 0`` gives every caption n tokens (NanoDiT then needs no mask when
@@ -382,17 +386,17 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
     ours_in, peer_in = nanodit_inputs(b, device), pixart_inputs(b, device)
     target = b["target"].to(device)
     nano = NanoDiT(cfg).to(device)
+    pre = NanoDiT(replace(cfg, use_dino_patches=False)).to(device)     # same text; CLS via adaLN only
     peer = build_pixart(cfg, fuse_qkv=args.peer_fuse_qkv).to(device)
     ours = TrainStep(nano, _nanodit_forward, ours_in, target, device, args.dtype, args.compile)
+    prepatch = TrainStep(pre, _nanodit_forward, ours_in, target, device, args.dtype, args.compile)
     theirs = TrainStep(peer, _pixart_forward, peer_in, target, device, args.dtype, args.compile)
-    times = time_interleaved([ours, theirs], args.steps, args.warmup, device, desc=name)
-    s_ours, s_peer = _stats(times[0]), _stats(times[1])
+    times = time_interleaved([ours, prepatch, theirs], args.steps, args.warmup, device, desc=name)
+    s_ours, s_pre, s_peer = (_stats(t) for t in times)
     # Flops and memory after timing (optimizer state exists), each on the eager model.
-    f_ours = count_flops(lambda: ours(eager=True))
-    f_peer = count_flops(lambda: theirs(eager=True))
+    f_ours, f_pre, f_peer = (count_flops(lambda st=st: st(eager=True)) for st in (ours, prepatch, theirs))
     cpu_compiled = args.compile and device.type != "cuda"   # the tracker cannot follow compiled code
-    m_ours = None if cpu_compiled else peak_step_memory(ours)
-    m_peer = None if cpu_compiled else peak_step_memory(theirs)
+    m_ours, m_pre, m_peer = (None if cpu_compiled else peak_step_memory(st) for st in (ours, prepatch, theirs))
     L_ours = ours_in["text_emb"].shape[1]
     r = {
         "case": name, "kind": "train_step", "preset": args.preset, "device": device.type,
@@ -413,13 +417,18 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
         "nbcore_peak_mem_mb": None if m_ours is None else m_ours / 2 ** 20,
         "peer_peak_mem_mb": None if m_peer is None else m_peer / 2 ** 20,
         "nbcore_gflop_per_step": f_ours / 1e9, "peer_gflop_per_step": f_peer / 1e9,
+        "prepatch_context": L_ours, "prepatch_params": pre.num_params(),
+        "prepatch_samples_per_s": _rate(args.batch, s_pre), "prepatch_step_ms": 1e3 * s_pre["median_s"],
+        "prepatch_step_ms_iqr": [1e3 * s_pre["p25_s"], 1e3 * s_pre["p75_s"]],
+        "prepatch_peak_mem_mb": None if m_pre is None else m_pre / 2 ** 20, "prepatch_gflop_per_step": f_pre / 1e9,
     }
     r["ratio"] = r["nbcore_samples_per_s"] / r["peer_samples_per_s"]
-    for who, f, s in (("nbcore", f_ours, s_ours), ("peer", f_peer, s_peer)):
+    r["prepatch_ratio"] = r["prepatch_samples_per_s"] / r["peer_samples_per_s"]
+    for who, f, s in (("nbcore", f_ours, s_ours), ("prepatch", f_pre, s_pre), ("peer", f_peer, s_peer)):
         r[f"{who}_tflops"] = f / s["median_s"] / 1e12
         r[f"{who}_mfu"] = r[f"{who}_tflops"] / peak_tflops if peak_tflops else None
     r["peak_tflops_measured"] = peak_tflops
-    del ours, theirs, nano, peer
+    del ours, prepatch, theirs, nano, pre, peer
     return r
 
 
@@ -522,6 +531,9 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
             f"when nothing is padded) plus the DINO CLS vector and {cfg.num_patches} patch tokens, so its "
             f"cross-attention context is text + {1 + cfg.num_patches} tokens "
             f"({1 + cfg.num_patches} more than PixArt's at equal text length). "
+            "**Pre-patch**: NanoDiT without patches (`use_dino_patches=False`) on the same trimmed text, "
+            "the CLS vector through adaLN only: PixArt's inputs plus one vector, timed in the same "
+            "interleaved loop; its ratio is against PixArt. "
             f"Captions: sample 0 has the case's real length n, the rest uniform in [n(1 - {r0['caption_spread']:g}), n]; "
             "train512 = every token real. No CFG dropout in the timed step (in `nbcore.train` a batch "
             "with a dropped caption always carries a key mask)."
@@ -536,9 +548,9 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
             "GFLOP: torch's flop counter on one step (forward + backward, executed work including padding). "
             "Peak memory: parameters + optimizer state + the step's allocations, inputs excluded.", "",
             "| case | real tokens | NanoDiT ctx (text+1+P) | PixArt ctx | NanoDiT samples/s | PixArt samples/s "
-            "| ratio | NanoDiT ms (IQR) | PixArt ms (IQR) | GFLOP/step N / P | TFLOP/s N / P | MFU N / P "
-            "| peak MiB N / P |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| ratio | pre-patch samples/s (ratio) | NanoDiT ms (IQR) | PixArt ms (IQR) | GFLOP/step N / pre / P "
+            "| TFLOP/s N / P | MFU N / P | peak MiB N / pre / P |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in train:
             mfu = ("–" if r["nbcore_mfu"] is None
@@ -547,12 +559,13 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
                 f"| {r['case']} | {r['real_tokens']} of {r['text_len']} ({r['real_tokens_reference']}) "
                 f"| {r['nbcore_context']} ({r['nbcore_text_tokens']}{' masked' if r['nbcore_mask'] else ''}+1+{cfg.num_patches}) "
                 f"| {r['peer_context']} masked | {r['nbcore_samples_per_s']:.1f} | {r['peer_samples_per_s']:.1f} "
-                f"| **{r['ratio']:.2f}x** "
+                f"| **{r['ratio']:.2f}x** | {r['prepatch_samples_per_s']:.1f} ({r['prepatch_ratio']:.2f}x) "
                 f"| {r['nbcore_step_ms']:.1f} ({r['nbcore_step_ms_iqr'][0]:.1f}–{r['nbcore_step_ms_iqr'][1]:.1f}) "
                 f"| {r['peer_step_ms']:.1f} ({r['peer_step_ms_iqr'][0]:.1f}–{r['peer_step_ms_iqr'][1]:.1f}) "
-                f"| {r['nbcore_gflop_per_step']:.2f} / {r['peer_gflop_per_step']:.2f} "
+                f"| {r['nbcore_gflop_per_step']:.2f} / {r['prepatch_gflop_per_step']:.2f} / {r['peer_gflop_per_step']:.2f} "
                 f"| {r['nbcore_tflops']:.3f} / {r['peer_tflops']:.3f} | {mfu} "
-                f"| {_fmt(r['nbcore_peak_mem_mb'], '.0f')} / {_fmt(r['peer_peak_mem_mb'], '.0f')} |")
+                f"| {_fmt(r['nbcore_peak_mem_mb'], '.0f')} / {_fmt(r['prepatch_peak_mem_mb'], '.0f')} "
+                f"/ {_fmt(r['peer_peak_mem_mb'], '.0f')} |")
         pk = train[0]["peak_tflops_measured"]
         lines += ["", (f"Measured matmul peak for MFU: {pk:.1f} TFLOP/s ({head['dtype']} 8192^3 matmul, same run)."
                        if pk else "MFU: GPU only (a shared CPU has no stable peak)."), ""]

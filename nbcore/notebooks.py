@@ -205,7 +205,8 @@ def ensure_data(ctx: Context) -> Path:
     from .shapes import make_dataset
     d = ctx.run_dir / "data"
     s = ctx.s
-    want = {"preset": s["preset"], "n": int(s["n_data"]), "seed": ctx.seed, "val_fraction": float(s["val_fraction"])}
+    want = {"preset": s["preset"], "n": int(s["n_data"]), "seed": ctx.seed, "val_fraction": float(s["val_fraction"]),
+            "model_overrides": dict(s.get("model_overrides") or {})}   # sizes (grid, dims) shape the shards
     stamp = d / "made.json"
     if stamp.exists() and json.loads(stamp.read_text()) == want and any(d.glob("train-*.tar")):
         return d

@@ -48,10 +48,16 @@ def test_plumbing_cli_writes_json_and_markdown(tmp_path, one_thread):
         assert r["nbcore_peak_mem_mb"] > 0 and r["peer_peak_mem_mb"] > 0
         assert r["nbcore_gflop_per_step"] > 0 and r["peer_gflop_per_step"] > 0
         assert r["nbcore_mfu"] is None and r["peer_mfu"] is None       # MFU is reported on GPU only
+        # the pre-patch model gets PixArt's inputs (trimmed) plus CLS: its context is the text alone,
+        # and it does strictly less work than the patch model on the same batch
+        assert r["prepatch_context"] == r["nbcore_text_tokens"]
+        assert r["prepatch_ratio"] == pytest.approx(r["prepatch_samples_per_s"] / r["peer_samples_per_s"])
+        assert 0 < r["prepatch_gflop_per_step"] < r["nbcore_gflop_per_step"]
+        assert r["prepatch_params"] < r["nbcore_params"] and r["prepatch_peak_mem_mb"] > 0
     assert [r["real_tokens"] for r in train] == [4, 8, 32]     # 60, 120, 512 of 512 -> of 32
     md = out.with_suffix(".md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| train")]
-    assert len(table) == 3 and all(line.count("|") == 14 for line in table)
+    assert len(table) == 3 and all(line.count("|") == 15 for line in table)
     assert "| guidance |" in md and "| capture |" in md and "PixArt" in md
 
 
