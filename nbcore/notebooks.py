@@ -55,12 +55,12 @@ PROFILES: dict[str, dict] = {
         routing_samples=2, routing_steps=3, demo_steps=3, demo_train_steps=16, demo_grid=2,
         model_overrides={},
     ),
-    # The real experiment at CPU scale (tiny preset): the whole suite in about 15 minutes on 2 cores.
+    # The real experiment at CPU scale (tiny preset, 256 image tokens): the whole suite in about 25 minutes on 2 cores.
     "cpu": dict(
-        preset="tiny", n_data=4000, val_fraction=0.1, batch_size=32, train_steps=1000, lr=1e-3, warmup=50,
-        milestone_every=250, log_every=10, patch_pos="none", ablation=["learned", "sincos"],
+        preset="tiny", n_data=4000, val_fraction=0.1, batch_size=32, train_steps=600, lr=1e-3, warmup=50,
+        milestone_every=200, log_every=10, patch_pos="none", ablation=["learned", "sincos"],
         val_samples=64, sample_steps=12, text_scale=2.0, dino_scale=2.0,
-        routing_samples=8, routing_steps=10, demo_steps=10, demo_train_steps=400, demo_grid=4,
+        routing_samples=8, routing_steps=10, demo_steps=10, demo_train_steps=300, demo_grid=4,
         model_overrides={},
     ),
     # Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
