@@ -49,6 +49,7 @@ Design notes (why, not what):
   ``warm_start_weights="ema"`` takes the EMA instead) through ``nbcore.model.load_warm_start``,
   prints and logs its report, refuses shape mismatches, initialises the EMA from the result and
   scales the learning rate by ``warm_start_lr_scale`` (0.5). Optimiser state is not carried over.
+  ``new_param_lr_scale`` multiplies the lr of the parameters the pre-patch model lacks.
   A run that resumes ignores ``warm_start`` (its own checkpoint already holds the weights).
 - Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``): OUT/ckpt/last.pt
   every ``ckpt_every`` steps and at the end, OUT/ckpt/step_XXXXXX.pt every ``milestone_every``;
@@ -149,6 +150,9 @@ class TrainConfig:
     # warm start / resume
     warm_start: str = ""                 # checkpoint of a pre-patch (or any) run
     warm_start_lr_scale: float = 0.5
+    # lr multiplier for the parameters the pre-patch architecture lacks (NanoDiT.new_parameter_names:
+    # dino_patch_proj, null_dino_patches, patch_pos), on top of the (warm-start scaled) base lr
+    new_param_lr_scale: float = 1.0
     warm_start_weights: str = "model"    # model | ema: which weights of the warm-start checkpoint
     resume: str = "auto"                 # auto (OUT/ckpt/last.pt if present) | none | PATH
 
@@ -179,6 +183,7 @@ class TrainConfig:
         need(self.val_n >= 1 and self.val_sample_steps >= 1, "val_n and val_sample_steps must be >= 1")
         need(self.nan_max_consecutive >= 1, f"nan_max_consecutive must be >= 1, got {self.nan_max_consecutive}")
         need(self.warm_start_lr_scale > 0, f"warm_start_lr_scale must be > 0, got {self.warm_start_lr_scale}")
+        need(self.new_param_lr_scale > 0, f"new_param_lr_scale must be > 0, got {self.new_param_lr_scale}")
         need(self.warm_start_weights in ("model", "ema"),
              f"warm_start_weights must be model|ema, got {self.warm_start_weights!r}")
         if self.model_overrides:
@@ -446,6 +451,22 @@ def _finite_or_none(x):
     return x
 
 
+def _param_groups(model: NanoDiT, cfg: TrainConfig, base_lr: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices except the learned nulls and patch positions; the
+    new (patch) parameters at ``base_lr * new_param_lr_scale`` when that scale is not 1 (else two
+    groups, the layout older checkpoints' optimiser state has)."""
+    new = set(model.new_parameter_names()) if cfg.new_param_lr_scale != 1 else set()
+    groups = []
+    for decays in (True, False):
+        for is_new in (False, True):
+            params = [p for n, p in model.named_parameters()
+                      if (p.ndim >= 2 and not n.startswith(("null_", "patch_pos"))) == decays and (n in new) == is_new]
+            if params:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
+                               "lr": base_lr * (cfg.new_param_lr_scale if is_new else 1.0)})
+    return groups
+
+
 def _lr_lambda(cfg: TrainConfig):
     def f(n: int) -> float:
         if cfg.warmup and n < cfg.warmup:
@@ -507,12 +528,9 @@ class Trainer:
                 self.warm_report = self._warm_start(cfg.warm_start)
         self.ema = EMA(self.model, cfg.ema_decay)
 
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and not n.startswith(("null_", "patch_pos"))]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and not n.startswith(("null_", "patch_pos")))]
         kw = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=base_lr, betas=(0.9, 0.999), **kw)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg, base_lr), lr=base_lr,
+                                           betas=(0.9, 0.999), **kw)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
 
         self.step = 0

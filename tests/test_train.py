@@ -289,6 +289,27 @@ def test_warm_start_from_baseline(tmp_path):
     assert all(r["grad_norm_patch_proj"] > 0 for r in load_train_log(tmp_path / "patch"))
 
 
+def test_new_param_lr_scale_groups(tmp_path):
+    """The patch parameters get lr x new_param_lr_scale (on top of the warm-start scale); every
+    parameter sits in exactly one group; scale 1 keeps the two-group layout."""
+    cfg = _cfg(tmp_path, steps=2, lr=1e-3, new_param_lr_scale=10.0, weight_decay=0.01)
+    tr = Trainer(cfg, data=stand_in_source(preset("tiny"), 4))
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    lr_of = {names[id(p)]: (g["initial_lr"], g["weight_decay"]) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in tr.optimizer.param_groups) == len(names) == len(lr_of)
+    assert lr_of["dino_patch_proj.weight"] == (pytest.approx(1e-2), 0.01)
+    assert lr_of["dino_patch_proj.bias"] == (pytest.approx(1e-2), 0.0)
+    assert lr_of["null_dino_patches"] == (pytest.approx(1e-2), 0.0)
+    assert lr_of["dino_proj.weight"] == (pytest.approx(1e-3), 0.01) and lr_of["null_text"][0] == pytest.approx(1e-3)
+    tr.run()                                   # the scheduler scales every group alike
+    lrs = [g["lr"] / g["initial_lr"] for g in tr.optimizer.param_groups]
+    assert max(lrs) == pytest.approx(min(lrs))
+    plain = Trainer(_cfg(tmp_path, out=str(tmp_path / "plain"), steps=1), data=stand_in_source(preset("tiny"), 4))
+    assert len(plain.optimizer.param_groups) == 2
+    with pytest.raises(ValueError, match="new_param_lr_scale"):
+        TrainConfig(new_param_lr_scale=0)
+
+
 # --------------------------------------------------------------------------- crash + resume
 
 def _cli(args, out, **popen):
