@@ -53,7 +53,7 @@ PROFILES: dict[str, dict] = {
         milestone_every=8, log_every=4, patch_pos="none", ablation=["learned", "sincos"],
         val_samples=8, sample_steps=3, text_scale=2.0, dino_scale=2.0,
         routing_samples=2, routing_steps=3, demo_steps=3, demo_train_steps=16, demo_grid=2,
-        model_overrides={},
+        model_overrides={}, new_param_lr_scale=1.0,
     ),
     # The real experiment at CPU scale (tiny preset, 256 image tokens): the whole suite in about 25 minutes on 2 cores.
     "cpu": dict(
@@ -61,7 +61,7 @@ PROFILES: dict[str, dict] = {
         milestone_every=200, log_every=10, patch_pos="none", ablation=["learned", "sincos"],
         val_samples=64, sample_steps=12, text_scale=2.0, dino_scale=2.0,
         routing_samples=8, routing_steps=10, demo_steps=10, demo_train_steps=300, demo_grid=4,
-        model_overrides={},
+        model_overrides={}, new_param_lr_scale=1.0,
     ),
     # Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
     # H100/H200, sized for about 8 minutes (4 x 400 steps at batch 32 is the bulk; not measured on
@@ -71,7 +71,7 @@ PROFILES: dict[str, dict] = {
         milestone_every=200, log_every=10, patch_pos="none", ablation=["learned", "sincos"],
         val_samples=32, sample_steps=12, text_scale=2.0, dino_scale=2.0,
         routing_samples=4, routing_steps=8, demo_steps=12, demo_train_steps=200, demo_grid=4,
-        model_overrides={},
+        model_overrides={}, new_param_lr_scale=1.0,
     ),
 }
 
@@ -233,6 +233,7 @@ def _train_config(ctx: Context, variant: str, data: Path):
         model_overrides=json.dumps(s.get("model_overrides") or {}), data=str(data),
         out=str(variant_dir(ctx.run_dir, variant)), steps=int(s["train_steps"]), batch_size=int(s["batch_size"]),
         lr=float(s["lr"]), warmup=int(s["warmup"]), log_every=int(s["log_every"]),
+        new_param_lr_scale=float(s["new_param_lr_scale"]),
         ckpt_every=int(s["train_steps"]), milestone_every=int(s["milestone_every"]),
         device=ctx.device, seed=ctx.seed, warm_start=warm, resume="none", progress=True)
 

@@ -34,6 +34,7 @@ lr = None
 warmup = None
 milestone_every = None   # steps between kept checkpoints
 patch_pos = None      # the main patch model's positional embedding: none | learned | sincos
+new_param_lr_scale = None   # lr multiplier for the patch parameters of the warm-started models
 '''
 CTX_ARGS = ("profile", "device", "run_dir", "seed", "fail_check")
 
