@@ -14,7 +14,7 @@ import torch
 
 from .attention import SOURCES, capture
 
-__all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use",
+__all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use", "risk5_answer",
            "mass_at_t", "query_tokens", "success_criteria", "fmt"]
 
 
@@ -108,6 +108,21 @@ def cls_use(checkpoints: list, cond: dict, device, t_values=(0.25, 0.5, 0.75)) -
         c = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
         out.append({"step": int(step), **mass_at_t(model, c, t_values)})
     return out
+
+
+def risk5_answer(over: list[dict], tables: dict, locality: dict, mean_context: float) -> tuple[str, float]:
+    """Seed risk 5 (is CLS attended?) in one sentence, from ``cls_use`` records ``over``, the
+    ``routing_tables`` of the sampling capture, ``patch_locality``'s result and the mean context
+    length M (real text + 1 + P). Returns (sentence, CLS share / uniform share 1/M at the last record)."""
+    share = over[-1]["cls"] * mean_context
+    mass, block, head = tables["max_head"]["cls"]
+    text = (f"Seed risk 5 (is CLS attended?): over {len(over)} checkpoints CLS received "
+            f"{fmt(over[0]['cls'])} -> {fmt(over[-1]['cls'])} of the cross-attention mass; one token of "
+            f"about {mean_context:.0f} would get {1 / mean_context:.3g} under uniform attention, so CLS gets "
+            f"{share:.2g}x its uniform share. The head using CLS most is block {block} head {head} with "
+            f"{fmt(mass)}. Patches: {fmt(tables['overall']['patches'])}, text: {fmt(tables['overall']['text'])}. "
+            f"Patch maps: the co-located patch gets {fmt(locality['ratio'])}x the uniform share (1 = position-blind).")
+    return text, share
 
 
 def query_tokens(scene_json: dict | None, h: int, w: int, n: int = 4) -> list[int]:

@@ -251,16 +251,10 @@ ctx.metrics.update({f"locality_{k}": v for k, v in loc.items()})'''),
 ctx.save(viz.plot_curves({src: [{"step": r["step"], "mass": r[src]} for r in over] for src in ("text", "cls", "patches")},
                          ["mass"]), "mass_over_training.png")
 ctx.metrics["mass_over_training"] = over
-M = batch["t5_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches
-mh = tabs["max_head"]["cls"]
-answer = (f"Seed risk 5 (is CLS attended?): over {len(over)} checkpoints CLS received "
-          f"{analysis.fmt(over[0]['cls'])} -> {analysis.fmt(over[-1]['cls'])} of the cross-attention mass; one token of "
-          f"about {M:.0f} would get {1 / M:.3g} under uniform attention, so CLS gets {over[-1]['cls'] * M:.2g}x its uniform share. "
-          f"The head using CLS most is block {mh[1]} head {mh[2]} with {analysis.fmt(mh[0])}. Patches: "
-          f"{analysis.fmt(tabs['overall']['patches'])}, text: {analysis.fmt(tabs['overall']['text'])}. Patch maps: the co-located "
-          f"patch gets {analysis.fmt(loc['ratio'])}x the uniform share (1 = position-blind).")
+M = batch["t5_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
+answer, share = analysis.risk5_answer(over, tabs, loc, M)
 print(answer)
-ctx.metrics["cls_share_vs_uniform"] = over[-1]["cls"] * M
+ctx.metrics["cls_share_vs_uniform"] = share
 ctx.metrics["answer_risk5"] = answer'''),
     new_code_cell("ctx.finish()"),
 ])
