@@ -55,7 +55,7 @@ PROFILES: dict[str, dict] = {
         routing_samples=2, routing_steps=3, demo_steps=3, demo_train_steps=16, demo_grid=2,
         model_overrides={}, new_param_lr_scale=1.0,
     ),
-    # The real experiment at CPU scale (tiny preset, 256 image tokens): the whole suite in about 25 minutes on 2 cores.
+    # The real experiment at CPU scale (tiny preset, 256 image tokens): the whole suite in about 20 minutes on 2 cores.
     "cpu": dict(
         preset="tiny", n_data=4000, val_fraction=0.1, batch_size=32, train_steps=600, lr=1e-3, warmup=50,
         milestone_every=200, log_every=10, patch_pos="none", ablation=["learned", "sincos"],
