@@ -50,7 +50,7 @@ from .model import ModelConfig, preset as model_preset
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
-           "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
+           "shape_mask", "sample_scene", "shuffle_layout", "shift_scene", "shift_extent", "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
 
 # Colours are multiples of 1/255 so a PNG round trip is exact. Pairwise RGB distance >= 0.5.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -159,6 +159,18 @@ def _overlaps(a: Shape, b: Shape) -> bool:
     return abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap
 
 
+def _random_centre(rng: np.random.Generator, size: str) -> tuple[float, float]:
+    """The world's placement rule: a centre drawn uniformly where the whole shape plus ``_MARGIN``
+    stays inside the image, rounded to 4 decimals (one ``rng.uniform(size=2)`` draw)."""
+    r = SIZES[size] + _MARGIN
+    cx, cy = (round(float(v), 4) for v in rng.uniform(r, 1 - r, size=2))
+    return cx, cy
+
+
+def _fits(cand: Shape, placed: list[Shape]) -> bool:
+    return not any(_overlaps(cand, s) for s in placed)
+
+
 def sample_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     """1..max_shapes shapes with random kind, colour, size and position, boxes not overlapping."""
     n = int(rng.integers(1, max_shapes + 1))
@@ -166,13 +178,55 @@ def sample_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     for _ in range(n):
         for _try in range(50):
             size = str(rng.choice(list(SIZES)))
-            r = SIZES[size] + _MARGIN
-            cx, cy = (float(v) for v in rng.uniform(r, 1 - r, size=2))
-            cand = Shape(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), round(cx, 4), round(cy, 4), size)
-            if not any(_overlaps(cand, s) for s in shapes):
+            cx, cy = _random_centre(rng, size)
+            cand = Shape(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), cx, cy, size)
+            if _fits(cand, shapes):
                 shapes.append(cand)
                 break
     return Scene(shapes)
+
+
+def shuffle_layout(scene: Scene, rng: np.random.Generator, tries: int = 200) -> Scene:
+    """The same shapes (kind, colour, size, in caption order) at new random positions drawn by the
+    world's own placement rule (``_random_centre``, boxes not overlapping): right content, wrong
+    places -- what "no layout" looks like. Each attempt places the shapes one by one (50 draws
+    each, like ``sample_scene``); an attempt that cannot fit a shape starts over, and after
+    ``tries`` attempts a ``RuntimeError`` says so (never reached for the world's 1-3 shapes)."""
+    for _attempt in range(tries):
+        placed: list[Shape] = []
+        for s in scene.shapes:
+            for _try in range(50):
+                cand = Shape(s.kind, s.colour, *_random_centre(rng, s.size), s.size)
+                if _fits(cand, placed):
+                    placed.append(cand)
+                    break
+            else:
+                break
+        if len(placed) == len(scene.shapes):
+            return Scene(placed)
+    raise RuntimeError(f"could not place {len(scene.shapes)} shapes without overlap in {tries} attempts")
+
+
+def shift_scene(scene: Scene, dx: float, dy: float) -> Scene:
+    """The whole scene translated rigidly by (dx, dy) (image fractions, x right, y down). The
+    translation is clamped per axis so that every shape stays entirely inside the image; shapes keep
+    their relative positions, so they never start to overlap. ``shift_extent(scene)`` gives the
+    room available in each direction."""
+    (left, right), (up, down) = shift_extent(scene)
+    dx, dy = min(max(dx, -left), right), min(max(dy, -up), down)
+    return Scene([Shape(s.kind, s.colour, round(s.cx + dx, 6), round(s.cy + dy, 6), s.size) for s in scene.shapes])
+
+
+def shift_extent(scene: Scene) -> tuple[tuple[float, float], tuple[float, float]]:
+    """How far the scene can move rigidly and stay inside the image: ((left, right), (up, down)),
+    each >= 0 (image fractions)."""
+    if not scene.shapes:
+        return (0.0, 0.0), (0.0, 0.0)
+    left = max(0.0, min(s.cx - s.radius for s in scene.shapes))
+    right = max(0.0, min(1 - s.cx - s.radius for s in scene.shapes))
+    up = max(0.0, min(s.cy - s.radius for s in scene.shapes))
+    down = max(0.0, min(1 - s.cy - s.radius for s in scene.shapes))
+    return (left, right), (up, down)
 
 
 @lru_cache(maxsize=8)
@@ -181,24 +235,27 @@ def _grid(S: int) -> tuple[np.ndarray, np.ndarray]:
     return c[None, :], c[:, None]                     # x (1, S), y (S, 1)
 
 
+def shape_mask(shape: Shape, image_size: int) -> np.ndarray:
+    """The pixels a shape covers when drawn alone: (S, S) bool, hard edges (pixel centres inside)."""
+    x, y = _grid(image_size)
+    r = shape.radius
+    if shape.kind == "circle":
+        return (x - shape.cx) ** 2 + (y - shape.cy) ** 2 <= r * r
+    if shape.kind == "square":
+        return (np.abs(x - shape.cx) <= r) & (np.abs(y - shape.cy) <= r)
+    if shape.kind == "triangle":    # apex up at (cx, cy - r), base from cx - r to cx + r at cy + r
+        top = shape.cy - r
+        return (y >= top) & (y <= shape.cy + r) & (np.abs(x - shape.cx) <= (y - top) * 0.5)
+    raise ValueError(f"unknown shape kind {shape.kind!r}")
+
+
 def render(scene: Scene, image_size: int) -> torch.Tensor:
     """Draw the scene: (3, S, S) float32 in [0, 1], hard edges, later shapes on top."""
     S = image_size
-    x, y = _grid(S)
     img = np.empty((S, S, 3), dtype=np.float32)
     img[:] = BACKGROUND
     for s in scene.shapes:
-        r = s.radius
-        if s.kind == "circle":
-            m = (x - s.cx) ** 2 + (y - s.cy) ** 2 <= r * r
-        elif s.kind == "square":
-            m = (np.abs(x - s.cx) <= r) & (np.abs(y - s.cy) <= r)
-        elif s.kind == "triangle":    # apex up at (cx, cy - r), base from cx - r to cx + r at cy + r
-            top = s.cy - r
-            m = (y >= top) & (y <= s.cy + r) & (np.abs(x - s.cx) <= (y - top) * 0.5)
-        else:
-            raise ValueError(f"unknown shape kind {s.kind!r}")
-        img[m] = COLOURS[s.colour]
+        img[shape_mask(s, S)] = COLOURS[s.colour]
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()                       # (3, S, S)
 
 
