@@ -410,6 +410,8 @@ def _truth(scenes: list[Scene], S: int):
         for j in range(len(masks) - 1, -1, -1):         # later shapes are drawn on top
             vis = masks[j] & ~covered
             covered |= masks[j]
+            if sc.shapes[j].colour not in COLOURS:
+                raise ValueError(f"scene {b}: unknown colour {sc.shapes[j].colour!r}; choose from {sorted(COLOURS)}")
             c = COLOUR_NAMES.index(sc.shapes[j].colour)
             colour[b, j] = c
             n = int(vis.sum())
@@ -489,7 +491,6 @@ def shape_layout_per_sample(generated: torch.Tensor, scenes: Sequence, mask_fn: 
     mask_fn = mask_fn or colour_mask
     scenes = [_as_scene(s) for s in scenes]
     t_col, t_area, t_ctr, t_mask = _truth(scenes, S)                                   # (B, M), (B, M), (B, M, 2), (B, 6, S, S)
-    M = t_col.shape[1]
     t_ok = t_area > 0                                                                  # (B, M) scored shapes
     gen = generated.detach().float().cpu()
     g_mask = torch.stack([mask_fn(gen, c).cpu().bool() for c in COLOUR_NAMES], 1)    # (B, 6, S, S)
@@ -515,7 +516,7 @@ def shape_layout_per_sample(generated: torch.Tensor, scenes: Sequence, mask_fn: 
     dist = (t_ctr[:, :, None, :] - d_ctr[:, None, :, :]).norm(dim=-1)                 # (B, M, Kc)
     allowed = (t_ok[:, :, None] & (t_col[:, :, None] == d_col[:, None, :])
                & (d_area[:, None, :] >= min_area_fraction * t_area[:, :, None]))
-    match = _match(torch.where(allowed, dist, math.inf))                       # (B, M)
+    match = _match(torch.where(allowed, dist, math.inf))                               # (B, M)
     found = match >= 0
     k = match.clamp_min(0)
     m_dist = dist.gather(2, k[:, :, None])[:, :, 0]                                    # (B, M)

@@ -276,6 +276,11 @@ def test_shape_layout_ranks_the_constructed_rows(calib_scenes, size):
         assert r[name]["layout_error"] == pytest.approx(MISS_PENALTY)
         assert r[name]["placement_error"] is None and r[name]["size_error"] is None
     assert r["empty"]["mask_iou"] == 0.0 and 0 < r["specks"]["mask_iou"] < 0.1
+    # the specks carry each colour's pixel count (to a speck's 4 px) in 2 x 2 pieces
+    for c in COLOURS:
+        n_src = colour_mask(rows["source"], c).flatten(1).sum(1)
+        n_spk = colour_mask(rows["specks"], c).flatten(1).sum(1)
+        assert (n_spk - n_src).abs().max() <= 2 and (n_spk % 4 == 0).all()
     # the orderings the headline and each component must show
     le = {k: v["layout_error"] for k, v in r.items()}
     assert le["source"] < le["shifted"] < le["layout_blind"] < le["specks"] == le["empty"]
