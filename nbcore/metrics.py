@@ -343,21 +343,25 @@ def connected_components(masks: torch.Tensor, connectivity: int = 4) -> torch.Te
     active = masks.view(N, HW).any(1).nonzero().flatten()                             # (n,) images with foreground
     fg = masks.view(N, HW)[active]                                                     # (n, HW)
     big = HW                                                                           # background: above any index
+    # labels plus a sentinel column at index HW that always holds `big`: background labels point
+    # at it, so pointer jumping needs no masking
     lab = torch.where(fg, torch.arange(HW, device=masks.device), big)                  # (n, HW)
+    lab = F.pad(lab, (0, 1), value=big)                                                # (n, HW + 1)
     offsets = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])
     while active.numel():
         n = active.numel()
-        p = F.pad(lab.view(n, H, W), (1, 1, 1, 1), value=big)                          # (n, H+2, W+2)
-        nb = lab.view(n, H, W)
+        p = F.pad(lab[:, :HW].reshape(n, H, W), (1, 1, 1, 1), value=big)               # (n, H+2, W+2)
+        nb = p[:, 1: 1 + H, 1: 1 + W]
         for dy, dx in offsets:                         # each offset and its opposite
             nb = torch.minimum(nb, p[:, 1 + dy: 1 + dy + H, 1 + dx: 1 + dx + W])
             nb = torch.minimum(nb, p[:, 1 - dy: 1 - dy + H, 1 - dx: 1 - dx + W])
-        new = torch.where(fg, nb.reshape(n, HW), big)                                  # (n, HW)
+        new = lab.clone()
+        new[:, :HW] = nb.reshape(n, HW).masked_fill_(~fg, big)                         # (n, HW + 1)
         for _ in range(2):                             # pointer jumping: label <- label of the pixel it names
-            new = torch.where(fg, new.gather(1, new.clamp(max=HW - 1)), big)
+            new = new.gather(1, new)
         changed = (new != lab).any(1)                                                  # (n,)
         done = ~changed
-        out[active[done]] = torch.where(fg[done], new[done], -1)
+        out[active[done]] = new[done, :HW].masked_fill(~fg[done], -1)
         active, fg, lab = active[changed], fg[changed], new[changed]
     return out.view(N, H, W)
 
