@@ -7,7 +7,10 @@
     rec.t             # (F, B) timestep of each forward
 
 F forwards, N image tokens, P patches. The masses of a token sum to 1 (padding gets 0, so text mass
-is the mass on real tokens). Reduction happens inside the forward, on the device: a production-size
+is the mass on real tokens). The sources are found by name in the model's context layout
+(``ModelConfig.context_spans``), whatever their order (CLS in the middle or at the start); a source
+the context lacks gets mass 0 (the pre-patch model: CLS and patches; tied-only patches: patches, and
+then ``patch_maps`` is empty). Reduction happens inside the forward, on the device: a production-size
 capture keeps (nh * N * 3 + N * P) numbers per block and sample, never the full (nh, N, M) weights.
 While capturing, cross-attention takes the explicit path of ``nbcore.model.attend`` (same maths as
 the fused kernel); outside the context manager nothing of the normal path changes.
@@ -29,25 +32,25 @@ class RoutingRecorder:
         self._maps: list[list[torch.Tensor]] = []      # per forward: per block (B, N, P)
         self._t: list[torch.Tensor] = []
         self.grid: tuple[int, int] | None = None
-        self.n_text = 0
+        self.spans: dict[str, tuple[int, int]] = {}
 
     # -- called by NanoDiT.forward
-    def begin(self, t, n_text, key_mask, grid):
+    def begin(self, t, spans, key_mask, grid):
+        """spans {source: (start, stop)} in the context (``ModelConfig.context_spans``; an absent
+        source has start == stop)."""
         self._t.append(t.detach().float().cpu())
         self._mass.append([])
         self._maps.append([])
-        self.n_text, self.grid = n_text, grid
+        self.spans, self.grid = dict(spans), grid
 
     def hook(self, block_index: int):
         def record(weights: torch.Tensor):                                            # (B, nh, N, M)
             w = weights.detach().float()
-            L = self.n_text
-            text = w[..., :L].sum(-1)                                                  # (B, nh, N)
-            cls = w[..., L] if w.shape[-1] > L else torch.zeros_like(text)             # (B, nh, N)
-            patches = w[..., L + 1:].sum(-1)                                           # (B, nh, N)
-            self._mass[-1].append(torch.stack([text, cls, patches], -1).to(self.dtype).cpu())
-            if self.keep_maps and w.shape[-1] > L + 1:
-                self._maps[-1].append(w[..., L + 1:].mean(1).to(self.dtype).cpu())    # (B, N, P)
+            mass = [w[..., a:b].sum(-1) for a, b in (self.spans[s] for s in SOURCES)]   # 3 x (B, nh, N)
+            self._mass[-1].append(torch.stack(mass, -1).to(self.dtype).cpu())          # (B, nh, N, 3)
+            a, b = self.spans["patches"]
+            if self.keep_maps and b > a:
+                self._maps[-1].append(w[..., a:b].mean(1).to(self.dtype).cpu())        # (B, N, P)
         return record
 
     # -- results

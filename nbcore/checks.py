@@ -4,7 +4,8 @@ and returned as table rows for the notebooks (02_checks shows them; a failed row
     rows = run_model_checks(preset("tiny"))
     failed = [r for r in rows if not r["passed"]]
 
-Each row: ``check`` (what), ``variant`` ("patches" / "prepatch" / a pos-embedding name),
+Each row: ``check`` (what), ``variant`` (an arm of ``CHECK_ARMS``: "patches", "prepatch", "tie+context",
+..., or a pos-embedding name "pos=..."),
 ``value`` (the measured number: a max |difference|, a count), ``tolerance`` (what ``value`` is
 compared with), ``passed`` (bool), ``detail`` (one line). The models are tiny random networks
 whose every parameter is perturbed away from its (partly zero) initialisation, because a
@@ -22,10 +23,27 @@ from .attention import capture
 from .model import ModelConfig, NanoDiT, load_warm_start, prepare_text
 
 __all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "with_changed_signal", "warm_start_summary",
-           "architecture_summary", "cfg_modes", "production_forward"]
+           "architecture_summary", "cfg_modes", "production_forward", "CHECK_ARMS", "arm_config"]
 
 TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" checks
 RESPONDS = 1e-3     # a kept signal must move the output by at least this much
+
+# The model variants every contract check runs on: ModelConfig overrides on top of a preset
+# (issue 16's arms). Tie-only arms reset patch_pos_embed: positions apply to context patches only.
+CHECK_ARMS: dict[str, dict] = {
+    "patches": dict(use_dino_patches=True),                                   # context, [text | CLS | patches]
+    "cls start": dict(use_dino_patches=True, cls_position="start"),           # [CLS | text | patches]
+    "tie+context": dict(use_dino_patches=True, patch_tie=True),
+    "tie only": dict(use_dino_patches=True, patch_tie=True, patch_context=False, patch_pos_embed="none"),
+    "tie only, no CLS": dict(use_dino_patches=True, patch_tie=True, patch_context=False,
+                             patch_pos_embed="none", cls_position="none"),    # pre-patch model + tie
+    "prepatch": dict(use_dino_patches=False),
+}
+
+
+def arm_config(cfg: ModelConfig, arm: str) -> ModelConfig:
+    """``cfg`` with the overrides of ``CHECK_ARMS[arm]``."""
+    return replace(cfg, **CHECK_ARMS[arm])
 
 
 def make_check_model(cfg: ModelConfig, seed: int = 0, perturb: bool = True) -> NanoDiT:
@@ -148,7 +166,7 @@ def _gradient_check(cfg: ModelConfig, variant: str) -> dict:
 def _order_check(cfg: ModelConfig, pos: str) -> dict:
     """Without positions the patches are a set (permuting them changes nothing); with learned or
     sin-cos positions the order matters."""
-    c = replace(cfg, use_dino_patches=True, patch_pos_embed=pos)
+    c = replace(cfg, use_dino_patches=True, patch_context=True, patch_pos_embed=pos)
     model = make_check_model(c)
     inp = make_check_inputs(c)
     perm = torch.randperm(c.num_patches, generator=torch.Generator().manual_seed(0))
@@ -159,31 +177,87 @@ def _order_check(cfg: ModelConfig, pos: str) -> dict:
                 "max |v(permuted) - v|" + (" <= tol" if invariant else " > tol"))
 
 
-def _warm_start_check(cfg: ModelConfig) -> dict:
+@torch.no_grad()
+def _tie_locality_check(cfg: ModelConfig, variant: str) -> dict:
+    """Tied patches are local: swapping two patches changes the residual stream entering the first
+    block at exactly the image tokens those two patches cover, and nowhere else."""
+    model = make_check_model(cfg)
+    inp = make_check_inputs(cfg, B=1)
+    g, p = cfg.dino_grid, cfg.patch_size
+    h = w = cfg.input_size // p
+    if h % g:
+        return _row("tied patch reaches only its tokens", variant, 0, 0, True, f"skipped: g={g} does not divide h={h}")
+    a, b = 0, cfg.num_patches - 1                       # opposite corners
+    swapped = inp["dino_patches"].clone()
+    swapped[:, [a, b]] = swapped[:, [b, a]]
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        model(**inp)
+        model(**dict(inp, dino_patches=swapped))
+    finally:
+        handle.remove()
+    change = (seen[1] - seen[0]).abs().amax(-1)[0].view(h, w)                          # (h, w)
+    covered = torch.zeros(g, g, dtype=torch.bool)
+    covered.view(-1)[[a, b]] = True
+    covered = covered.repeat_interleave(h // g, 0).repeat_interleave(w // g, 1)        # (h, w)
+    outside, inside = float(change[~covered].max()), float(change[covered].min())
+    ok = outside == 0.0 and inside > RESPONDS
+    return _row("tied patch reaches only its tokens", variant, outside, 0.0, ok,
+                f"swap patches {a}<->{b}: block-0 input moves {inside:.2e} (min) on their tokens, {outside:.2e} elsewhere")
+
+
+def _warm_start_check(cfg: ModelConfig, variant: str = "patches") -> list[dict]:
+    """Warm start of ``cfg`` (a patch arm) from a pre-patch model: the report names exactly the new
+    parameters and every old tensor is copied. Where the arm adds no context keys (tie only, no
+    CLS) its step-0 output must equal the pre-patch model's exactly; a tie added to a context arm
+    must leave that arm's output exactly unchanged."""
+    rows = []
     base = make_check_model(replace(cfg, use_dino_patches=False), seed=3)
-    model = NanoDiT(replace(cfg, use_dino_patches=True))
+    model = NanoDiT(cfg).eval()
     report = load_warm_start(model, base.state_dict())
     own = model.state_dict()
     copied = all(torch.equal(own[k], v) for k, v in base.state_dict().items())
     ok = (report["new"] == model.new_parameter_names() and not report["unexpected"]
           and not report["mismatched"] and set(report["loaded"]) == set(base.state_dict()) and copied)
-    return _row("warm start from pre-patch", "patches", len(report["new"]), len(model.new_parameter_names()), ok,
-                f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {len(report['unexpected'])}, "
-                f"mismatched {len(report['mismatched'])}")
+    rows.append(_row("warm start from pre-patch", variant, len(report["new"]), len(model.new_parameter_names()), ok,
+                     f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {len(report['unexpected'])}, "
+                     f"mismatched {len(report['mismatched'])}"))
+    inp = make_check_inputs(cfg, lengths=[3, cfg.text_len])
+    if cfg.patch_tie and cfg.context_order == ("text",):
+        with torch.no_grad():
+            d = _maxdiff(model(**inp), base(**inp))
+        rows.append(_row("warm start = pre-patch function at step 0", variant, d, 0.0, d == 0.0,
+                         "max |v(warm-started) - v(pre-patch)| (zero-initialised dino_patch_tie)"))
+    if cfg.patch_tie and cfg.patch_context:
+        ctx_arm = make_check_model(replace(cfg, patch_tie=False), seed=4)
+        model = NanoDiT(cfg).eval()
+        report = load_warm_start(model, ctx_arm.state_dict())
+        with torch.no_grad():
+            d = _maxdiff(model(**inp), ctx_arm(**inp))
+        ok = d == 0.0 and report["new"] == ["dino_patch_tie.bias", "dino_patch_tie.weight"]
+        rows.append(_row("adding the tie keeps the context arm's function", variant, d, 0.0, ok,
+                         f"new {report['new']}; max |v(tie+context) - v(context)| at step 0"))
+    return rows
 
 
-def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos")) -> list[dict]:
-    """Run every model contract check on ``cfg`` (use a tiny preset: dozens of forwards) for the
-    patch model and the pre-patch architecture. Returns the rows described in the module doc."""
+def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos"), arms=tuple(CHECK_ARMS)) -> list[dict]:
+    """Run every model contract check on ``cfg`` (use a tiny preset: dozens of forwards per arm) for
+    each arm of ``CHECK_ARMS`` (the patch model, the pre-patch architecture, CLS first, tied
+    patches with and without context). Returns the rows described in the module doc."""
     rows: list[dict] = []
-    for use, variant in [(True, "patches"), (False, "prepatch")]:
-        c = replace(cfg, use_dino_patches=use)
-        rows += _forward_checks(c, variant)
-        rows.append(_gradient_check(c, variant))
+    for arm in arms:
+        c = arm_config(cfg, arm)
+        rows += _forward_checks(c, arm)
+        rows.append(_gradient_check(c, arm))
+        if c.use_dino_patches and c.patch_tie:
+            rows.append(_tie_locality_check(c, arm))
+        if c.use_dino_patches:
+            rows += _warm_start_check(c, arm)
     for pos in pos_variants:
-        rows.append(_gradient_check(replace(cfg, use_dino_patches=True, patch_pos_embed=pos), f"pos={pos}"))
+        c = replace(cfg, use_dino_patches=True, patch_context=True, patch_pos_embed=pos)
+        rows.append(_gradient_check(c, f"pos={pos}"))
         rows.append(_order_check(cfg, pos))
-    rows.append(_warm_start_check(cfg))
     return rows
 
 
@@ -194,17 +268,20 @@ def architecture_summary(cfg: ModelConfig) -> dict:
     ``context`` {text, cls, patches} token counts, ``context_len``, ``image_tokens``, parameter
     counts ``params_patch`` / ``params_prepatch`` / ``params_new``, ``new_names`` and
     ``new_table`` (rows: name, shape, params, init)."""
+    patch_cfg = replace(cfg, use_dino_patches=True)
     with torch.device("meta"):  # structure and counts need no memory (a production model is 160M params)
-        patch = NanoDiT(replace(cfg, use_dino_patches=True))
+        patch = NanoDiT(patch_cfg)
         pre = NanoDiT(replace(cfg, use_dino_patches=False))
     names = patch.new_parameter_names()
     params = dict(patch.named_parameters())
     init = {"dino_patch_proj.weight": "Xavier uniform", "dino_patch_proj.bias": "zeros",
-            "null_dino_patches": "zeros (learned null)", "patch_pos": "N(0, 0.02)"}
+            "null_dino_patches": "zeros (learned null)", "patch_pos": "N(0, 0.02)",
+            "dino_patch_tie.weight": "zeros (tie adds 0 at start)", "dino_patch_tie.bias": "zeros"}
     n_new = sum(params[n].numel() for n in names)
     tokens = (cfg.input_size // cfg.patch_size) ** 2
-    return {"context": {"text": cfg.text_len, "cls": 1, "patches": cfg.num_patches},
-            "context_len": replace(cfg, use_dino_patches=True).context_len, "image_tokens": tokens,
+    spans = patch_cfg.context_spans(cfg.text_len)
+    return {"context": {s: b - a for s, (a, b) in spans.items()},
+            "context_len": patch_cfg.context_len, "image_tokens": tokens,
             "params_patch": patch.num_params(), "params_prepatch": pre.num_params(), "params_new": n_new,
             "new_names": names,
             "new_table": [{"preset cfg": f"D={cfg.hidden_size} Dd={cfg.dino_dim}", "name": n,

@@ -5,12 +5,20 @@ Reads top to bottom: embeddings -> attention -> block -> final layer -> model ->
 
 Shape legend
     B batch, C latent channels, H W latent height/width, p patch size,
-    N = (H/p)(W/p) image tokens, L text tokens, P DINO patches (g x g grid), M = L + 1 + P context,
+    N = h*w = (H/p)(W/p) image tokens, L text tokens, P DINO patches (g x g grid), M = L + 1 + P context,
     D hidden, nh heads, hd = D / nh head dim, Dt text dim, Dd DINO dim.
 
 Cross-attention context (DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
 With ``use_dino_patches=False`` the context is the text alone and the CLS acts only through adaLN:
 exactly the pre-patch architecture, so its checkpoints warm-start the patch model.
+
+The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of that:
+    patch_context  patches in the cross-attention context (the default; DESIGN.md's model)
+    patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
+                   patch covers, before the first block (zero-initialised: see initialize_weights)
+    cls_position   "middle" [text | CLS | patches] (DESIGN.md), "start" [CLS | text | patches], or
+                   "none" (CLS only through adaLN, as in the pre-patch model)
+Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the context.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ModelConfig", "NanoDiT", "PRESETS", "attend", "prepare_text", "load_warm_start",
-           "initialize_weights", "sincos_2d"]
+           "initialize_weights", "sincos_2d", "patch_cover_weights", "preset"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,24 @@ class ModelConfig:
     dino_dim: int = 1024           # Dd
     dino_grid: int = 14            # patches form a g x g grid, P = g * g
     use_dino_patches: bool = True
-    # Positional embedding added to the projected patch tokens (seed open question 5):
+    # The fields below shape the DINO paths and apply only with use_dino_patches=True; without it
+    # they are ignored (the pre-patch architecture), so replace(cfg, use_dino_patches=False) is the
+    # baseline of any arm.
+    # Where the patches go (at least one): into the cross-attention context, and/or added to the
+    # image tokens they cover (spatially tied).
+    patch_context: bool = True
+    patch_tie: bool = False
+    # Positional embedding added to the projected *context* patch tokens (seed open question 5):
     # "none" (patches are a set, like DINOv3's RoPE features), "learned", or "sincos"
     # (2D sin-cos evaluated at each patch's centre in latent-token coordinates, i.e. the same
-    # frame as the image tokens' embedding).
+    # frame as the image tokens' embedding). Tied patches need none: their place is the token they
+    # are added to.
     patch_pos_embed: str = "none"
+    # Where the CLS token sits in the context (seed open question 4): "middle" = [text | CLS |
+    # patches] (DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
+    # through adaLN, as in the pre-patch model). With the patches out of the context (tie only) CLS
+    # stays in by default: the arm then differs from the context arms only in where the patches go.
+    cls_position: str = "middle"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -52,15 +73,42 @@ class ModelConfig:
             raise ValueError("hidden_size must be divisible by 4 for the 2D sin-cos embedding")
         if self.patch_pos_embed not in ("none", "learned", "sincos"):
             raise ValueError(f"patch_pos_embed must be none|learned|sincos, got {self.patch_pos_embed!r}")
+        if self.cls_position not in ("middle", "start", "none"):
+            raise ValueError(f"cls_position must be middle|start|none, got {self.cls_position!r}")
+        if self.use_dino_patches and not (self.patch_context or self.patch_tie):
+            raise ValueError("use_dino_patches=True needs patch_context or patch_tie (or both); "
+                             "for no patches at all use use_dino_patches=False")
+        if self.use_dino_patches and not self.patch_context and self.patch_pos_embed != "none":
+            raise ValueError(f"patch_pos_embed={self.patch_pos_embed!r} positions context patches, but "
+                             "patch_context=False (tied patches take the position of the tokens they cover)")
 
     @property
     def num_patches(self) -> int:
         return self.dino_grid * self.dino_grid
 
     @property
+    def context_order(self) -> tuple[str, ...]:
+        """The parts of the cross-attention context in order, named as ``nbcore.attention.SOURCES``
+        ("text", "cls", "patches"); a part the configuration leaves out is absent."""
+        if not self.use_dino_patches:
+            return ("text",)
+        head = {"middle": ("text", "cls"), "start": ("cls", "text"), "none": ("text",)}[self.cls_position]
+        return head + (("patches",) if self.patch_context else ())
+
+    def context_spans(self, n_text: int) -> dict[str, tuple[int, int]]:
+        """{source: (start, stop)} positions of text, CLS and patches in a context with ``n_text`` text
+        tokens; an absent source has start == stop (an empty span)."""
+        sizes = {"text": n_text, "cls": 1, "patches": self.num_patches}
+        spans, at = {s: (0, 0) for s in sizes}, 0
+        for s in self.context_order:
+            spans[s] = (at, at + sizes[s])
+            at += sizes[s]
+        return spans
+
+    @property
     def context_len(self) -> int:
         """Maximum cross-attention context length M (709 for the production preset)."""
-        return self.text_len + (1 + self.num_patches if self.use_dino_patches else 0)
+        return max(stop for _, stop in self.context_spans(self.text_len).values())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +134,18 @@ def image_pos_embed(dim: int, h: int, w: int) -> torch.Tensor:
     """Sin-cos embedding of an h x w token grid at integer coordinates -> (h*w, dim), row-major."""
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return sincos_2d(dim, r.flatten(), c.flatten())
+
+
+def patch_cover_weights(g: int, h: int, w: int) -> torch.Tensor:
+    """(h*w, g*g): the share of each image token's cell covered by each DINO patch, both grids
+    spanning the whole image, both row-major; each row sums to 1 (area / box resampling of the
+    g x g patch grid onto the h x w token grid). Where g divides h and w each row is one-hot."""
+    def overlap(n: int) -> torch.Tensor:
+        tok, pat = torch.arange(n, dtype=torch.float64), torch.arange(g, dtype=torch.float64)
+        lo = torch.maximum(tok[:, None] / n, pat[None] / g)                           # (n, g)
+        hi = torch.minimum((tok[:, None] + 1) / n, (pat[None] + 1) / g)               # (n, g)
+        return (hi - lo).clamp_min(0) * n                                             # (n, g) rows sum to 1
+    return torch.kron(overlap(h), overlap(w)).float()                                  # (h*w, g*g)
 
 
 def patch_grid_pos_embed(dim: int, g: int, h: int, w: int) -> torch.Tensor:
@@ -180,7 +240,7 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """Self-attention -> one cross-attention over [text | CLS | patches] -> MLP, each pre-normed and
+    """Self-attention -> one cross-attention over the context ([text | CLS | patches]) -> MLP, each pre-normed and
     modulated by adaLN with 6 parameters (shift/scale for each of the three) from CLS + t."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
@@ -232,31 +292,52 @@ class NanoDiT(nn.Module):
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))    # one token; the rest is masked
         self.null_dino = nn.Parameter(torch.zeros(1, cfg.dino_dim))
         if cfg.use_dino_patches:
-            self.dino_patch_proj = nn.Linear(cfg.dino_dim, D)
+            # one null for both paths: a dropped DINO reaches neither the context nor the tie
             self.null_dino_patches = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dino_dim))
-            if cfg.patch_pos_embed == "learned":
-                self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
+            if cfg.patch_context:
+                self.dino_patch_proj = nn.Linear(cfg.dino_dim, D)
+                if cfg.patch_pos_embed == "learned":
+                    self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
+            if cfg.patch_tie:
+                self.dino_patch_tie = nn.Linear(cfg.dino_dim, D)    # its own projection, zero at init
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, cfg.in_channels)
         self._pos_cache: dict = {}
         self._recorder = None          # set by nbcore.attention.capture; None = fused path
         initialize_weights(self)
 
-    # -- fixed positional tables, computed once per latent grid and device
+    # -- fixed tables, computed once per latent grid and device
     def _pos(self, kind: str, h: int, w: int, device) -> torch.Tensor:
+        """kind "image" -> (1, N, D), "patch" -> (1, P, D) sin-cos tables; "cover" -> (1, N, P) the
+        share of each image token's cell covered by each patch (``patch_cover_weights``)."""
         key = (kind, h, w, str(device))
         if key not in self._pos_cache:
-            D = self.cfg.hidden_size
-            table = image_pos_embed(D, h, w) if kind == "image" else patch_grid_pos_embed(D, self.cfg.dino_grid, h, w)
-            self._pos_cache[key] = table.to(device)[None]                              # (1, K, D)
+            D, g = self.cfg.hidden_size, self.cfg.dino_grid
+            table = {"image": lambda: image_pos_embed(D, h, w), "patch": lambda: patch_grid_pos_embed(D, g, h, w),
+                     "cover": lambda: patch_cover_weights(g, h, w)}[kind]()
+            self._pos_cache[key] = table.to(device)[None]                              # (1, K, D) or (1, N, P)
         return self._pos_cache[key]
+
+    def _tie(self, dino_patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Spatially tied patches: dino_patches (B, P, Dd) -> (B, N, D), ``dino_patch_tie`` of the patch
+        that covers each image token of the h x w grid (row-major, both grids spanning the image).
+        Where g divides h and w every token lies inside one patch, which is repeated over its
+        (h/g) x (w/g) tokens (nearest); otherwise each token takes the area-weighted mean of the
+        patches its cell overlaps (box / area resampling; g > h averages several patches)."""
+        B, g = dino_patches.shape[0], self.cfg.dino_grid
+        tie = self.dino_patch_tie(dino_patches)                                        # (B, P, D)
+        D = tie.shape[-1]
+        if h % g == 0 and w % g == 0:
+            tie = tie.view(B, g, 1, g, 1, D).expand(B, g, h // g, g, w // g, D)        # (B, g, h/g, g, w/g, D)
+            return tie.reshape(B, h * w, D)                                            # (B, N, D)
+        return self._pos("cover", h, w, tie.device).to(tie.dtype) @ tie                # (1, N, P) @ (B, P, D) -> (B, N, D)
 
     def forward(self, x, t, dino_emb, dino_patches, text_emb, text_mask,
                 drop_text=None, drop_dino=None):
         """Predict the flow-matching velocity v = noise - x0.
 
-        x (B, C, H, W); t (B,) in [0, 1]; dino_emb (B, Dd); dino_patches (B, P, Dd) (ignored, may be
-        None, when use_dino_patches=False); text_emb (B, L, Dt); text_mask (B, L) bool, True = real
+        x (B, C, H, W); t (B,) in [0, 1]; dino_emb (B, Dd); dino_patches (B, P, Dd), row-major g x g
+        (ignored, may be None, when use_dino_patches=False); text_emb (B, L, Dt); text_mask (B, L) bool, True = real
         token, or None when nothing is padded (lets the fused kernel use flash attention);
         drop_text / drop_dino (B,) bool: replace that sample's signal by the learned null, so the
         dropped input has no influence on its output (a dropped caption needs a key mask, so any
@@ -286,26 +367,33 @@ class NanoDiT(nn.Module):
         x = x + self._pos("image", h, w, x.device).to(x.dtype)
         cls = self.dino_proj(dino_emb)                                                 # (B, D)
         c = cls + self.t_embedder(t).to(cls.dtype)                                     # (B, D) adaLN input
-        ctx = self.text_proj(text_emb)                                                 # (B, L, D)
-        key_mask = text_mask
+        parts = {"text": self.text_proj(text_emb), "cls": cls[:, None]}                # (B, L, D), (B, 1, D)
         if cfg.use_dino_patches:
-            if dino_patches is None:
-                raise ValueError("use_dino_patches=True needs dino_patches (B, P, Dd)")
-            if drop_dino is not None:
+            if dino_patches is None or dino_patches.shape[1:] != (cfg.num_patches, cfg.dino_dim):
+                got = None if dino_patches is None else tuple(dino_patches.shape)
+                raise ValueError(f"use_dino_patches=True needs dino_patches (B, {cfg.num_patches}, {cfg.dino_dim}), got {got}")
+            if drop_dino is not None:  # before both paths: a dropped DINO reaches neither
                 dino_patches = torch.where(drop_dino[:, None, None],
                                            self.null_dino_patches.to(dino_patches.dtype), dino_patches)
-            patches = self.dino_patch_proj(dino_patches)                               # (B, P, D)
-            if cfg.patch_pos_embed == "learned":
-                patches = patches + self.patch_pos.to(patches.dtype)
-            elif cfg.patch_pos_embed == "sincos":
-                patches = patches + self._pos("patch", h, w, x.device).to(patches.dtype)
-            ctx = torch.cat([ctx, cls[:, None], patches], dim=1)                       # (B, L + 1 + P, D)
-            if key_mask is not None:  # CLS and patches are always valid
-                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1 + cfg.num_patches)], dim=1)  # (B, M)
+            if cfg.patch_tie:
+                x = x + self._tie(dino_patches, h, w).to(x.dtype)                     # (B, N, D)
+            if cfg.patch_context:
+                patches = self.dino_patch_proj(dino_patches)                           # (B, P, D)
+                if cfg.patch_pos_embed == "learned":
+                    patches = patches + self.patch_pos.to(patches.dtype)
+                elif cfg.patch_pos_embed == "sincos":
+                    patches = patches + self._pos("patch", h, w, x.device).to(patches.dtype)
+                parts["patches"] = patches
+        order = cfg.context_order
+        ctx = torch.cat([parts[s] for s in order], dim=1)                              # (B, M, D) in context_order
+        key_mask = text_mask
+        if key_mask is not None and len(order) > 1:  # CLS and patches are always valid
+            key_mask = torch.cat([key_mask if s == "text" else key_mask.new_ones(B, parts[s].shape[1])
+                                  for s in order], dim=1)                              # (B, M)
 
         rec = self._recorder
         if rec is not None:
-            rec.begin(t=t, n_text=L, key_mask=key_mask, grid=(h, w))
+            rec.begin(t=t, spans=cfg.context_spans(L), key_mask=key_mask, grid=(h, w))
         for i, block in enumerate(self.blocks):
             x = block(x, c, ctx, key_mask, None if rec is None else rec.hook(i))
         x = self.final_layer(x, c)                                                     # (B, N, p*p*C)
@@ -316,11 +404,18 @@ class NanoDiT(nn.Module):
         return sum(q.numel() for q in self.parameters() if q.requires_grad or not trainable_only)
 
     def new_parameter_names(self) -> list[str]:
-        """Parameters that the pre-patch architecture lacks (what a warm start initialises)."""
-        if not self.cfg.use_dino_patches:
+        """Parameters that the pre-patch architecture lacks (what a warm start from it initialises,
+        and what ``TrainConfig.new_param_lr_scale`` scales), sorted."""
+        cfg = self.cfg
+        if not cfg.use_dino_patches:
             return []
-        names = ["dino_patch_proj.bias", "dino_patch_proj.weight", "null_dino_patches"]
-        return sorted(names + (["patch_pos"] if self.cfg.patch_pos_embed == "learned" else []))
+        names = ["null_dino_patches"]
+        if cfg.patch_context:
+            names += ["dino_patch_proj.bias", "dino_patch_proj.weight"]
+            names += ["patch_pos"] if cfg.patch_pos_embed == "learned" else []
+        if cfg.patch_tie:
+            names += ["dino_patch_tie.bias", "dino_patch_tie.weight"]
+        return sorted(names)
 
 
 def initialize_weights(model: NanoDiT) -> None:
@@ -334,6 +429,11 @@ def initialize_weights(model: NanoDiT) -> None:
       This makes a model trained from scratch start as the identity. A warm-started patch model
       does change at step 0: its trained cross-attention now shares the softmax between the text
       keys and the 1 + P new CLS / patch keys (an honest cost of concatenated cross-attention).
+    - The tied-patch projection ``dino_patch_tie`` (weight and bias) starts at zero, so the tie adds
+      exactly 0 to the image tokens: a warm start from a pre-patch checkpoint with ``patch_tie`` and
+      no new context keys (``patch_context=False, cls_position="none"``) is exactly the pre-patch
+      function at step 0, and adding the tie to a trained context arm leaves that arm's function
+      unchanged. (With CLS or patches in the context, the new keys change it as said above.)
     - Learned nulls start at zero (seed plan); a learned patch position table at N(0, 0.02).
     """
     for m in model.modules():
@@ -355,6 +455,9 @@ def initialize_weights(model: NanoDiT) -> None:
     for name in ("null_text", "null_dino", "null_dino_patches"):
         if hasattr(model, name):
             nn.init.zeros_(getattr(model, name))
+    if hasattr(model, "dino_patch_tie"):
+        nn.init.zeros_(model.dino_patch_tie.weight)
+        nn.init.zeros_(model.dino_patch_tie.bias)
     if hasattr(model, "patch_pos"):
         nn.init.normal_(model.patch_pos, std=0.02)
 
@@ -390,6 +493,11 @@ PRESETS: dict[str, ModelConfig] = {
     # loss near 0.74 where patch 2 reaches 0.14 in the same 1000 steps (README, research section).
     "tiny": ModelConfig(in_channels=12, input_size=32, patch_size=2, hidden_size=96, depth=3,
                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8),
+    # A cheaper CPU world (issue 16: cheaper steps, not shorter training): 32 px images -> 12x16x16
+    # latents, patch 2 (8x8 = 64 image tokens of 48 values), a 4x4 DINO grid of 8 px patches
+    # (context 32 + 1 + 16 = 49); each patch covers 2x2 image tokens.
+    "micro": ModelConfig(in_channels=12, input_size=16, patch_size=2, hidden_size=96, depth=3,
+                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=4),
 }
 
 

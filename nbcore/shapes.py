@@ -19,6 +19,7 @@ pretrained network:
 The encoders' weights are fixed (their own constant seeds), independent of the world seed: data
 made with different world seeds share one embedding space. Sizes follow the model preset:
 
+    micro       32 px images, 12x16x16 latents, 4x4 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
     tiny        64 px images, 12x32x32 latents, 8x8 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
     production  128 px images, 16x64x64 latents, 14x14 grid (a 224 px view, 16 px patches),
                 Dd 1024, Dt 4096, L <= 512
@@ -26,7 +27,7 @@ made with different world seeds share one embedding space. Sizes follow the mode
 Shape legend: B batch, S image side, C latent channels, h = w = S/2 latent side, g patch grid,
 P = g*g patches, Dd patch/CLS dim, L tokens, Dt token dim, r mixing rank.
 
-CLI: ``python -m nbcore.shapes make OUT_DIR --n N --seed S [--preset tiny|production]
+CLI: ``python -m nbcore.shapes make OUT_DIR --n N --seed S [--preset micro|tiny|production]
 [--val-fraction F] [--shard-size K]`` writes ``OUT_DIR/{train,val}-NNNNNN.tar`` and
 ``OUT_DIR/stats.json`` (the DESIGN.md data contract).
 """
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import ModelConfig, preset as model_preset
+from .model import PRESETS, ModelConfig, preset as model_preset
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
@@ -542,7 +543,7 @@ def main(argv=None) -> int:
     mk.add_argument("out_dir", help="output folder (e.g. outputs/data/shapes)")
     mk.add_argument("--n", type=int, required=True, help="total samples (train + val)")
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--preset", default="tiny", choices=["tiny", "production"])
+    mk.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     mk.add_argument("--val-fraction", type=float, default=0.1)
     mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     mk.add_argument("--batch-size", type=int, default=256, help="samples encoded together")

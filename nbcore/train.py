@@ -151,7 +151,7 @@ class TrainConfig:
     warm_start: str = ""                 # checkpoint of a pre-patch (or any) run
     warm_start_lr_scale: float = 0.5
     # lr multiplier for the parameters the pre-patch architecture lacks (NanoDiT.new_parameter_names:
-    # dino_patch_proj, null_dino_patches, patch_pos), on top of the (warm-start scaled) base lr
+    # dino_patch_proj, dino_patch_tie, null_dino_patches, patch_pos), on top of the (warm-start scaled) base lr
     new_param_lr_scale: float = 1.0
     warm_start_weights: str = "model"    # model | ema: which weights of the warm-start checkpoint
     resume: str = "auto"                 # auto (OUT/ckpt/last.pt if present) | none | PATH
@@ -703,8 +703,9 @@ class Trainer:
                               aux["bin_sum"], aux["bin_count"]])
         params = [p for p in self.model.parameters() if p.grad is not None]
         patch_norm = torch.zeros((), device=dev)
-        if self.model_cfg.use_dino_patches:
-            g = [p.grad for p in self.model.dino_patch_proj.parameters() if p.grad is not None]
+        if self.model_cfg.use_dino_patches:  # the patch projections: context (dino_patch_proj) and tie (dino_patch_tie)
+            g = [p.grad for n, p in self.model.named_parameters()
+                 if n.startswith(("dino_patch_proj.", "dino_patch_tie.")) and p.grad is not None]
             if g:
                 patch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in g]))
         total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

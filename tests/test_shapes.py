@@ -164,6 +164,30 @@ def test_text_encoder_padding_and_context(world):
     assert ml.shape[1] == 32                                               # truncated to the preset's text_len
 
 
+def test_micro_sizes():
+    """The micro preset's world: 32 px images, 12x16x16 latents, a 4x4 grid of 8 px patches; its
+    batches fit a micro NanoDiT, and a patch feature still comes from that patch's pixels alone."""
+    from nbcore.model import NanoDiT
+    cfg = preset("micro")
+    w = ShapesWorld(cfg, seed=0)
+    assert w.image_size == 32 and (w.patch_encoder.grid, w.patch_encoder.ps) == (4, 8)
+    scenes = [w.scene(i) for i in range(64)]
+    b = w.encode(w.render_batch(scenes), [s.caption() for s in scenes])
+    assert b["latent"].shape == (64, 12, 16, 16) and b["png"].shape == (64, 3, 32, 32)
+    assert b["dinov3"].shape == (64, 64) and b["dinov3_patches"].shape == (64, 16, 64)
+    assert b["t5"].shape[2] == 64 and b["t5"].shape[1] <= 32
+    torch.testing.assert_close(w.codec.decode(b["latent"]), b["png"], atol=2e-6, rtol=0)
+    assert 0.8 < b["latent"].std().item() < 1.25
+    img = b["png"][:1]
+    _, a = w.patch_encoder(img)
+    _, s = w.patch_encoder(torch.roll(img, shifts=8, dims=-1))          # one patch to the right
+    torch.testing.assert_close(s.view(4, 4, -1)[:, 1:], a.view(4, 4, -1)[:, :-1])
+    model = NanoDiT(cfg).eval()
+    with torch.no_grad():
+        v = model(b["latent"][:2], torch.rand(2), b["dinov3"][:2], b["dinov3_patches"][:2], b["t5"][:2], b["t5_mask"][:2])
+    assert v.shape == (2, 12, 16, 16)
+
+
 @pytest.mark.slow
 def test_production_sizes(prod_world):
     w = prod_world
