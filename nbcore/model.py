@@ -291,13 +291,14 @@ class NanoDiT(nn.Module):
         # Learned nulls live in the raw input space, so a dropped signal takes the same path as a real one.
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))    # one token; the rest is masked
         self.null_dino = nn.Parameter(torch.zeros(1, cfg.dino_dim))
+        # Registration order is kept as before the tie existed: optimiser state is saved by index.
         if cfg.use_dino_patches:
-            # one null for both paths: a dropped DINO reaches neither the context nor the tie
-            self.null_dino_patches = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dino_dim))
             if cfg.patch_context:
                 self.dino_patch_proj = nn.Linear(cfg.dino_dim, D)
-                if cfg.patch_pos_embed == "learned":
-                    self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
+            # one null for both paths: a dropped DINO reaches neither the context nor the tie
+            self.null_dino_patches = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dino_dim))
+            if cfg.patch_context and cfg.patch_pos_embed == "learned":
+                self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
             if cfg.patch_tie:
                 self.dino_patch_tie = nn.Linear(cfg.dino_dim, D)    # its own projection, zero at init
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))

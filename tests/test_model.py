@@ -364,6 +364,17 @@ def test_new_parameter_names_per_arm():
         assert set(model.state_dict()) - pre == set(expect), a
 
 
+def test_parameter_order_of_the_context_arm_is_unchanged():
+    """Optimiser state is saved by parameter index: the context arm keeps the order it had before the
+    tie existed (resuming older runs), and a tie arm has the tie right after the patch projection."""
+    names = [n for n, _ in NanoDiT(replace(TINY, patch_pos_embed="learned")).named_parameters()]
+    assert names[:4] == ["null_text", "null_dino", "null_dino_patches", "patch_pos"]
+    assert names[12:17] == ["dino_proj.weight", "dino_proj.bias", "dino_patch_proj.weight", "dino_patch_proj.bias",
+                            "blocks.0.attn.qkv.weight"]
+    tied = [n for n, _ in NanoDiT(replace(TINY, patch_pos_embed="learned", patch_tie=True)).named_parameters()]
+    assert tied == names[:16] + ["dino_patch_tie.weight", "dino_patch_tie.bias"] + names[16:]
+
+
 def test_new_param_lr_scale_covers_the_tie():
     from nbcore.train import TrainConfig, _param_groups
     model = NanoDiT(arm_config(TINY, "tie+context"))
