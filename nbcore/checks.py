@@ -29,14 +29,16 @@ TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" ch
 RESPONDS = 1e-3     # a kept signal must move the output by at least this much
 
 # The model variants every contract check runs on: ModelConfig overrides on top of a preset
-# (issue 16's arms). Tie-only arms reset patch_pos_embed: positions apply to context patches only.
+# (issue 16's arms), each setting every DINO-path field but the context patches' position
+# (tie-only arms reset it: positions apply to context patches only).
+_CTX = dict(use_dino_patches=True, patch_context=True, patch_tie=False, cls_position="middle")
+_TIE = dict(use_dino_patches=True, patch_context=False, patch_tie=True, cls_position="middle", patch_pos_embed="none")
 CHECK_ARMS: dict[str, dict] = {
-    "patches": dict(use_dino_patches=True),                                   # context, [text | CLS | patches]
-    "cls start": dict(use_dino_patches=True, cls_position="start"),           # [CLS | text | patches]
-    "tie+context": dict(use_dino_patches=True, patch_tie=True),
-    "tie only": dict(use_dino_patches=True, patch_tie=True, patch_context=False, patch_pos_embed="none"),
-    "tie only, no CLS": dict(use_dino_patches=True, patch_tie=True, patch_context=False,
-                             patch_pos_embed="none", cls_position="none"),    # pre-patch model + tie
+    "patches": _CTX,                                                  # context, [text | CLS | patches]
+    "cls start": dict(_CTX, cls_position="start"),                   # [CLS | text | patches]
+    "tie+context": dict(_CTX, patch_tie=True),
+    "tie only": _TIE,                                                 # [text | CLS], patches tied
+    "tie only, no CLS": dict(_TIE, cls_position="none"),             # the pre-patch model + the tie
     "prepatch": dict(use_dino_patches=False),
 }
 
@@ -166,7 +168,7 @@ def _gradient_check(cfg: ModelConfig, variant: str) -> dict:
 def _order_check(cfg: ModelConfig, pos: str) -> dict:
     """Without positions the patches are a set (permuting them changes nothing); with learned or
     sin-cos positions the order matters."""
-    c = replace(cfg, use_dino_patches=True, patch_context=True, patch_pos_embed=pos)
+    c = replace(cfg, **_CTX, patch_pos_embed=pos)
     model = make_check_model(c)
     inp = make_check_inputs(c)
     perm = torch.randperm(c.num_patches, generator=torch.Generator().manual_seed(0))
@@ -255,8 +257,7 @@ def run_model_checks(cfg: ModelConfig, pos_variants=("none", "learned", "sincos"
         if c.use_dino_patches:
             rows += _warm_start_check(c, arm)
     for pos in pos_variants:
-        c = replace(cfg, use_dino_patches=True, patch_context=True, patch_pos_embed=pos)
-        rows.append(_gradient_check(c, f"pos={pos}"))
+        rows.append(_gradient_check(replace(cfg, **_CTX, patch_pos_embed=pos), f"pos={pos}"))
         rows.append(_order_check(cfg, pos))
     return rows
 
