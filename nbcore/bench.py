@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nbcore.attention import capture
-from nbcore.model import NanoDiT, ModelConfig, preset, prepare_text
+from nbcore.model import CONDITION_KEYS, NanoDiT, ModelConfig, preset, prepare_text
 from nbcore.utils import resolve_device, seed_everything, write_json
 
 __all__ = ["TRAIN_CASES", "CASES", "real_tokens", "make_batch", "pixart_kwargs", "build_pixart",
@@ -90,8 +90,8 @@ def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0, spread:
     """A synthetic training batch on the host (CPU, float32), shared by both models.
 
     Returns latent x0 (B, C, S, S), noise (B, C, S, S), x_t (B, C, S, S), t (B,), target v (B, C, S, S),
-    dino (B, Dd), patches (B, P, Dd), text (B, text_len, Dt) zero past each caption, mask (B, text_len)
-    bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in
+    dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, text_len, Dt) zero past each caption,
+    text_mask (B, text_len) bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in
     [ceil(n (1 - spread)), n] (spread 0: all exactly n); every token is real when n_real == text_len.
     """
     if not 1 <= n_real <= cfg.text_len:
@@ -113,16 +113,16 @@ def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0, spread:
     text = torch.randn(batch, L, cfg.text_dim, generator=g) * mask[..., None]           # (B, L, Dt)
     return {
         "x0": x0, "noise": noise, "x_t": x_t, "t": t, "target": noise - x0,
-        "dino": torch.randn(batch, cfg.dino_dim, generator=g),
-        "patches": torch.randn(batch, cfg.num_patches, cfg.dino_dim, generator=g),
-        "text": text, "mask": mask,
+        "dino_emb": torch.randn(batch, cfg.dino_dim, generator=g),
+        "dino_patches": torch.randn(batch, cfg.num_patches, cfg.dino_dim, generator=g),
+        "text_emb": text, "text_mask": mask,
     }
 
 
 def nanodit_inputs(b: dict, device) -> dict:
     """NanoDiT's keyword inputs: text trimmed on the host by ``prepare_text``, then moved once."""
-    text, mask = prepare_text(b["text"], b["mask"])                                    # (B, L', Dt), (B, L') | None
-    kw = {"x": b["x_t"], "t": b["t"], "dino_emb": b["dino"], "dino_patches": b["patches"],
+    text, mask = prepare_text(b["text_emb"], b["text_mask"])                            # (B, L', Dt), (B, L') | None
+    kw = {"x": b["x_t"], "t": b["t"], "dino_emb": b["dino_emb"], "dino_patches": b["dino_patches"],
           "text_emb": text, "text_mask": mask}
     return {k: (None if v is None else v.to(device)) for k, v in kw.items()}
 
@@ -130,8 +130,8 @@ def nanodit_inputs(b: dict, device) -> dict:
 def pixart_inputs(b: dict, device) -> dict:
     """PixArt's keyword inputs, as its pipeline passes them: the full padded text with its mask,
     the timestep on PixArt's 0..1000 scale, no additional conditions."""
-    return {"hidden_states": b["x_t"].to(device), "encoder_hidden_states": b["text"].to(device),
-            "encoder_attention_mask": b["mask"].to(device), "timestep": (b["t"] * 1000).to(device),
+    return {"hidden_states": b["x_t"].to(device), "encoder_hidden_states": b["text_emb"].to(device),
+            "encoder_attention_mask": b["text_mask"].to(device), "timestep": (b["t"] * 1000).to(device),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
 
 
@@ -405,7 +405,7 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "compile": args.compile, "peer_fuse_qkv": args.peer_fuse_qkv, "caption_spread": args.caption_spread,
         "real_tokens": n_real, "real_tokens_reference": f"{n_ref} of {REFERENCE_TEXT_LEN}",
-        "text_len": cfg.text_len, "caption_lengths": [int(x) for x in b["mask"].sum(1)],
+        "text_len": cfg.text_len, "caption_lengths": [int(x) for x in b["text_mask"].sum(1)],
         "nbcore_text_tokens": L_ours, "nbcore_mask": ours_in["text_mask"] is not None,
         "nbcore_context": L_ours + (1 + cfg.num_patches if cfg.use_dino_patches else 0),
         "peer_context": cfg.text_len, "image_tokens": (cfg.input_size // cfg.patch_size) ** 2,
@@ -443,7 +443,7 @@ def _guidance_case(cfg: ModelConfig, args, device) -> dict:
     guidance = bench_guidance()
     branches = list(guidance.coefficients(0.5))
     # Host tensors, as a caller passes them; the sampler trims the text and moves them itself.
-    cond = {"dino_emb": b["dino"], "dino_patches": b["patches"], "text_emb": b["text"], "text_mask": b["mask"]}
+    cond = {k: b[k] for k in CONDITION_KEYS}
 
     def go(batched):
         def f():

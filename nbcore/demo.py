@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .model import CONDITION_KEYS
 from .utils import resolve_device
 
 __all__ = ["Demo", "find_patch_checkpoint", "get_demo_model", "swap_figure", "build_widget", "WIDGET_LABELS"]
@@ -147,16 +148,12 @@ class Demo:
     @torch.no_grad()
     def condition(self, indices: list[int]) -> dict:
         """Rendered images and normalised conditioning of scenes ``indices``: png (B, 3, S, S),
-        dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt) (padding rows zero), t5_mask (B, L)."""
+        dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt) (padding rows zero), text_mask (B, L)."""
         scenes = [self.scenes[i] for i in indices]
         images = self.world.render_batch(scenes)                                       # (B, 3, S, S)
         b = self.world.encode(images, [s.caption() for s in scenes])
-        st = self.stats
-        mask = b["t5_mask"]
-        t5 = st.normalise("t5", b["t5"]) * mask[..., None]                             # (B, L, Dt)
-        return {"png": images, "txt": b["txt"], "colours": [[sh.colour for sh in s.shapes] for s in scenes],
-                "dinov3": st.normalise("dinov3", b["dinov3"]),
-                "dinov3_patches": st.normalise("dinov3_patches", b["dinov3_patches"]), "t5": t5, "t5_mask": mask}
+        cond = self.stats.normalise_condition({k: b[k] for k in CONDITION_KEYS})
+        return {"png": images, "txt": b["txt"], "colours": [[sh.colour for sh in s.shapes] for s in scenes], **cond}
 
     @torch.no_grad()
     def swap(self, text_index, dino_index, text_scale: float = 2.0, dino_scale: float = 2.0, steps: int = 10,
@@ -181,14 +178,13 @@ class Demo:
         g = Guidance(formula, float(text_scale), float(dino_scale))
         common = dict(steps=int(steps), seed=int(seed), guidance=g)
         decode = lambda z: self.world.codec.decode(z.float().cpu())                   # (B, 3, S, S)
-        z = sample(self.model, dino_emb=B["dinov3"].to(dev), dino_patches=B["dinov3_patches"].to(dev),
-                   text_emb=A["t5"].to(dev), text_mask=A["t5_mask"].to(dev), **common)
+        text = {k: A[k].to(dev) for k in ("text_emb", "text_mask")}
+        dino = {k: B[k].to(dev) for k in ("dino_emb", "dino_patches")}
+        z = sample(self.model, **text, **dino, **common)
         images = {"text_source": A["png"], "dino_source": B["png"], "swap": decode(z)}
         if references:
-            images["text_only"] = decode(sample(self.model, text_emb=A["t5"].to(dev), text_mask=A["t5_mask"].to(dev),
-                                                **common))
-            images["dino_only"] = decode(sample(self.model, dino_emb=B["dinov3"].to(dev),
-                                                dino_patches=B["dinov3_patches"].to(dev), **common))
+            images["text_only"] = decode(sample(self.model, **text, **common))
+            images["dino_only"] = decode(sample(self.model, **dino, **common))
         follow = swap_follow(images["swap"], A["png"], A["colours"], B["png"], B["colours"])
         return {"images": images, "text": A["txt"], "dino_text": B["txt"], "metrics": follow,
                 "settings": {"text_scale": float(text_scale), "dino_scale": float(dino_scale), "steps": int(steps),

@@ -427,12 +427,12 @@ class ShapesWorld:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, captions: list[str]) -> dict:
         """images (B, 3, S, S) in [0, 1] + captions -> the loader's batch keys, unnormalised:
-        latent (B, C, S/2, S/2), dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt),
-        t5_mask (B, L) bool (L = longest caption), txt, png (the images)."""
+        latent (B, C, S/2, S/2), dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt),
+        text_mask (B, L) bool (L = longest caption), txt, png (the images)."""
         cls, patches = self.patch_encoder(images)
         emb, mask = self.text_encoder(list(captions))
-        return {"latent": self.codec.encode(images), "dinov3": cls, "dinov3_patches": patches,
-                "t5": emb, "t5_mask": mask, "txt": list(captions), "png": images}
+        return {"latent": self.codec.encode(images), "dino_emb": cls, "dino_patches": patches,
+                "text_emb": emb, "text_mask": mask, "txt": list(captions), "png": images}
 
 
 # --------------------------------------------------------------------------- shards
@@ -457,15 +457,15 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample_members(latent, dinov3, patches, t5_real, txt: str, png=None,
+def encode_sample_members(latent, dinov3, dinov3_patches, t5, txt: str, png=None,
                           meta: dict | None = None) -> dict:
-    """One sample's members per the data contract (bytes): latent.npy (C, H, W) float16,
-    dinov3.npy (Dd,) float32, dinov3_patches.npy (P, Dd) float16, t5.npy (L_valid, Dt) float16,
-    txt utf-8, optional png and json."""
+    """One sample's members per the data contract (bytes; arguments named after the members):
+    latent.npy (C, H, W) float16, dinov3.npy (Dd,) float32, dinov3_patches.npy (P, Dd) float16,
+    t5.npy (L_valid, Dt) float16 (the real tokens only), txt utf-8, optional png and json."""
     f16 = lambda t: t.detach().cpu().numpy().astype(np.float16) if torch.is_tensor(t) else np.asarray(t, np.float16)
     f32 = lambda t: t.detach().cpu().numpy().astype(np.float32) if torch.is_tensor(t) else np.asarray(t, np.float32)
     out = {"latent.npy": _npy(f16(latent)), "dinov3.npy": _npy(f32(dinov3)),
-           "dinov3_patches.npy": _npy(f16(patches)), "t5.npy": _npy(f16(t5_real)),
+           "dinov3_patches.npy": _npy(f16(dinov3_patches)), "t5.npy": _npy(f16(t5)),
            "txt": txt.encode("utf-8")}
     if png is not None:
         out["png"] = _png(png)
@@ -510,17 +510,17 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                 scenes = [world.scene(i, split) for i in idx]
                 images = world.render_batch(scenes)                                   # (B, 3, S, S)
                 b = world.encode(images, [s.caption() for s in scenes])
-                lens = b["t5_mask"].sum(1).tolist()
+                lens = b["text_mask"].sum(1).tolist()
                 u8 = _to_u8(images)                                                   # (B, S, S, 3)
                 lat16 = b["latent"].half()
-                patches16, t516 = b["dinov3_patches"].half(), b["t5"].half()
+                patches16, t516 = b["dino_patches"].half(), b["text_emb"].half()
                 for j, i in enumerate(idx):
-                    members = encode_sample_members(lat16[j], b["dinov3"][j], patches16[j],
+                    members = encode_sample_members(lat16[j], b["dino_emb"][j], patches16[j],
                                                     t516[j, : lens[j]], b["txt"][j], u8[j],
                                                     scenes[j].to_json())
                     sink.write({"__key__": f"{split}-{i:06d}", **members})
                     if split == "train":
-                        acc.add(latent=lat16[j].float().numpy(), dinov3=b["dinov3"][j].numpy(),
+                        acc.add(latent=lat16[j].float().numpy(), dinov3=b["dino_emb"][j].numpy(),
                                 dinov3_patches=patches16[j].float().numpy(),
                                 t5=t516[j, : lens[j]].float().numpy())
                 bar.update(len(idx))

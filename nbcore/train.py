@@ -249,21 +249,21 @@ def sample_timesteps(B: int, mode: str = "logit_normal", mean: float = 0.0, std:
 
 def batch_to_device(batch: dict, device, use_patches: bool = True) -> dict:
     """Move a loader batch to ``device``; the text is trimmed on the host first (``prepare_text``), so
-    the mask may become None (no padding left). Returns a dict with ``latent (B,C,H,W)``, ``dinov3
-    (B,Dd)``, ``dinov3_patches (B,P,Dd)`` or None, ``t5 (B,L',Dt)``, ``t5_mask (B,L')`` or None."""
-    need = ["latent", "dinov3", "t5", "t5_mask"] + (["dinov3_patches"] if use_patches else [])
+    the mask may become None (no padding left). Returns a dict with ``latent (B,C,H,W)``, ``dino_emb
+    (B,Dd)``, ``dino_patches (B,P,Dd)`` or None, ``text_emb (B,L',Dt)``, ``text_mask (B,L')`` or None."""
+    need = ["latent", "dino_emb", "text_emb", "text_mask"] + (["dino_patches"] if use_patches else [])
     missing = [k for k in need if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
-    text, mask = prepare_text(batch["t5"], batch["t5_mask"])
+    text, mask = prepare_text(batch["text_emb"], batch["text_mask"])
     nb = torch.device(device).type == "cuda"
     out = {"latent": batch["latent"].to(device, torch.float32, non_blocking=nb),
-           "dinov3": batch["dinov3"].to(device, torch.float32, non_blocking=nb),
-           "t5": text.to(device, torch.float32, non_blocking=nb),
-           "t5_mask": None if mask is None else mask.to(device, non_blocking=nb),
-           "dinov3_patches": None}
+           "dino_emb": batch["dino_emb"].to(device, torch.float32, non_blocking=nb),
+           "text_emb": text.to(device, torch.float32, non_blocking=nb),
+           "text_mask": None if mask is None else mask.to(device, non_blocking=nb),
+           "dino_patches": None}
     if use_patches:
-        out["dinov3_patches"] = batch["dinov3_patches"].to(device, torch.float32, non_blocking=nb)
+        out["dino_patches"] = batch["dino_patches"].to(device, torch.float32, non_blocking=nb)
     return out
 
 
@@ -294,7 +294,7 @@ def flow_matching_loss(model: nn.Module, batch: dict, *, generator: torch.Genera
     tb = t.view(B, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise                                                     # (B, C, H, W)
     target = noise - x0                                                                  # (B, C, H, W)
-    v = model(x_t, t, batch["dinov3"], batch.get("dinov3_patches"), batch["t5"], batch.get("t5_mask"),
+    v = model(x_t, t, batch["dino_emb"], batch.get("dino_patches"), batch["text_emb"], batch.get("text_mask"),
               drop_text=drop_text, drop_dino=drop_dino).float()
     per_sample = (v - target).square().flatten(1).mean(1)                                # (B,)
     loss = per_sample.mean()

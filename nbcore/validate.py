@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, layout_error, psnr, swap_follow)
-from .model import NanoDiT
+from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
 from .utils import resolve_device, write_json
 
@@ -78,14 +78,14 @@ def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stat
 
 def _cat_batches(parts: list[dict], n: int) -> dict:
     """Concatenate loader batches (text padded to the longest) and keep the first n samples."""
-    L = max(b["t5"].shape[1] for b in parts)
+    L = max(b["text_emb"].shape[1] for b in parts)
     out: dict = {}
     for k in parts[0]:
         vals = [b[k] for b in parts if k in b]
         if len(vals) != len(parts):
             continue                         # a member only some batches have is dropped
-        if k in ("t5", "t5_mask"):
-            vals = [torch.nn.functional.pad(v, (0, 0, 0, L - v.shape[1]) if k == "t5" else (0, L - v.shape[1]))
+        if k in ("text_emb", "text_mask"):
+            vals = [torch.nn.functional.pad(v, (0, 0, 0, L - v.shape[1]) if k == "text_emb" else (0, L - v.shape[1]))
                     for v in vals]           # (b, L, Dt) / (b, L)
         out[k] = torch.cat(vals)[:n] if torch.is_tensor(vals[0]) else sum(vals, [])[:n]
     return out
@@ -182,8 +182,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(lat.shape, generator=g)                                   # (n, C, H, W), shared by every run
         common = dict(steps=steps, guidance_batched=guidance_batched)
-        full_cond = dict(dino_emb=batch["dinov3"], dino_patches=batch["dinov3_patches"],
-                         text_emb=batch["t5"], text_mask=batch["t5_mask"])
+        full_cond = {k: batch[k] for k in CONDITION_KEYS}
         decode = lambda z: world.codec.decode(z)                                        # (n, 3, S, S)
 
         gen = {}
@@ -191,15 +190,15 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         bar.update(1)
         gen["noguid"] = decode(_sample_chunks(model, noise, batch_size, guidance=Guidance.off(), **full_cond, **common))
         bar.update(1)
-        gen["textonly"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, text_emb=batch["t5"],
-                                                text_mask=batch["t5_mask"], **common))
+        gen["textonly"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, text_emb=batch["text_emb"],
+                                                text_mask=batch["text_mask"], **common))
         bar.update(1)
         perm = torch.roll(torch.arange(n_got), -1)                                     # DINO of sample i + 1
         swap_status = "ok" if n_got >= 2 else "unavailable: the DINO swap needs n >= 2"
         if n_got >= 2:
             gen["swap"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance,
-                                                dino_emb=batch["dinov3"][perm], dino_patches=batch["dinov3_patches"][perm],
-                                                text_emb=batch["t5"], text_mask=batch["t5_mask"], **common))
+                                                **dict(full_cond, dino_emb=batch["dino_emb"][perm],
+                                                       dino_patches=batch["dino_patches"][perm]), **common))
         bar.update(1)
 
         # ---- metrics
@@ -288,8 +287,7 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     try:
         world = ShapesWorld(model.cfg)
         noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(seed))
-        cond = dict(dino_emb=batch["dinov3"], dino_patches=batch["dinov3_patches"], text_emb=batch["t5"],
-                    text_mask=batch["t5_mask"], steps=steps, noise=noise, device=device)
+        cond = dict({k: batch[k] for k in CONDITION_KEYS}, steps=steps, noise=noise, device=device)
         guided = world.codec.decode(sample(model, guidance=guidance or DEFAULT_GUIDANCE, **cond).cpu())
         plain = world.codec.decode(sample(model, guidance=Guidance.off(), **cond).cpu())
     finally:

@@ -35,7 +35,7 @@ def test_world_is_deterministic(world):
     imgs = world.render_batch(scenes)
     a = world.encode(imgs, [s.caption() for s in scenes])
     b = other.encode(other.render_batch(scenes), [s.caption() for s in scenes])
-    for k in ("latent", "dinov3", "dinov3_patches", "t5", "t5_mask", "png"):
+    for k in ("latent", "dino_emb", "dino_patches", "text_emb", "text_mask", "png"):
         assert torch.equal(a[k], b[k]), k
     # every scene holds 1-3 shapes, inside the image, boxes not overlapping
     many = [world.scene(i) for i in range(300)]
@@ -171,8 +171,8 @@ def test_production_sizes(prod_world):
     scenes = [w.scene(i) for i in range(2)]
     b = w.encode(w.render_batch(scenes), [s.caption() for s in scenes])
     assert b["latent"].shape == (2, 16, 64, 64)
-    assert b["dinov3"].shape == (2, 1024) and b["dinov3_patches"].shape == (2, 196, 1024)
-    assert b["t5"].shape[0] == 2 and b["t5"].shape[2] == 4096 and b["t5_mask"].shape == b["t5"].shape[:2]
+    assert b["dino_emb"].shape == (2, 1024) and b["dino_patches"].shape == (2, 196, 1024)
+    assert b["text_emb"].shape[0] == 2 and b["text_emb"].shape[2] == 4096 and b["text_mask"].shape == b["text_emb"].shape[:2]
     torch.testing.assert_close(w.codec.decode(b["latent"]), b["png"], atol=2e-6, rtol=0)
 
 

@@ -38,10 +38,10 @@ def stand_in_source(mcfg, B, n_batches=4, seed=0, nan_batches=()):
             lat = torch.randn(B, mcfg.in_channels, mcfg.input_size, mcfg.input_size, generator=g)
             if epoch * n_batches + i in nan_batches:
                 lat[0, 0, 0, 0] = float("nan")
-            yield {"latent": lat, "dinov3": torch.randn(B, mcfg.dino_dim, generator=g),
-                   "dinov3_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
-                   "t5": torch.randn(B, L, mcfg.text_dim, generator=g) * mask[..., None],
-                   "t5_mask": mask, "txt": ["stand-in"] * B, "key": [f"{rank}-{epoch}-{i}-{j}" for j in range(B)]}
+            yield {"latent": lat, "dino_emb": torch.randn(B, mcfg.dino_dim, generator=g),
+                   "dino_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
+                   "text_emb": torch.randn(B, L, mcfg.text_dim, generator=g) * mask[..., None],
+                   "text_mask": mask, "txt": ["stand-in"] * B, "key": [f"{rank}-{epoch}-{i}-{j}" for j in range(B)]}
     return source
 
 
@@ -97,7 +97,7 @@ def test_flow_matching_loss_matches_reference():
     mcfg = m.cfg
     raw = next(iter(stand_in_source(mcfg, 5)(0)))
     b = batch_to_device(raw, "cpu")
-    assert b["t5"].shape[1] <= raw["t5"].shape[1] and b["t5_mask"] is not None
+    assert b["text_emb"].shape[1] <= raw["text_emb"].shape[1] and b["text_mask"] is not None
     g = torch.Generator().manual_seed(3)
     t = torch.rand(5, generator=g)
     noise = torch.randn(raw["latent"].shape, generator=g)
@@ -106,7 +106,7 @@ def test_flow_matching_loss_matches_reference():
     loss, aux = flow_matching_loss(m, b, t=t, noise=noise, drop_text=dt, drop_dino=dd, loss_bins=4)
     x0 = raw["latent"]
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-    v = m(x_t, t, raw["dinov3"], raw["dinov3_patches"], raw["t5"], raw["t5_mask"], drop_text=dt, drop_dino=dd)
+    v = m(x_t, t, raw["dino_emb"], raw["dino_patches"], raw["text_emb"], raw["text_mask"], drop_text=dt, drop_dino=dd)
     ref = ((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3))                               # (B,)
     torch.testing.assert_close(aux["per_sample"], ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, ref.mean(), rtol=1e-5, atol=1e-6)
