@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -57,9 +58,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from nbcore.attention import capture
 from nbcore.model import CONDITION_KEYS, NanoDiT, ModelConfig, preset, prepare_text
+from nbcore.sample import Guidance, sample
 from nbcore.utils import resolve_device, seed_everything, write_json
 
 __all__ = ["TRAIN_CASES", "CASES", "real_tokens", "make_batch", "pixart_kwargs", "build_pixart",
@@ -235,7 +242,6 @@ def _flop_mapping() -> dict:
 
 def count_flops(fn) -> int:
     """Total flops torch's flop counter sees while ``fn()`` runs (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -250,9 +256,6 @@ class _LiveTensorBytes:
     new memory; a fresh storage is counted until its weak reference expires."""
 
     def __init__(self):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
         tracker = self
         self.live: dict = {}
         self.now = self.peak = 0
@@ -307,7 +310,6 @@ def time_interleaved(fns: list, steps: int, warmup: int, device: torch.device, d
     """Run ``fns`` in turn (A B A B ...) so drift on a shared machine hits all alike: ``warmup``
     rounds untimed, then ``steps`` timed rounds. Returns per-fn lists of seconds per call.
     perf_counter on CPU; CUDA events on GPU (read once at the end, no sync between calls)."""
-    from tqdm.auto import tqdm
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -353,7 +355,6 @@ def measure_peak_tflops(device: torch.device, dtype: str) -> float:
 def bench_guidance():
     """The guidance the sampling case uses: ``nbcore.sample``'s "independent" formula with a separate
     patch scale, so every Euler step evaluates four branches (uncond, text, cls, dino)."""
-    from nbcore.sample import Guidance
     return Guidance("independent", text_scale=4.0, dino_scale=2.0, patch_scale=3.0)
 
 
@@ -370,7 +371,6 @@ def _machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    import os
     return f"{name} ({os.cpu_count()} cores, {platform.machine()})"
 
 
@@ -435,7 +435,6 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
 def _guidance_case(cfg: ModelConfig, args, device) -> dict:
     """Sampling images/s with ``nbcore.sample.sample``, four guidance branches per Euler step: one
     batched forward (``guidance_batched=True``) vs one forward per branch."""
-    from nbcore.sample import sample
     n_real = real_tokens(120, cfg.text_len)
     b = make_batch(cfg, args.batch, n_real, seed=args.seed)
     seed_everything(args.seed)
@@ -586,7 +585,6 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
 
 def run(args) -> list[dict]:
     """Run the selected cases; returns the list written to ``args.json``."""
-    from tqdm.auto import tqdm
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")

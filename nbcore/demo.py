@@ -19,17 +19,21 @@ Shape legend: B pairs, S image side, C H W latent, L text tokens, Dt text dim, P
 from __future__ import annotations
 
 import html
-
 import io
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
+from .data import Stats
+from .metrics import swap_follow
 from .model import CONDITION_KEYS
-from .utils import resolve_device
+from .sample import Guidance, load_model_with_info, sample
+from .shapes import ShapesWorld, make_dataset
+from .train import TrainConfig, train
+from .utils import load_checkpoint, repo_root, resolve_device
+from .viz import image_grid
 
 __all__ = ["Demo", "find_patch_checkpoint", "get_demo_model", "swap_figure", "build_widget", "WIDGET_LABELS"]
 
@@ -43,7 +47,6 @@ def find_patch_checkpoint(search_root=None, prefer_run_dir=None, variant: str | 
     given and present, else the newest ``train/patch-*/ckpt/last.pt`` under ``prefer_run_dir``, then
     anywhere under ``search_root`` (default: the repository's outputs/runs), then a previous demo
     model under outputs/demo. None when there is none."""
-    from .notebooks import repo_root
     if prefer_run_dir and variant:
         p = Path(prefer_run_dir) / "train" / variant / "ckpt" / "last.pt"
         if p.exists():
@@ -64,8 +67,6 @@ def find_patch_checkpoint(search_root=None, prefer_run_dir=None, variant: str | 
 
 def _train_demo_model(out_root: Path, preset: str, steps: int, n_data: int, device: str, seed: int) -> Path:
     """A quick patch model (sin-cos patch positions, from scratch) for a demo that found no run."""
-    from .shapes import make_dataset
-    from .train import TrainConfig, train
     data = out_root / "data"
     if not any(data.glob("train-*.tar")):
         make_dataset(data, n_data, seed=seed, preset=preset, val_fraction=0.1)
@@ -83,8 +84,6 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
     for ``train_steps`` steps on ``n_data`` samples (None: 32 per step, 256..1500) under
     ``outputs/demo/`` (info["trained_now"] = True). ``variant``
     (e.g. "patch-none") picks that run of ``run_dir`` first."""
-    from .sample import load_model_with_info
-    from .notebooks import repo_root
     trained = False
     if ckpt in (None, "", "auto"):
         ckpt = find_patch_checkpoint(prefer_run_dir=run_dir, variant=variant)
@@ -105,13 +104,10 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
 
 def _stats_for(ckpt_path: Path):
     """The normalisation stats the checkpoint was trained with (its train_config's data/stats.json)."""
-    from .data import Stats
-    from .utils import load_checkpoint
     ck = load_checkpoint(ckpt_path)
     data = (ck.get("train_config") or {}).get("data", "")
     data = Path(data) if data else None
     if data is not None and not data.is_absolute():  # a relative --data means the repo root, not the cwd
-        from .notebooks import repo_root
         data = repo_root() / data
     path = data / "stats.json" if data is not None else None
     if path is None or not path.exists():
@@ -134,7 +130,6 @@ class Demo:
     @classmethod
     def load(cls, ckpt=None, run_dir=None, device: str = "auto", n_scenes: int = 8, world_seed: int = 0,
              **kw) -> "Demo":
-        from .shapes import ShapesWorld
         model, info = get_demo_model(ckpt, run_dir=run_dir, device=device, **kw)
         world = ShapesWorld(model.cfg, seed=world_seed)
         stats = _stats_for(Path(info["path"]))
@@ -162,8 +157,6 @@ class Demo:
         (ints or equal-length lists). Returns ``images``: text_source, dino_source, swap (B, 3, S, S),
         and with ``references`` also text_only and dino_only samples from the same noise;
         ``metrics``: ``nbcore.metrics.swap_follow`` of the swap (whose layout / colours it follows)."""
-        from .metrics import swap_follow
-        from .sample import Guidance, sample
         ti = [text_index] if isinstance(text_index, int) else list(text_index)
         di = [dino_index] if isinstance(dino_index, int) else list(dino_index)
         if len(ti) != len(di):
@@ -193,7 +186,6 @@ class Demo:
 
 def swap_figure(result: dict):
     """``viz.image_grid`` of a ``Demo.swap`` result: one row per pair, titled 'text <- DINO'."""
-    from .viz import image_grid
     titles = [f"T: {a}\nD: {b}" for a, b in zip(result["text"], result["dino_text"])]
     names = {"text_source": "text source", "dino_source": "DINO source", "swap": "swap (text + DINO)",
              "text_only": "text only", "dino_only": "DINO only"}
@@ -201,7 +193,6 @@ def swap_figure(result: dict):
 
 
 def _png_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
 
+from .data import compute_stats, shard_list
+from .shapes import encode_sample_members
 from .utils import resolve_device
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "load_image", "find_pairs", "precompute", "main"]
@@ -137,7 +142,6 @@ class VAECodec:
 
 def load_image(path, size: int) -> torch.Tensor:
     """RGB image -> short side resized to ``size``, centre-cropped: (3, size, size) float32 in [0, 1]."""
-    from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -177,11 +181,6 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     """Encode image/caption pairs with the real encoders into contract shards + stats.json.
     ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects. Returns a summary
     {"train", "val", "skipped_no_caption", "latent_shape", "dino_patches", "text_dim"}."""
-    from tqdm.auto import tqdm
-    import webdataset as wds
-    from .data import compute_stats, shard_list
-    from .shapes import encode_sample_members
-
     pairs, missing = find_pairs(images_dir)
     if not pairs:
         raise ValueError(f"no image + .txt caption pairs in {images_dir}")

@@ -82,10 +82,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nbcore.model import ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
-from nbcore.utils import atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.utils import HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.validate import sample_grid_hook, validation_hook
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
            "batch_to_device", "load_train_log", "NonFiniteLossError", "DROPOUT_CASES", "main"]
@@ -486,9 +488,10 @@ class Trainer:
     ``optimizer``, ``step`` for tests and notebooks.
 
     data: optional ``source(epoch, rank, world_size) -> iterable of batches`` replacing the shard
-    loader (stand-in batches for tests). val_fn / sample_fn: optional ``fn(trainer, ckpt_path) ->
-    dict | None`` hooks run on rank 0 every ``val_every`` / ``sample_every`` steps; by default
-    ``nbcore.validate`` / ``nbcore.sample`` + ``nbcore.viz`` when importable.
+    loader (stand-in batches for tests). val_fn / sample_fn: ``fn(trainer, ckpt_path) -> dict | None``
+    hooks run on rank 0 every ``val_every`` / ``sample_every`` steps, given by the caller (None = none;
+    the CLI passes ``nbcore.validate.validation_hook`` / ``sample_grid_hook``); a hook raising
+    ``nbcore.utils.HookUnavailable`` is turned off with its reason printed.
     """
 
     def __init__(self, cfg: TrainConfig, data: Callable[[int, int, int], Iterable[dict]] | None = None,
@@ -551,11 +554,12 @@ class Trainer:
         if cfg.compile:
             fwd = torch.compile(fwd)
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.fwd = fwd
-        self.val_fn = val_fn if val_fn is not None else _default_val_fn
-        self.sample_fn = sample_fn if sample_fn is not None else _default_sample_fn
+        self.val_fn, self.sample_fn = val_fn, sample_fn   # the caller's (the CLI wires nbcore.validate's)
+        for every, fn, name in ((cfg.val_every, val_fn, "val_fn"), (cfg.sample_every, sample_fn, "sample_fn")):
+            if every and fn is None and self.is_main:
+                print(f"no {name} given: the hook every {every} steps only writes the checkpoint", file=sys.stderr)
         self._bins_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
         self._loss_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
 
@@ -831,7 +835,7 @@ class Trainer:
         if self.is_main and fn is not None:
             try:
                 result = fn(self, path)
-            except _HookUnavailable as e:
+            except HookUnavailable as e:
                 print(f"{name} hook off: {e}", file=sys.stderr)
                 if name == "val":
                     self.val_fn = None
@@ -847,42 +851,6 @@ class Trainer:
     def close(self):
         if getattr(self, "_own_pg", False) and dist.is_initialized():
             dist.destroy_process_group()
-
-
-class _HookUnavailable(RuntimeError):
-    pass
-
-
-def _default_val_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """``nbcore.validate.validate_checkpoint`` of the just-written checkpoint (its EMA weights) on the
-    run's val shards with tiny settings (``val_n`` samples, ``val_sample_steps`` Euler steps); writes OUT/val/step_XXXXXX/."""
-    try:
-        from nbcore.validate import validate_checkpoint
-    except ImportError as e:
-        raise _HookUnavailable(f"nbcore.validate not importable ({e})") from None
-    if not trainer.cfg.data:
-        raise _HookUnavailable("no --data folder to validate on")
-    out = trainer.out / "val" / f"step_{trainer.step:06d}"
-    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=trainer.cfg.val_n,
-                                  steps=trainer.cfg.val_sample_steps,
-                                  device=str(trainer.device), progress=False)
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
-
-
-def _default_sample_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """``nbcore.validate.sample_grid`` of the EMA model (4 val scenes, ``val_sample_steps``) saved as
-    OUT/samples/step_XXXXXX.png."""
-    try:
-        from nbcore.validate import sample_grid
-        from nbcore.viz import save_figure
-    except ImportError as e:
-        raise _HookUnavailable(f"nbcore.validate / nbcore.viz not importable ({e})") from None
-    if not trainer.cfg.data:
-        raise _HookUnavailable("no --data folder to draw conditions from")
-    fig = sample_grid(trainer.ema.module, trainer.cfg.data, n=4, steps=trainer.cfg.val_sample_steps,
-                      device=str(trainer.device))
-    path = save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
-    return {"path": str(path)}
 
 
 def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
@@ -930,7 +898,7 @@ def main(argv=None) -> int:
     if not cfg.data:
         raise SystemExit("nbcore.train: --data DIR is required (a folder of train-*.tar shards)")
     try:
-        summary = train(cfg)
+        summary = train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)
     except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
         raise SystemExit(f"nbcore.train: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

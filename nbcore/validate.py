@@ -29,7 +29,6 @@ writes ``OUT/metrics.json`` (settings, LPIPS status, and every metric per checkp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -39,10 +38,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .data import make_loader, shard_list
 from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, layout_error, psnr, swap_follow)
 from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
-from .utils import resolve_device, write_json
+from .shapes import ShapesWorld, colour_mask
+from .utils import HookUnavailable, resolve_device, write_json
+from .viz import image_grid, save_figure
 
 __all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "main"]
 
@@ -57,7 +59,6 @@ def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stat
     """The first ``n`` samples of ``DATA_DIR/{split}-*.tar`` (shard order, no shuffle) as one batch,
     conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json`` when it exists, as the
     trainer does; None = raw). Fewer samples than ``n`` in the split -> all of them."""
-    from .data import make_loader, shard_list
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     shards = shard_list(data_dir, split)
@@ -160,7 +161,6 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         raise ValueError("validate_checkpoint needs data_dir (the dataset folder)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from .shapes import ShapesWorld, colour_mask
     t0 = time.time()
     guidance = guidance or DEFAULT_GUIDANCE
     own_bar = bar is None
@@ -261,7 +261,6 @@ def _guidance_str(g: Guidance) -> str:
 
 
 def _grid_figure(source, gen: dict, perm, captions, path: Path) -> Path:
-    from .viz import image_grid, save_figure
     k = source.shape[0]
     blank = torch.zeros_like(source)
     rows = {"source": source, "reconstruction": gen["recon"][:k], "text only": gen["textonly"][:k],
@@ -276,8 +275,6 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     """A quick figure for the trainer's sample hook: n validation scenes (train ones when the folder
     has no val split), source | text + DINO sample (guided) | no guidance. The model stays on its
     device (``device`` only checks it). Returns a matplotlib Figure (``nbcore.viz.image_grid``)."""
-    from .shapes import ShapesWorld
-    from .viz import image_grid
     try:
         batch = load_val_batch(data, n)
     except FileNotFoundError:
@@ -295,6 +292,33 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     source = batch["png"] if "png" in batch else world.codec.decode(batch["latent"])
     return image_grid({"source": source, "sample (guided)": guided, "no guidance": plain},
                       titles=[c[:45] for c in batch["txt"]])
+
+
+# --------------------------------------------------------------------------- training hooks
+
+def validation_hook(trainer, ckpt_path: Path) -> dict:
+    """``nbcore.train`` val hook (``train(cfg, val_fn=validation_hook)``; the training CLI wires it):
+    ``validate_checkpoint`` of the just-written checkpoint (its EMA weights) on the run's val shards
+    with tiny settings (``val_n`` samples, ``val_sample_steps`` Euler steps); writes
+    OUT/val/step_XXXXXX/. Returns the scalar metrics (logged as a ``val`` record)."""
+    if not trainer.cfg.data:
+        raise HookUnavailable("no --data folder to validate on")
+    out = trainer.out / "val" / f"step_{trainer.step:06d}"
+    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=trainer.cfg.val_n,
+                                  steps=trainer.cfg.val_sample_steps,
+                                  device=str(trainer.device), progress=False)
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def sample_grid_hook(trainer, ckpt_path: Path) -> dict:
+    """``nbcore.train`` sample hook (``train(cfg, sample_fn=sample_grid_hook)``): ``sample_grid`` of
+    the EMA model (4 val scenes, ``val_sample_steps``) saved as OUT/samples/step_XXXXXX.png."""
+    if not trainer.cfg.data:
+        raise HookUnavailable("no --data folder to draw conditions from")
+    fig = sample_grid(trainer.ema.module, trainer.cfg.data, n=4, steps=trainer.cfg.val_sample_steps,
+                      device=str(trainer.device))
+    path = save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
+    return {"path": str(path)}
 
 
 # --------------------------------------------------------------------------- CLI

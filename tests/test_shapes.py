@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from nbcore.data import make_loader, shard_list
-from nbcore.model import preset
-from nbcore.shapes import (COLOURS, BACKGROUND, PixelCodec, Scene, Shape, ShapesWorld, colour_mask,
-                           make_dataset, render, sample_scene, shift_extent, shift_scene, shuffle_layout)
+from nbcore.model import PRESETS, preset
+from nbcore.shapes import (COLOURS, BACKGROUND, WORLDS, PixelCodec, Scene, Shape, ShapesWorld, WorldSizes,
+                           colour_mask, make_dataset, render, sample_scene, shift_extent, shift_scene,
+                           shuffle_layout)
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,32 @@ def test_shift_scene_is_rigid_and_clamped():
     c = shift_scene(sc, -1.0, 0.0)
     assert c.shapes[0].cx == pytest.approx(0.1) and c.shapes[1].cx == pytest.approx(0.5)
     assert shift_scene(Scene([]), 0.1, 0.1) == Scene([])
+
+
+# --------------------------------------------------------------------------- layering
+
+def test_world_sizes_of_every_model_preset():
+    """The data side names the worlds of the model presets itself; they must stay the presets' sizes."""
+    assert set(WORLDS) == set(PRESETS)
+    for name, cfg in PRESETS.items():
+        assert WORLDS[name] == WorldSizes.of(cfg), name
+    assert WORLDS["tiny"] == WorldSizes(image_size=64, latent_channels=12, dino_grid=8, dino_dim=64, text_dim=64,
+                                        text_len=32)
+    # a world built from sizes equals the one built from the model config
+    a, b = ShapesWorld(WORLDS["tiny"], seed=3), ShapesWorld(preset("tiny"), seed=3)
+    assert a.sizes == b.sizes and a.image_size == 64 and a.scene(5) == b.scene(5)
+    imgs = a.render_batch([a.scene(i) for i in range(2)])
+    caps = [a.scene(i).caption() for i in range(2)]
+    ea, eb = a.encode(imgs, caps), b.encode(imgs, caps)
+    assert all(torch.equal(ea[k], eb[k]) for k in ("latent", "dino_emb", "dino_patches", "text_emb", "text_mask"))
+    assert ea["dino_patches"].shape == (2, 64, 64) and ea["latent"].shape == (2, 12, 32, 32)
+    with pytest.raises(ValueError, match="even"):
+        WorldSizes(63, 12, 8, 64, 64, 32)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_dataset("unused", n=1, preset="huge", progress=False)
+
+
+def test_data_side_does_not_import_the_model():
+    code = "import sys, nbcore.shapes, nbcore.data; print(sorted(m for m in sys.modules if m.startswith('nbcore')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "nbcore.model" not in out and "nbcore.shapes" in out, out

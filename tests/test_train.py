@@ -19,6 +19,7 @@ from nbcore.model import NanoDiT, preset
 from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
                           flow_matching_loss, load_train_log, sample_dropout, sample_timesteps, train)
 from nbcore.utils import load_checkpoint
+from nbcore.validate import sample_grid_hook, validation_hook
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,7 +420,7 @@ def test_validation_and_sample_hooks(tmp_path, tiny_shards):
     cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=2, batch_size=8, log_every=1,
                       ckpt_every=0, val_every=2, sample_every=2, val_n=4, val_sample_steps=2, resume="none",
                       progress=False)
-    train(cfg)
+    train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)     # the hooks the CLI wires
     val = load_train_log(tmp_path / "run", kind="val")
     assert len(val) == 1 and val[0]["step"] == 2 and "recon_psnr" in val[0] and val[0]["n"] == 4
     assert (tmp_path / "run" / "val" / "step_000002" / "metrics.json").exists()
@@ -431,3 +432,21 @@ def test_validation_and_sample_hooks(tmp_path, tiny_shards):
           val_fn=hook)
     assert seen == [(2, 2), (4, 4)]
     assert [r["custom"] for r in load_train_log(tmp_path / "run2", kind="val")] == [1.5, 1.5]
+
+
+def test_hooks_come_from_the_caller(tmp_path, capsys):
+    """train() has no default hooks: val_every / sample_every without hooks only checkpoint; a hook
+    raising HookUnavailable is turned off after its first call."""
+    from nbcore.utils import HookUnavailable
+    train(_cfg(tmp_path, steps=4, val_every=2, sample_every=2), data=stand_in_source(preset("tiny"), 4))
+    assert load_train_log(tmp_path / "run", kind="val") == []
+    assert not (tmp_path / "run" / "val").exists() and not (tmp_path / "run" / "samples").exists()
+    assert "no val_fn given" in capsys.readouterr().err
+    calls = []
+
+    def unavailable(trainer, path):
+        calls.append(trainer.step)
+        raise HookUnavailable("nothing to validate on")
+    train(_cfg(tmp_path, out=str(tmp_path / "run2"), steps=6, val_every=2), data=stand_in_source(preset("tiny"), 4),
+          val_fn=unavailable)
+    assert calls == [2] and "val hook off: nothing to validate on" in capsys.readouterr().err
