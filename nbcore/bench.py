@@ -649,14 +649,14 @@ def parse_args(argv=None):
                     help=f"subset of {', '.join(CASES)} (default: all)")
     ap.add_argument("--steps", type=_positive, default=50, help="timed steps per model (median reported)")
     ap.add_argument("--warmup", type=_nonneg, default=10, help="untimed steps first")
-    ap.add_argument("--batch", type=_positive, default=32)
+    ap.add_argument("--batch", type=_positive, default=32, help="samples per step (default 32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (training cases)")
     ap.add_argument("--peer-fuse-qkv", action="store_true", help="PixArt with diffusers' fuse_qkv_projections()")
     ap.add_argument("--sample-steps", type=_positive, default=10, help="Euler steps per image in the guidance case")
     ap.add_argument("--sample-repeats", type=_positive, default=5, help="timed sampling runs per variant")
     ap.add_argument("--caption-spread", type=_spread, default=0.5,
                     help="captions in a batch have n(1-spread)..n real tokens (0 = all n)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches and the init (default 0)")
     args = ap.parse_args(argv)
     try:
         resolve_device(args.device)
@@ -669,15 +669,16 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> int:
+    """The CLI (``python -m nbcore.bench``, ``nbcore-bench``): run the cases, write the JSON and the table."""
     args = parse_args(argv)
     results = run(args)
     for r in results:
         print(f"{r['case']:>9}: NanoDiT {r['nbcore_samples_per_s']:.1f}/s, other {r['peer_samples_per_s']:.1f}/s, "
               f"ratio {r['ratio']:.2f}x")
     print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -703,7 +703,7 @@ def main(argv=None) -> int:
     ck.add_argument("shards", help="folder, brace pattern or glob, quoted: 'DIR/train-{000000..000009}.tar'")
     ck.add_argument("--strict", action="store_true", help="exit non-zero at the first bad sample")
     st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
-    st.add_argument("shards")
+    st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
     st.add_argument("--out", required=True, help="where to write stats.json")
     args = ap.parse_args(argv)
     try:

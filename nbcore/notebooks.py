@@ -583,7 +583,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Run the nbcore notebook suite through papermill.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks in order into outputs/runs/<name>/")
-    r.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    r.add_argument("--profile", required=True, choices=sorted(PROFILES), help="parameter profile: smoke (plumbing), cpu, gpu")
     r.add_argument("--only", nargs="+", metavar="N", help="notebook numbers or names (e.g. 3 4 or 03_training)")
     r.add_argument("--name", help="run folder name under outputs/runs (default: the profile)")
     r.add_argument("--params-yaml", metavar="FILE", help="YAML mapping of notebook parameters")

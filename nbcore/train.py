@@ -85,7 +85,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.model import ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
+from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
 from nbcore.utils import HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
 from nbcore.validate import sample_grid_hook, validation_hook
 
@@ -866,6 +866,59 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
+# One help line per TrainConfig field (tests/test_cli.py checks every flag has one); choices where
+# the config accepts a fixed set.
+_FLAG_HELP = {
+    "preset": "model preset (ModelConfig sizes)",
+    "use_dino_patches": "condition on the DINO patch tokens (--no-use-dino-patches: the pre-patch model)",
+    "patch_pos_embed": "position embedding of the patches in the context",
+    "model_overrides": "JSON object of further ModelConfig fields, e.g. '{\"depth\": 2}'",
+    "data": "folder with train-*.tar shards (+ stats.json)",
+    "out": "output folder: ckpt/, log.jsonl, val/, samples/",
+    "shuffle": "shuffle buffer of the loader in samples (0 = off)",
+    "num_workers": "DataLoader worker processes per rank",
+    "steps": "optimiser steps (including skipped ones)",
+    "batch_size": "samples per process and micro-batch",
+    "grad_accum": "micro-batches per optimiser step",
+    "lr": "peak learning rate (AdamW)",
+    "warmup": "linear warmup steps",
+    "schedule": "learning rate after warmup",
+    "lr_min_ratio": "cosine ends at lr * lr_min_ratio",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "max total gradient norm (0 = no clipping; the norm is still logged)",
+    "ema_decay": "EMA decay of the averaged weights",
+    "p_drop_both": "probability a sample drops text and DINO",
+    "p_text_only": "probability a sample keeps only the text (DINO dropped)",
+    "p_dino_only": "probability a sample keeps only DINO (text dropped)",
+    "timestep_sampling": "distribution of the training timesteps t",
+    "logit_mean": "mean of the logit-normal t",
+    "logit_std": "std of the logit-normal t",
+    "loss_bins": "t-bins of the logged loss by timestep",
+    "device": "auto | cpu | cuda | cuda:N",
+    "seed": "seed of the init, the data order and the t / noise / dropout draws",
+    "compile": "torch.compile the model",
+    "progress": "show a progress bar",
+    "log_every": "steps between log records",
+    "ckpt_every": "steps between OUT/ckpt/last.pt writes (0 = only at the end)",
+    "milestone_every": "steps between kept OUT/ckpt/step_XXXXXX.pt copies (0 = none)",
+    "val_every": "steps between validation runs on the val shards (0 = off)",
+    "sample_every": "steps between sample grids in OUT/samples (0 = off)",
+    "val_n": "samples scored by each validation run",
+    "val_sample_steps": "Euler steps of the validation and sample-grid hooks",
+    "nan_max_consecutive": "stop after this many non-finite steps in a row",
+    "warm_start": "checkpoint to warm-start from (e.g. a pre-patch run)",
+    "warm_start_lr_scale": "learning-rate factor when warm-starting",
+    "new_param_lr_scale": "extra learning-rate factor of the parameters the pre-patch model lacks",
+    "warm_start_weights": "which weights of the warm-start checkpoint",
+    "resume": "auto (OUT/ckpt/last.pt if present), none, or a checkpoint PATH",
+}
+_FLAG_CHOICES = {
+    "preset": sorted(PRESETS), "patch_pos_embed": ["none", "learned", "sincos"],
+    "schedule": ["cosine", "constant"], "timestep_sampling": ["logit_normal", "uniform"],
+    "warm_start_weights": ["model", "ema"],
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nbcore.train",
                                 description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
@@ -874,17 +927,22 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         typ = str(f.type)
+        text = _FLAG_HELP[f.name]
         if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default=default,
-                           help="resume: auto (OUT/ckpt/last.pt if present; the default), none, or a checkpoint PATH")
+            p.add_argument(flag, nargs="?", const="auto", default=default, help=f"{text} (default: auto)")
             p.add_argument("--no-resume", dest="resume", action="store_const", const="none", help="start fresh")
+            continue
+        if f.name == "data":
+            p.add_argument(flag, required=True, metavar="DIR", help=text)
             continue
         if typ.startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"(default: {default}{', preset value' if default is None else ''})")
+                           help=f"{text} (default: {'the preset' if default is None else default})")
         else:
             conv = {"int": int, "float": float}.get(typ.split(" ")[0], str)
-            p.add_argument(flag, type=conv, default=default, help=f"(default: {default!r})")
+            shown = "the preset's" if default is None else repr(default)
+            p.add_argument(flag, type=conv, default=default, choices=_FLAG_CHOICES.get(f.name),
+                           help=f"{text} (default: {shown})")
     return p
 
 

@@ -344,8 +344,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     ap.add_argument("--formula", default=DEFAULT_GUIDANCE.formula, choices=["independent", "nested"],
                     help="guidance formula (see nbcore.sample)")
-    ap.add_argument("--text-scale", type=float, default=DEFAULT_GUIDANCE.text_scale)
-    ap.add_argument("--dino-scale", type=float, default=DEFAULT_GUIDANCE.dino_scale)
+    ap.add_argument("--text-scale", type=float, default=DEFAULT_GUIDANCE.text_scale,
+                    help=f"guidance scale s_t of the text (default {DEFAULT_GUIDANCE.text_scale:g})")
+    ap.add_argument("--dino-scale", type=float, default=DEFAULT_GUIDANCE.dino_scale,
+                    help=f"guidance scale s_d of DINO (default {DEFAULT_GUIDANCE.dino_scale:g})")
     ap.add_argument("--patch-scale", type=float, default=None,
                     help="separate patch scale (adds the CLS-only branch; see nbcore.sample)")
     ap.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
