@@ -8,11 +8,13 @@ P = g*g patches, 3 sources [text, CLS, patches].
 from __future__ import annotations
 
 import math
+import textwrap
 
-import numpy as np
+import matplotlib.pyplot as plt
 import torch
 
 from .attention import SOURCES, capture
+from .sample import load_model, sample
 
 __all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use", "risk5_answer",
            "mass_at_t", "query_tokens", "success_criteria", "fmt"]
@@ -25,12 +27,11 @@ def fmt(v, digits: int = 3) -> str:
 @torch.no_grad()
 def capture_sampling(model, cond: dict, steps: int, seed: int = 0):
     """Run the Euler sampler (no guidance: the full-conditional branch) with routing capture on.
-    cond: dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt), t5_mask (B, L), on the model's
+    cond: dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt), text_mask (B, L), on the model's
     device. Returns (latents (B, C, H, W), recorder with F = steps forwards)."""
-    from .sample import sample
     with capture(model) as rec:
-        z = sample(model, dino_emb=cond["dinov3"], dino_patches=cond.get("dinov3_patches"),
-                   text_emb=cond["t5"], text_mask=cond.get("t5_mask"), steps=steps, seed=seed)
+        z = sample(model, dino_emb=cond["dino_emb"], dino_patches=cond.get("dino_patches"),
+                   text_emb=cond["text_emb"], text_mask=cond.get("text_mask"), steps=steps, seed=seed)
     return z, rec
 
 
@@ -93,7 +94,8 @@ def mass_at_t(model, cond: dict, t_values=(0.25, 0.5, 0.75), seed: int = 0) -> d
     with capture(model, keep_maps=False) as rec:
         for t in t_values:
             tt = torch.full((x0.shape[0],), float(t), device=x0.device)
-            model((1 - t) * x0 + t * noise, tt, cond["dinov3"], cond.get("dinov3_patches"), cond["t5"], cond.get("t5_mask"))
+            model((1 - t) * x0 + t * noise, tt, cond["dino_emb"], cond.get("dino_patches"), cond["text_emb"],
+                  cond.get("text_mask"))
     m = rec.mass.float().mean(dim=(0, 1, 2, 3, 4))                                      # (3,)
     return {s: float(m[i]) for i, s in enumerate(SOURCES)}
 
@@ -101,7 +103,6 @@ def mass_at_t(model, cond: dict, t_values=(0.25, 0.5, 0.75), seed: int = 0) -> d
 def cls_use(checkpoints: list, cond: dict, device, t_values=(0.25, 0.5, 0.75)) -> list[dict]:
     """Routing mass per source over training: ``checkpoints`` [(step, path)] -> records
     {step, text, cls, patches} (EMA weights; fixed batch and timesteps)."""
-    from .sample import load_model
     out = []
     for step, path in checkpoints:
         model = load_model(path, use_ema=True, device=device)
@@ -224,8 +225,6 @@ def criteria_markdown(rows: list[dict]) -> str:
 def criteria_figure(rows: list[dict], title: str = "success criteria"):
     """``success_criteria`` rows as a figure of wrapped text, verdicts coloured (met green, not met
     red, not measurable grey)."""
-    import textwrap
-    import matplotlib.pyplot as plt
     colours = {"met": "#2a9d3a", "not met": "#c0392b", "not measurable": "#7f7f7f"}
     blocks = [(r, textwrap.wrap(r["criterion"], 60), textwrap.wrap(r["evidence"], 70)) for r in rows]
     height = sum(max(len(c), len(e)) for _, c, e in blocks) * 0.17 + 0.4 * len(rows) + 0.6

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -57,9 +58,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from nbcore.attention import capture
-from nbcore.model import NanoDiT, ModelConfig, preset, prepare_text
+from nbcore.model import CONDITION_KEYS, NanoDiT, ModelConfig, preset, prepare_text
+from nbcore.sample import Guidance, sample
 from nbcore.utils import resolve_device, seed_everything, write_json
 
 __all__ = ["TRAIN_CASES", "CASES", "real_tokens", "make_batch", "pixart_kwargs", "build_pixart",
@@ -90,8 +97,8 @@ def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0, spread:
     """A synthetic training batch on the host (CPU, float32), shared by both models.
 
     Returns latent x0 (B, C, S, S), noise (B, C, S, S), x_t (B, C, S, S), t (B,), target v (B, C, S, S),
-    dino (B, Dd), patches (B, P, Dd), text (B, text_len, Dt) zero past each caption, mask (B, text_len)
-    bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in
+    dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, text_len, Dt) zero past each caption,
+    text_mask (B, text_len) bool (real tokens first). Sample 0 has ``n_real`` tokens; the others uniform in
     [ceil(n (1 - spread)), n] (spread 0: all exactly n); every token is real when n_real == text_len.
     """
     if not 1 <= n_real <= cfg.text_len:
@@ -113,16 +120,16 @@ def make_batch(cfg: ModelConfig, batch: int, n_real: int, seed: int = 0, spread:
     text = torch.randn(batch, L, cfg.text_dim, generator=g) * mask[..., None]           # (B, L, Dt)
     return {
         "x0": x0, "noise": noise, "x_t": x_t, "t": t, "target": noise - x0,
-        "dino": torch.randn(batch, cfg.dino_dim, generator=g),
-        "patches": torch.randn(batch, cfg.num_patches, cfg.dino_dim, generator=g),
-        "text": text, "mask": mask,
+        "dino_emb": torch.randn(batch, cfg.dino_dim, generator=g),
+        "dino_patches": torch.randn(batch, cfg.num_patches, cfg.dino_dim, generator=g),
+        "text_emb": text, "text_mask": mask,
     }
 
 
 def nanodit_inputs(b: dict, device) -> dict:
     """NanoDiT's keyword inputs: text trimmed on the host by ``prepare_text``, then moved once."""
-    text, mask = prepare_text(b["text"], b["mask"])                                    # (B, L', Dt), (B, L') | None
-    kw = {"x": b["x_t"], "t": b["t"], "dino_emb": b["dino"], "dino_patches": b["patches"],
+    text, mask = prepare_text(b["text_emb"], b["text_mask"])                            # (B, L', Dt), (B, L') | None
+    kw = {"x": b["x_t"], "t": b["t"], "dino_emb": b["dino_emb"], "dino_patches": b["dino_patches"],
           "text_emb": text, "text_mask": mask}
     return {k: (None if v is None else v.to(device)) for k, v in kw.items()}
 
@@ -130,8 +137,8 @@ def nanodit_inputs(b: dict, device) -> dict:
 def pixart_inputs(b: dict, device) -> dict:
     """PixArt's keyword inputs, as its pipeline passes them: the full padded text with its mask,
     the timestep on PixArt's 0..1000 scale, no additional conditions."""
-    return {"hidden_states": b["x_t"].to(device), "encoder_hidden_states": b["text"].to(device),
-            "encoder_attention_mask": b["mask"].to(device), "timestep": (b["t"] * 1000).to(device),
+    return {"hidden_states": b["x_t"].to(device), "encoder_hidden_states": b["text_emb"].to(device),
+            "encoder_attention_mask": b["text_mask"].to(device), "timestep": (b["t"] * 1000).to(device),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
 
 
@@ -235,7 +242,6 @@ def _flop_mapping() -> dict:
 
 def count_flops(fn) -> int:
     """Total flops torch's flop counter sees while ``fn()`` runs (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -250,9 +256,6 @@ class _LiveTensorBytes:
     new memory; a fresh storage is counted until its weak reference expires."""
 
     def __init__(self):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
         tracker = self
         self.live: dict = {}
         self.now = self.peak = 0
@@ -307,7 +310,6 @@ def time_interleaved(fns: list, steps: int, warmup: int, device: torch.device, d
     """Run ``fns`` in turn (A B A B ...) so drift on a shared machine hits all alike: ``warmup``
     rounds untimed, then ``steps`` timed rounds. Returns per-fn lists of seconds per call.
     perf_counter on CPU; CUDA events on GPU (read once at the end, no sync between calls)."""
-    from tqdm.auto import tqdm
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -353,7 +355,6 @@ def measure_peak_tflops(device: torch.device, dtype: str) -> float:
 def bench_guidance():
     """The guidance the sampling case uses: ``nbcore.sample``'s "independent" formula with a separate
     patch scale, so every Euler step evaluates four branches (uncond, text, cls, dino)."""
-    from nbcore.sample import Guidance
     return Guidance("independent", text_scale=4.0, dino_scale=2.0, patch_scale=3.0)
 
 
@@ -370,7 +371,6 @@ def _machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    import os
     return f"{name} ({os.cpu_count()} cores, {platform.machine()})"
 
 
@@ -405,7 +405,7 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "compile": args.compile, "peer_fuse_qkv": args.peer_fuse_qkv, "caption_spread": args.caption_spread,
         "real_tokens": n_real, "real_tokens_reference": f"{n_ref} of {REFERENCE_TEXT_LEN}",
-        "text_len": cfg.text_len, "caption_lengths": [int(x) for x in b["mask"].sum(1)],
+        "text_len": cfg.text_len, "caption_lengths": [int(x) for x in b["text_mask"].sum(1)],
         "nbcore_text_tokens": L_ours, "nbcore_mask": ours_in["text_mask"] is not None,
         "nbcore_context": L_ours + (1 + cfg.num_patches if cfg.use_dino_patches else 0),
         "peer_context": cfg.text_len, "image_tokens": (cfg.input_size // cfg.patch_size) ** 2,
@@ -435,7 +435,6 @@ def _train_case(name: str, cfg: ModelConfig, args, device, peak_tflops) -> dict:
 def _guidance_case(cfg: ModelConfig, args, device) -> dict:
     """Sampling images/s with ``nbcore.sample.sample``, four guidance branches per Euler step: one
     batched forward (``guidance_batched=True``) vs one forward per branch."""
-    from nbcore.sample import sample
     n_real = real_tokens(120, cfg.text_len)
     b = make_batch(cfg, args.batch, n_real, seed=args.seed)
     seed_everything(args.seed)
@@ -443,7 +442,7 @@ def _guidance_case(cfg: ModelConfig, args, device) -> dict:
     guidance = bench_guidance()
     branches = list(guidance.coefficients(0.5))
     # Host tensors, as a caller passes them; the sampler trims the text and moves them itself.
-    cond = {"dino_emb": b["dino"], "dino_patches": b["patches"], "text_emb": b["text"], "text_mask": b["mask"]}
+    cond = {k: b[k] for k in CONDITION_KEYS}
 
     def go(batched):
         def f():
@@ -586,7 +585,6 @@ def markdown(results: list[dict], cfg: ModelConfig) -> str:
 
 def run(args) -> list[dict]:
     """Run the selected cases; returns the list written to ``args.json``."""
-    from tqdm.auto import tqdm
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
@@ -651,14 +649,14 @@ def parse_args(argv=None):
                     help=f"subset of {', '.join(CASES)} (default: all)")
     ap.add_argument("--steps", type=_positive, default=50, help="timed steps per model (median reported)")
     ap.add_argument("--warmup", type=_nonneg, default=10, help="untimed steps first")
-    ap.add_argument("--batch", type=_positive, default=32)
+    ap.add_argument("--batch", type=_positive, default=32, help="samples per step (default 32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (training cases)")
     ap.add_argument("--peer-fuse-qkv", action="store_true", help="PixArt with diffusers' fuse_qkv_projections()")
     ap.add_argument("--sample-steps", type=_positive, default=10, help="Euler steps per image in the guidance case")
     ap.add_argument("--sample-repeats", type=_positive, default=5, help="timed sampling runs per variant")
     ap.add_argument("--caption-spread", type=_spread, default=0.5,
                     help="captions in a batch have n(1-spread)..n real tokens (0 = all n)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches and the init (default 0)")
     args = ap.parse_args(argv)
     try:
         resolve_device(args.device)
@@ -671,15 +669,16 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> int:
+    """The CLI (``python -m nbcore.bench``, ``nbcore-bench``): run the cases, write the JSON and the table."""
     args = parse_args(argv)
     results = run(args)
     for r in results:
         print(f"{r['case']:>9}: NanoDiT {r['nbcore_samples_per_s']:.1f}/s, other {r['peer_samples_per_s']:.1f}/s, "
               f"ratio {r['ratio']:.2f}x")
     print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,12 +15,15 @@ Shape legend: B batch, C latent channels, H W latent side, L text tokens, P patc
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
 
 from .attention import capture
-from .model import ModelConfig, NanoDiT, load_warm_start, prepare_text
+from .model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text
+from .sample import BRANCHES, Guidance
+from .utils import resolve_device
 
 __all__ = ["run_model_checks", "make_check_model", "make_check_inputs", "with_changed_signal", "warm_start_summary",
            "architecture_summary", "cfg_modes", "production_forward", "CHECK_ARMS", "arm_config"]
@@ -296,7 +299,6 @@ def cfg_modes(cfg: ModelConfig, text_scale: float = 2.0, dino_scale: float = 2.0
     the dropped inputs have no influence (changing them leaves the output unchanged), and the
     sampler's guidance coefficients per branch for both formulas. Returns ``table`` rows,
     ``coefficients`` rows and ``distinct`` (the four outputs differ pairwise)."""
-    from .sample import BRANCHES, Guidance
     c = replace(cfg, use_dino_patches=True)
     model = make_check_model(c, seed=seed)
     inp = make_check_inputs(c, B=1, lengths=[max(1, c.text_len // 2)])
@@ -329,9 +331,6 @@ def cfg_modes(cfg: ModelConfig, text_scale: float = 2.0, dino_scale: float = 2.0
 def production_forward(device: str = "auto", seed: int = 0) -> dict:
     """One B=1 forward of the production preset (709-token context) on ``device``: output
     ``shape``, ``finite``, ``seconds`` (after one warm-up forward)."""
-    import time
-    from .model import PRESETS
-    from .utils import resolve_device
     dev = resolve_device(device)
     cfg = PRESETS["production"]
     torch.manual_seed(seed)

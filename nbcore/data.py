@@ -47,10 +47,14 @@ import torch
 
 __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "compute_stats", "shard_list",
            "expand_shards", "iter_raw_samples", "decode_sample", "collate", "ShardDataset",
-           "Loader", "make_loader", "check_shards", "REQUIRED"]
+           "Loader", "make_loader", "check_shards", "REQUIRED", "MEMBER_OF"]
 
 REQUIRED = ("latent.npy", "dinov3.npy", "t5.npy", "txt")
 NORMALISED = ("dinov3", "dinov3_patches", "t5")
+# The one adapter between the two vocabularies: a batch carries the model's argument names
+# (NanoDiT.forward: dino_emb, dino_patches, text_emb, text_mask); the on-disk members, decoded
+# samples and stats.json keep the member names (dinov3.npy -> "dinov3"). ``collate`` maps them.
+MEMBER_OF = {"dino_emb": "dinov3", "dino_patches": "dinov3_patches", "text_emb": "t5"}
 
 
 # --------------------------------------------------------------------------- errors and counts
@@ -143,6 +147,18 @@ class Stats:
     def denormalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.tensors(name)
         return x * std.to(x.device) + mean.to(x.device)
+
+    def normalise_condition(self, cond: dict) -> dict:
+        """``cond`` (model names: dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt),
+        text_mask (B, L)) normalised as ``collate`` does, text padding rows zero; a new dict, other
+        keys passed through."""
+        out = dict(cond)
+        for k, member in MEMBER_OF.items():
+            if cond.get(k) is not None:
+                out[k] = self.normalise(member, cond[k])
+        if cond.get("text_mask") is not None and cond.get("text_emb") is not None:
+            out["text_emb"] = out["text_emb"] * cond["text_mask"][..., None]            # (B, L, Dt)
+        return out
 
 
 class StatsAccumulator:
@@ -422,10 +438,10 @@ def decode_sample(raw: dict, expect: dict | None = None) -> dict:
 
 def collate(samples: list[dict], stats: Stats | None = None, text_len: int | None = None,
             counts: SkipCounter | None = None, multiple: int = 8) -> dict:
-    """Decoded samples (one latent shape) -> the batch dict.
+    """Decoded samples (one latent shape, member names) -> the batch dict (the model's names).
 
-    latent (B, C, H, W) float32; dinov3 (B, Dd); dinov3_patches (B, P, Dd); t5 (B, L, Dt) with
-    zero rows after each caption's real tokens and t5_mask (B, L) bool, L = ``text_len`` or the
+    latent (B, C, H, W) float32; dino_emb (B, Dd); dino_patches (B, P, Dd); text_emb (B, L, Dt) with
+    zero rows after each caption's real tokens and text_mask (B, L) bool, L = ``text_len`` or the
     longest caption rounded up to ``multiple``; txt, key lists; png (B, 3, S, S) in [0, 1] and json
     list when present. Conditioning is normalised with ``stats`` (real text tokens only).
     """
@@ -463,7 +479,8 @@ def collate(samples: list[dict], stats: Stats | None = None, text_len: int | Non
         t5 *= 1.0 / std
         t5[~mask] = 0                                                                  # padding stays zero
     t5, mask = torch.from_numpy(t5), torch.from_numpy(mask)                            # (B, L, Dt), (B, L)
-    batch = {"latent": latent, "dinov3": cls, "dinov3_patches": patches, "t5": t5, "t5_mask": mask,
+    # member names -> the model's names (MEMBER_OF), the one place a batch gets its keys
+    batch = {"latent": latent, "dino_emb": cls, "dino_patches": patches, "text_emb": t5, "text_mask": mask,
              "txt": [s["txt"] for s in samples], "key": [s["key"] for s in samples]}
     if all("png" in s for s in samples):
         png = np.stack([s["png"] for s in samples]).transpose(0, 3, 1, 2)               # (B, 3, S, S) uint8
@@ -686,7 +703,7 @@ def main(argv=None) -> int:
     ck.add_argument("shards", help="folder, brace pattern or glob, quoted: 'DIR/train-{000000..000009}.tar'")
     ck.add_argument("--strict", action="store_true", help="exit non-zero at the first bad sample")
     st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
-    st.add_argument("shards")
+    st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
     st.add_argument("--out", required=True, help="where to write stats.json")
     args = ap.parse_args(argv)
     try:

@@ -19,16 +19,21 @@ Shape legend: B pairs, S image side, C H W latent, L text tokens, Dt text dim, P
 from __future__ import annotations
 
 import html
-
 import io
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
-from .utils import resolve_device
+from .data import Stats
+from .metrics import swap_follow
+from .model import CONDITION_KEYS
+from .sample import Guidance, load_model_with_info, sample
+from .shapes import ShapesWorld, make_dataset
+from .train import TrainConfig, train
+from .utils import load_checkpoint, repo_root, resolve_device
+from .viz import image_grid
 
 __all__ = ["Demo", "find_patch_checkpoint", "get_demo_model", "swap_figure", "build_widget", "WIDGET_LABELS"]
 
@@ -42,7 +47,6 @@ def find_patch_checkpoint(search_root=None, prefer_run_dir=None, variant: str | 
     given and present, else the newest ``train/patch-*/ckpt/last.pt`` under ``prefer_run_dir``, then
     anywhere under ``search_root`` (default: the repository's outputs/runs), then a previous demo
     model under outputs/demo. None when there is none."""
-    from .notebooks import repo_root
     if prefer_run_dir and variant:
         p = Path(prefer_run_dir) / "train" / variant / "ckpt" / "last.pt"
         if p.exists():
@@ -63,8 +67,6 @@ def find_patch_checkpoint(search_root=None, prefer_run_dir=None, variant: str | 
 
 def _train_demo_model(out_root: Path, preset: str, steps: int, n_data: int, device: str, seed: int) -> Path:
     """A quick patch model (sin-cos patch positions, from scratch) for a demo that found no run."""
-    from .shapes import make_dataset
-    from .train import TrainConfig, train
     data = out_root / "data"
     if not any(data.glob("train-*.tar")):
         make_dataset(data, n_data, seed=seed, preset=preset, val_fraction=0.1)
@@ -82,8 +84,6 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
     for ``train_steps`` steps on ``n_data`` samples (None: 32 per step, 256..1500) under
     ``outputs/demo/`` (info["trained_now"] = True). ``variant``
     (e.g. "patch-none") picks that run of ``run_dir`` first."""
-    from .sample import load_model_with_info
-    from .notebooks import repo_root
     trained = False
     if ckpt in (None, "", "auto"):
         ckpt = find_patch_checkpoint(prefer_run_dir=run_dir, variant=variant)
@@ -104,13 +104,10 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
 
 def _stats_for(ckpt_path: Path):
     """The normalisation stats the checkpoint was trained with (its train_config's data/stats.json)."""
-    from .data import Stats
-    from .utils import load_checkpoint
     ck = load_checkpoint(ckpt_path)
     data = (ck.get("train_config") or {}).get("data", "")
     data = Path(data) if data else None
     if data is not None and not data.is_absolute():  # a relative --data means the repo root, not the cwd
-        from .notebooks import repo_root
         data = repo_root() / data
     path = data / "stats.json" if data is not None else None
     if path is None or not path.exists():
@@ -133,7 +130,6 @@ class Demo:
     @classmethod
     def load(cls, ckpt=None, run_dir=None, device: str = "auto", n_scenes: int = 8, world_seed: int = 0,
              **kw) -> "Demo":
-        from .shapes import ShapesWorld
         model, info = get_demo_model(ckpt, run_dir=run_dir, device=device, **kw)
         world = ShapesWorld(model.cfg, seed=world_seed)
         stats = _stats_for(Path(info["path"]))
@@ -147,16 +143,12 @@ class Demo:
     @torch.no_grad()
     def condition(self, indices: list[int]) -> dict:
         """Rendered images and normalised conditioning of scenes ``indices``: png (B, 3, S, S),
-        dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt) (padding rows zero), t5_mask (B, L)."""
+        dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt) (padding rows zero), text_mask (B, L)."""
         scenes = [self.scenes[i] for i in indices]
         images = self.world.render_batch(scenes)                                       # (B, 3, S, S)
         b = self.world.encode(images, [s.caption() for s in scenes])
-        st = self.stats
-        mask = b["t5_mask"]
-        t5 = st.normalise("t5", b["t5"]) * mask[..., None]                             # (B, L, Dt)
-        return {"png": images, "txt": b["txt"], "colours": [[sh.colour for sh in s.shapes] for s in scenes],
-                "dinov3": st.normalise("dinov3", b["dinov3"]),
-                "dinov3_patches": st.normalise("dinov3_patches", b["dinov3_patches"]), "t5": t5, "t5_mask": mask}
+        cond = self.stats.normalise_condition({k: b[k] for k in CONDITION_KEYS})
+        return {"png": images, "txt": b["txt"], "colours": [[sh.colour for sh in s.shapes] for s in scenes], **cond}
 
     @torch.no_grad()
     def swap(self, text_index, dino_index, text_scale: float = 2.0, dino_scale: float = 2.0, steps: int = 10,
@@ -165,8 +157,6 @@ class Demo:
         (ints or equal-length lists). Returns ``images``: text_source, dino_source, swap (B, 3, S, S),
         and with ``references`` also text_only and dino_only samples from the same noise;
         ``metrics``: ``nbcore.metrics.swap_follow`` of the swap (whose layout / colours it follows)."""
-        from .metrics import swap_follow
-        from .sample import Guidance, sample
         ti = [text_index] if isinstance(text_index, int) else list(text_index)
         di = [dino_index] if isinstance(dino_index, int) else list(dino_index)
         if len(ti) != len(di):
@@ -181,14 +171,13 @@ class Demo:
         g = Guidance(formula, float(text_scale), float(dino_scale))
         common = dict(steps=int(steps), seed=int(seed), guidance=g)
         decode = lambda z: self.world.codec.decode(z.float().cpu())                   # (B, 3, S, S)
-        z = sample(self.model, dino_emb=B["dinov3"].to(dev), dino_patches=B["dinov3_patches"].to(dev),
-                   text_emb=A["t5"].to(dev), text_mask=A["t5_mask"].to(dev), **common)
+        text = {k: A[k].to(dev) for k in ("text_emb", "text_mask")}
+        dino = {k: B[k].to(dev) for k in ("dino_emb", "dino_patches")}
+        z = sample(self.model, **text, **dino, **common)
         images = {"text_source": A["png"], "dino_source": B["png"], "swap": decode(z)}
         if references:
-            images["text_only"] = decode(sample(self.model, text_emb=A["t5"].to(dev), text_mask=A["t5_mask"].to(dev),
-                                                **common))
-            images["dino_only"] = decode(sample(self.model, dino_emb=B["dinov3"].to(dev),
-                                                dino_patches=B["dinov3_patches"].to(dev), **common))
+            images["text_only"] = decode(sample(self.model, **text, **common))
+            images["dino_only"] = decode(sample(self.model, **dino, **common))
         follow = swap_follow(images["swap"], A["png"], A["colours"], B["png"], B["colours"])
         return {"images": images, "text": A["txt"], "dino_text": B["txt"], "metrics": follow,
                 "settings": {"text_scale": float(text_scale), "dino_scale": float(dino_scale), "steps": int(steps),
@@ -197,7 +186,6 @@ class Demo:
 
 def swap_figure(result: dict):
     """``viz.image_grid`` of a ``Demo.swap`` result: one row per pair, titled 'text <- DINO'."""
-    from .viz import image_grid
     titles = [f"T: {a}\nD: {b}" for a, b in zip(result["text"], result["dino_text"])]
     names = {"text_source": "text source", "dino_source": "DINO source", "swap": "swap (text + DINO)",
              "text_only": "text only", "dino_only": "DINO only"}
@@ -205,7 +193,6 @@ def swap_figure(result: dict):
 
 
 def _png_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)

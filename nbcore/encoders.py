@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
 
+from .data import compute_stats, shard_list
+from .shapes import encode_sample_members
 from .utils import resolve_device
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "load_image", "find_pairs", "precompute", "main"]
@@ -137,7 +142,6 @@ class VAECodec:
 
 def load_image(path, size: int) -> torch.Tensor:
     """RGB image -> short side resized to ``size``, centre-cropped: (3, size, size) float32 in [0, 1]."""
-    from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -177,11 +181,6 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     """Encode image/caption pairs with the real encoders into contract shards + stats.json.
     ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects. Returns a summary
     {"train", "val", "skipped_no_caption", "latent_shape", "dino_patches", "text_dim"}."""
-    from tqdm.auto import tqdm
-    import webdataset as wds
-    from .data import compute_stats, shard_list
-    from .shapes import encode_sample_members
-
     pairs, missing = find_pairs(images_dir)
     if not pairs:
         raise ValueError(f"no image + .txt caption pairs in {images_dir}")
@@ -231,18 +230,18 @@ def main(argv=None) -> int:
                                  description="Precompute DINOv3 / T5 / VAE features into WebDataset shards (local weights only)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pc = sub.add_parser("precompute", help="folder of name.jpg|png + name.txt -> shards + stats.json")
-    pc.add_argument("images_dir")
-    pc.add_argument("out_dir")
+    pc.add_argument("images_dir", help="folder of name.jpg|png images, each with a name.txt caption")
+    pc.add_argument("out_dir", help="output folder for {train,val}-NNNNNN.tar and stats.json")
     pc.add_argument("--dino", required=True, help="local DINOv3 folder (transformers)")
     pc.add_argument("--t5", required=True, help="local T5 encoder + tokenizer folder (transformers)")
     pc.add_argument("--vae", required=True, help="local AutoencoderKL folder (diffusers)")
     pc.add_argument("--image-size", type=int, default=512, help="square crop side in px (default 512)")
-    pc.add_argument("--batch-size", type=int, default=8)
-    pc.add_argument("--shard-size", type=int, default=1000)
-    pc.add_argument("--val-fraction", type=float, default=0.0)
+    pc.add_argument("--batch-size", type=int, default=8, help="images encoded together (default 8)")
+    pc.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    pc.add_argument("--val-fraction", type=float, default=0.0, help="share of samples in the val split (default 0)")
     pc.add_argument("--seed", type=int, default=0, help="seeds the train/val assignment")
-    pc.add_argument("--device", default="auto")
-    pc.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    pc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    pc.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="encoder dtype (default float32)")
     pc.add_argument("--no-png", action="store_true", help="do not store the source image")
     args = ap.parse_args(argv)
     if args.image_size < 16 or args.batch_size < 1 or args.shard_size < 1:

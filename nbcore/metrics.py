@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -163,9 +164,7 @@ class LPIPSMetric:
 
     @staticmethod
     def _build(alexnet_path: Path | None, device):
-        import warnings
-
-        import lpips
+        import lpips  # optional heavy package: only when LPIPS is asked for
         with warnings.catch_warnings():
             # lpips passes torchvision's deprecated `pretrained=` argument; harmless, silenced
             warnings.simplefilter("ignore", UserWarning)

@@ -29,8 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ModelConfig", "NanoDiT", "PRESETS", "attend", "prepare_text", "load_warm_start",
+__all__ = ["ModelConfig", "NanoDiT", "PRESETS", "CONDITION_KEYS", "attend", "prepare_text", "load_warm_start",
            "initialize_weights", "sincos_2d", "patch_cover_weights", "preset"]
+
+# forward's names for a condition: the project's one vocabulary (batches, sampler, validation,
+# analysis, demo and benchmark use these keys; nbcore.data.MEMBER_OF maps the on-disk members)
+CONDITION_KEYS = ("dino_emb", "dino_patches", "text_emb", "text_mask")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .utils import repo_root  # lives in utils (library modules must not import the runner); kept importable here
+
 __all__ = ["PROFILES", "NOTEBOOKS", "settings", "Context", "start", "CheckFailed", "repo_root",
            "default_run_dir", "ensure_data", "ensure_trained", "variant_dir", "variant_checkpoints",
            "run_suite", "main", "load_val_batch", "load_log", "warm_start_event",
@@ -81,16 +83,6 @@ class CheckFailed(AssertionError):
 
 
 # --------------------------------------------------------------------------- paths
-
-def repo_root(start: str | os.PathLike | None = None) -> Path:
-    """The folder holding pyproject.toml above ``start`` (default: the cwd), else the cwd. Lets a
-    notebook opened in JupyterLab (cwd = notebooks/) find outputs/ without absolute paths."""
-    here = Path(start or os.getcwd()).resolve()
-    for p in [here, *here.parents]:
-        if (p / "pyproject.toml").exists() and (p / "nbcore").is_dir():
-            return p
-    return here
-
 
 def default_run_dir(profile: str) -> Path:
     return repo_root() / "outputs" / "runs" / profile
@@ -591,7 +583,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Run the nbcore notebook suite through papermill.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks in order into outputs/runs/<name>/")
-    r.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    r.add_argument("--profile", required=True, choices=sorted(PROFILES), help="parameter profile: smoke (plumbing), cpu, gpu")
     r.add_argument("--only", nargs="+", metavar="N", help="notebook numbers or names (e.g. 3 4 or 03_training)")
     r.add_argument("--name", help="run folder name under outputs/runs (default: the profile)")
     r.add_argument("--params-yaml", metavar="FILE", help="YAML mapping of notebook parameters")

@@ -326,15 +326,14 @@ def sample(model: NanoDiT, *, dino_emb: torch.Tensor | None = None, dino_patches
 
 def sample_batch(model: NanoDiT, batch: dict, *, use_text: bool = True, use_dino: bool = True,
                  dino_from: dict | None = None, **kw) -> torch.Tensor:
-    """``sample`` on a loader batch (keys ``dinov3``, ``dinov3_patches``, ``t5``, ``t5_mask``).
+    """``sample`` on a batch (keys ``dino_emb``, ``dino_patches``, ``text_emb``, ``text_mask``, as the
+    loader and ``ShapesWorld.encode`` give them; other keys are ignored).
 
     use_text / use_dino choose the conditions (False = null); ``dino_from`` takes the DINO condition
     (CLS + patches) from another batch of the same size (the DINO swap). Returns latents (B, C, H, W).
     """
-    src = batch if dino_from is None else dino_from
-    return sample(model,
-                  dino_emb=src["dinov3"] if use_dino else None,
-                  dino_patches=src.get("dinov3_patches") if use_dino else None,
-                  text_emb=batch["t5"] if use_text else None,
-                  text_mask=batch.get("t5_mask") if use_text else None, **kw)
-
+    dino = batch if dino_from is None else dino_from
+    cond = {"dino_emb": dino["dino_emb"], "dino_patches": dino.get("dino_patches")} if use_dino else {}
+    if use_text:
+        cond.update(text_emb=batch["text_emb"], text_mask=batch.get("text_mask"))
+    return sample(model, **cond, **kw)

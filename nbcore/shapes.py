@@ -17,7 +17,9 @@ pretrained network:
   channels, scaled to about unit std. decode(encode(x)) == x (up to float rounding) for C >= 12.
 
 The encoders' weights are fixed (their own constant seeds), independent of the world seed: data
-made with different world seeds share one embedding space. Sizes follow the model preset:
+made with different world seeds share one embedding space. Sizes (``WorldSizes``) are passed in by
+the caller, so the data side does not import the model: ``WorldSizes.of(model_cfg)`` reads them
+off a model config, and ``WORLDS`` names the worlds of the model presets (a test keeps the two equal):
 
     micro       32 px images, 12x16x16 latents, 4x4 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
     tiny        64 px images, 12x32x32 latents, 8x8 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
@@ -46,10 +48,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
 
-from .model import PRESETS, ModelConfig, preset as model_preset
+from .data import StatsAccumulator
 
-__all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld",
+__all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
            "shape_mask", "sample_scene", "shuffle_layout", "shift_scene", "shift_extent", "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
 
@@ -392,22 +397,61 @@ class PixelCodec:
 
 # --------------------------------------------------------------------------- the world
 
-class ShapesWorld:
-    """The shapes world at the sizes of a model preset.
+@dataclass(frozen=True)
+class WorldSizes:
+    """What the world emits: images (3, S, S) with S = ``image_size``, latents
+    (``latent_channels``, S/2, S/2) (the codec halves the side), a ``dino_grid`` x ``dino_grid``
+    patch grid of ``dino_dim`` features plus a CLS of the same dim, text of ``text_dim`` with at
+    most ``text_len`` tokens."""
+    image_size: int
+    latent_channels: int
+    dino_grid: int
+    dino_dim: int
+    text_dim: int
+    text_len: int
 
-    ``ShapesWorld(cfg, seed)``: image side S = 2 * cfg.input_size (the codec halves it), latents
-    (cfg.in_channels, S/2, S/2), a cfg.dino_grid^2 patch grid of cfg.dino_dim features, text of
-    cfg.text_dim with at most cfg.text_len tokens. ``seed`` drives the scenes (``scenes(n)``),
-    never the stand-in encoders' weights.
+    def __post_init__(self):
+        if self.image_size < 2 or self.image_size % 2:
+            raise ValueError(f"image_size must be even and >= 2 (the codec halves it), got {self.image_size}")
+        bad = [k for k in ("latent_channels", "dino_grid", "dino_dim", "text_dim", "text_len") if getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"world sizes must be >= 1: {bad}")
+
+    @classmethod
+    def of(cls, cfg) -> "WorldSizes":
+        """The world that feeds a model config: any object with ModelConfig's ``input_size`` (latent
+        side), ``in_channels``, ``dino_grid``, ``dino_dim``, ``text_dim``, ``text_len`` (read, not
+        imported: the data side does not depend on the model)."""
+        return cls(image_size=2 * cfg.input_size, latent_channels=cfg.in_channels, dino_grid=cfg.dino_grid,
+                   dino_dim=cfg.dino_dim, text_dim=cfg.text_dim, text_len=cfg.text_len)
+
+
+# The worlds of the model presets by name (``make_dataset(preset=...)``, the CLI's --preset);
+# tests/test_shapes.py checks each equals WorldSizes.of(nbcore.model.PRESETS[name]).
+WORLDS: dict[str, WorldSizes] = {
+    "micro": WorldSizes(image_size=32, latent_channels=12, dino_grid=4, dino_dim=64, text_dim=64, text_len=32),
+    "tiny": WorldSizes(image_size=64, latent_channels=12, dino_grid=8, dino_dim=64, text_dim=64, text_len=32),
+    "production": WorldSizes(image_size=128, latent_channels=16, dino_grid=14, dino_dim=1024, text_dim=4096,
+                             text_len=512),
+}
+
+
+class ShapesWorld:
+    """The shapes world at given sizes.
+
+    ``ShapesWorld(sizes, seed)``: ``sizes`` a ``WorldSizes``, or a model config (``WorldSizes.of``
+    reads its sizes, so ``ShapesWorld(model.cfg)`` gives the world that model was trained on).
+    ``seed`` drives the scenes (``scene(i, split)``), never the stand-in encoders' weights.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
-        self.cfg, self.seed = cfg, seed
-        self.image_size = 2 * cfg.input_size
+    def __init__(self, sizes, seed: int = 0):
+        self.sizes = sizes if isinstance(sizes, WorldSizes) else WorldSizes.of(sizes)
+        self.seed = seed
+        self.image_size = self.sizes.image_size
         shift, std = _pixel_stats(self.image_size)
-        self.codec = PixelCodec(cfg.in_channels, shift=shift, scale=1.0 / std)
-        self.patch_encoder = StandInPatchEncoder(self.image_size, cfg.dino_grid, cfg.dino_dim)
-        self.text_encoder = StandInTextEncoder(cfg.text_dim, cfg.text_len)
+        self.codec = PixelCodec(self.sizes.latent_channels, shift=shift, scale=1.0 / std)
+        self.patch_encoder = StandInPatchEncoder(self.image_size, self.sizes.dino_grid, self.sizes.dino_dim)
+        self.text_encoder = StandInTextEncoder(self.sizes.text_dim, self.sizes.text_len)
 
     def sample_scene(self, rng: np.random.Generator) -> Scene:
         return sample_scene(rng)
@@ -428,12 +472,12 @@ class ShapesWorld:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, captions: list[str]) -> dict:
         """images (B, 3, S, S) in [0, 1] + captions -> the loader's batch keys, unnormalised:
-        latent (B, C, S/2, S/2), dinov3 (B, Dd), dinov3_patches (B, P, Dd), t5 (B, L, Dt),
-        t5_mask (B, L) bool (L = longest caption), txt, png (the images)."""
+        latent (B, C, S/2, S/2), dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt),
+        text_mask (B, L) bool (L = longest caption), txt, png (the images)."""
         cls, patches = self.patch_encoder(images)
         emb, mask = self.text_encoder(list(captions))
-        return {"latent": self.codec.encode(images), "dinov3": cls, "dinov3_patches": patches,
-                "t5": emb, "t5_mask": mask, "txt": list(captions), "png": images}
+        return {"latent": self.codec.encode(images), "dino_emb": cls, "dino_patches": patches,
+                "text_emb": emb, "text_mask": mask, "txt": list(captions), "png": images}
 
 
 # --------------------------------------------------------------------------- shards
@@ -451,22 +495,21 @@ def _to_u8(images: torch.Tensor) -> np.ndarray:
 
 def _png(image) -> bytes:
     """A (3, S, S) float tensor in [0, 1] or an (S, S, 3) uint8 array -> PNG bytes."""
-    from PIL import Image
     arr = image if isinstance(image, np.ndarray) else _to_u8(image[None])[0]          # (S, S, 3)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def encode_sample_members(latent, dinov3, patches, t5_real, txt: str, png=None,
+def encode_sample_members(latent, dinov3, dinov3_patches, t5, txt: str, png=None,
                           meta: dict | None = None) -> dict:
-    """One sample's members per the data contract (bytes): latent.npy (C, H, W) float16,
-    dinov3.npy (Dd,) float32, dinov3_patches.npy (P, Dd) float16, t5.npy (L_valid, Dt) float16,
-    txt utf-8, optional png and json."""
+    """One sample's members per the data contract (bytes; arguments named after the members):
+    latent.npy (C, H, W) float16, dinov3.npy (Dd,) float32, dinov3_patches.npy (P, Dd) float16,
+    t5.npy (L_valid, Dt) float16 (the real tokens only), txt utf-8, optional png and json."""
     f16 = lambda t: t.detach().cpu().numpy().astype(np.float16) if torch.is_tensor(t) else np.asarray(t, np.float16)
     f32 = lambda t: t.detach().cpu().numpy().astype(np.float32) if torch.is_tensor(t) else np.asarray(t, np.float32)
     out = {"latent.npy": _npy(f16(latent)), "dinov3.npy": _npy(f32(dinov3)),
-           "dinov3_patches.npy": _npy(f16(patches)), "t5.npy": _npy(f16(t5_real)),
+           "dinov3_patches.npy": _npy(f16(dinov3_patches)), "t5.npy": _npy(f16(t5)),
            "txt": txt.encode("utf-8")}
     if png is not None:
         out["png"] = _png(png)
@@ -477,22 +520,20 @@ def encode_sample_members(latent, dinov3, patches, t5_real, txt: str, png=None,
 
 def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fraction: float = 0.1,
                  shard_size: int = 1000, batch_size: int = 256, progress: bool = True,
-                 cfg: ModelConfig | None = None) -> Path:
+                 cfg=None) -> Path:
     """Write ``n`` shapes-world samples as WebDataset shards plus ``stats.json`` (train split
     statistics) under ``out_dir``: ``train-000000.tar ...`` and ``val-000000.tar ...``.
-    ``round(n * val_fraction)`` samples go to val. Returns the folder."""
-    from tqdm.auto import tqdm
-    import webdataset as wds
-    from .data import StatsAccumulator
-
+    ``round(n * val_fraction)`` samples go to val. Sizes: ``cfg`` (a ``WorldSizes`` or a model
+    config) when given, else ``WORLDS[preset]``; ``preset`` is recorded in stats.json. Returns the folder."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    cfg = cfg or model_preset(preset)
-    world = ShapesWorld(cfg, seed=seed)
+    if cfg is None and preset not in WORLDS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(WORLDS)} or pass cfg")
+    world = ShapesWorld(WORLDS[preset] if cfg is None else cfg, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
@@ -511,17 +552,17 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                 scenes = [world.scene(i, split) for i in idx]
                 images = world.render_batch(scenes)                                   # (B, 3, S, S)
                 b = world.encode(images, [s.caption() for s in scenes])
-                lens = b["t5_mask"].sum(1).tolist()
+                lens = b["text_mask"].sum(1).tolist()
                 u8 = _to_u8(images)                                                   # (B, S, S, 3)
                 lat16 = b["latent"].half()
-                patches16, t516 = b["dinov3_patches"].half(), b["t5"].half()
+                patches16, t516 = b["dino_patches"].half(), b["text_emb"].half()
                 for j, i in enumerate(idx):
-                    members = encode_sample_members(lat16[j], b["dinov3"][j], patches16[j],
+                    members = encode_sample_members(lat16[j], b["dino_emb"][j], patches16[j],
                                                     t516[j, : lens[j]], b["txt"][j], u8[j],
                                                     scenes[j].to_json())
                     sink.write({"__key__": f"{split}-{i:06d}", **members})
                     if split == "train":
-                        acc.add(latent=lat16[j].float().numpy(), dinov3=b["dinov3"][j].numpy(),
+                        acc.add(latent=lat16[j].float().numpy(), dinov3=b["dino_emb"][j].numpy(),
                                 dinov3_patches=patches16[j].float().numpy(),
                                 t5=t516[j, : lens[j]].float().numpy())
                 bar.update(len(idx))
@@ -542,9 +583,9 @@ def main(argv=None) -> int:
     mk = sub.add_parser("make", help="write shapes-world shards + stats.json")
     mk.add_argument("out_dir", help="output folder (e.g. outputs/data/shapes)")
     mk.add_argument("--n", type=int, required=True, help="total samples (train + val)")
-    mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    mk.add_argument("--val-fraction", type=float, default=0.1)
+    mk.add_argument("--seed", type=int, default=0, help="world seed: the scenes (default 0)")
+    mk.add_argument("--preset", default="tiny", choices=sorted(WORLDS), help="sizes of this model preset (default tiny)")
+    mk.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in the val split (default 0.1)")
     mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     mk.add_argument("--batch-size", type=int, default=256, help="samples encoded together")
     args = ap.parse_args(argv)

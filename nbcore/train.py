@@ -82,10 +82,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.model import ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
-from nbcore.utils import atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
+from nbcore.utils import HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.validate import sample_grid_hook, validation_hook
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
            "batch_to_device", "load_train_log", "NonFiniteLossError", "DROPOUT_CASES", "main"]
@@ -249,21 +251,21 @@ def sample_timesteps(B: int, mode: str = "logit_normal", mean: float = 0.0, std:
 
 def batch_to_device(batch: dict, device, use_patches: bool = True) -> dict:
     """Move a loader batch to ``device``; the text is trimmed on the host first (``prepare_text``), so
-    the mask may become None (no padding left). Returns a dict with ``latent (B,C,H,W)``, ``dinov3
-    (B,Dd)``, ``dinov3_patches (B,P,Dd)`` or None, ``t5 (B,L',Dt)``, ``t5_mask (B,L')`` or None."""
-    need = ["latent", "dinov3", "t5", "t5_mask"] + (["dinov3_patches"] if use_patches else [])
+    the mask may become None (no padding left). Returns a dict with ``latent (B,C,H,W)``, ``dino_emb
+    (B,Dd)``, ``dino_patches (B,P,Dd)`` or None, ``text_emb (B,L',Dt)``, ``text_mask (B,L')`` or None."""
+    need = ["latent", "dino_emb", "text_emb", "text_mask"] + (["dino_patches"] if use_patches else [])
     missing = [k for k in need if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
-    text, mask = prepare_text(batch["t5"], batch["t5_mask"])
+    text, mask = prepare_text(batch["text_emb"], batch["text_mask"])
     nb = torch.device(device).type == "cuda"
     out = {"latent": batch["latent"].to(device, torch.float32, non_blocking=nb),
-           "dinov3": batch["dinov3"].to(device, torch.float32, non_blocking=nb),
-           "t5": text.to(device, torch.float32, non_blocking=nb),
-           "t5_mask": None if mask is None else mask.to(device, non_blocking=nb),
-           "dinov3_patches": None}
+           "dino_emb": batch["dino_emb"].to(device, torch.float32, non_blocking=nb),
+           "text_emb": text.to(device, torch.float32, non_blocking=nb),
+           "text_mask": None if mask is None else mask.to(device, non_blocking=nb),
+           "dino_patches": None}
     if use_patches:
-        out["dinov3_patches"] = batch["dinov3_patches"].to(device, torch.float32, non_blocking=nb)
+        out["dino_patches"] = batch["dino_patches"].to(device, torch.float32, non_blocking=nb)
     return out
 
 
@@ -294,7 +296,7 @@ def flow_matching_loss(model: nn.Module, batch: dict, *, generator: torch.Genera
     tb = t.view(B, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise                                                     # (B, C, H, W)
     target = noise - x0                                                                  # (B, C, H, W)
-    v = model(x_t, t, batch["dinov3"], batch.get("dinov3_patches"), batch["t5"], batch.get("t5_mask"),
+    v = model(x_t, t, batch["dino_emb"], batch.get("dino_patches"), batch["text_emb"], batch.get("text_mask"),
               drop_text=drop_text, drop_dino=drop_dino).float()
     per_sample = (v - target).square().flatten(1).mean(1)                                # (B,)
     loss = per_sample.mean()
@@ -486,9 +488,10 @@ class Trainer:
     ``optimizer``, ``step`` for tests and notebooks.
 
     data: optional ``source(epoch, rank, world_size) -> iterable of batches`` replacing the shard
-    loader (stand-in batches for tests). val_fn / sample_fn: optional ``fn(trainer, ckpt_path) ->
-    dict | None`` hooks run on rank 0 every ``val_every`` / ``sample_every`` steps; by default
-    ``nbcore.validate`` / ``nbcore.sample`` + ``nbcore.viz`` when importable.
+    loader (stand-in batches for tests). val_fn / sample_fn: ``fn(trainer, ckpt_path) -> dict | None``
+    hooks run on rank 0 every ``val_every`` / ``sample_every`` steps, given by the caller (None = none;
+    the CLI passes ``nbcore.validate.validation_hook`` / ``sample_grid_hook``); a hook raising
+    ``nbcore.utils.HookUnavailable`` is turned off with its reason printed.
     """
 
     def __init__(self, cfg: TrainConfig, data: Callable[[int, int, int], Iterable[dict]] | None = None,
@@ -551,11 +554,12 @@ class Trainer:
         if cfg.compile:
             fwd = torch.compile(fwd)
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.fwd = fwd
-        self.val_fn = val_fn if val_fn is not None else _default_val_fn
-        self.sample_fn = sample_fn if sample_fn is not None else _default_sample_fn
+        self.val_fn, self.sample_fn = val_fn, sample_fn   # the caller's (the CLI wires nbcore.validate's)
+        for every, fn, name in ((cfg.val_every, val_fn, "val_fn"), (cfg.sample_every, sample_fn, "sample_fn")):
+            if every and fn is None and self.is_main:
+                print(f"no {name} given: the hook every {every} steps only writes the checkpoint", file=sys.stderr)
         self._bins_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
         self._loss_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
 
@@ -832,7 +836,7 @@ class Trainer:
         if self.is_main and fn is not None:
             try:
                 result = fn(self, path)
-            except _HookUnavailable as e:
+            except HookUnavailable as e:
                 print(f"{name} hook off: {e}", file=sys.stderr)
                 if name == "val":
                     self.val_fn = None
@@ -850,42 +854,6 @@ class Trainer:
             dist.destroy_process_group()
 
 
-class _HookUnavailable(RuntimeError):
-    pass
-
-
-def _default_val_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """``nbcore.validate.validate_checkpoint`` of the just-written checkpoint (its EMA weights) on the
-    run's val shards with tiny settings (``val_n`` samples, ``val_sample_steps`` Euler steps); writes OUT/val/step_XXXXXX/."""
-    try:
-        from nbcore.validate import validate_checkpoint
-    except ImportError as e:
-        raise _HookUnavailable(f"nbcore.validate not importable ({e})") from None
-    if not trainer.cfg.data:
-        raise _HookUnavailable("no --data folder to validate on")
-    out = trainer.out / "val" / f"step_{trainer.step:06d}"
-    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=trainer.cfg.val_n,
-                                  steps=trainer.cfg.val_sample_steps,
-                                  device=str(trainer.device), progress=False)
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
-
-
-def _default_sample_fn(trainer: Trainer, ckpt_path: Path) -> dict | None:
-    """``nbcore.validate.sample_grid`` of the EMA model (4 val scenes, ``val_sample_steps``) saved as
-    OUT/samples/step_XXXXXX.png."""
-    try:
-        from nbcore.validate import sample_grid
-        from nbcore.viz import save_figure
-    except ImportError as e:
-        raise _HookUnavailable(f"nbcore.validate / nbcore.viz not importable ({e})") from None
-    if not trainer.cfg.data:
-        raise _HookUnavailable("no --data folder to draw conditions from")
-    fig = sample_grid(trainer.ema.module, trainer.cfg.data, n=4, steps=trainer.cfg.val_sample_steps,
-                      device=str(trainer.device))
-    path = save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
-    return {"path": str(path)}
-
-
 def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
     """Train per ``cfg`` and return the summary: ``steps``, ``time_s``, ``steps_per_s``, ``final_loss``
     (mean of the last <= 100 applied steps), ``loss_by_bin`` (same window), ``skipped``, ``checkpoint``
@@ -899,6 +867,59 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
+# One help line per TrainConfig field (tests/test_cli.py checks every flag has one); choices where
+# the config accepts a fixed set.
+_FLAG_HELP = {
+    "preset": "model preset (ModelConfig sizes)",
+    "use_dino_patches": "condition on the DINO patch tokens (--no-use-dino-patches: the pre-patch model)",
+    "patch_pos_embed": "position embedding of the patches in the context",
+    "model_overrides": "JSON object of further ModelConfig fields, e.g. '{\"depth\": 2}'",
+    "data": "folder with train-*.tar shards (+ stats.json)",
+    "out": "output folder: ckpt/, log.jsonl, val/, samples/",
+    "shuffle": "shuffle buffer of the loader in samples (0 = off)",
+    "num_workers": "DataLoader worker processes per rank",
+    "steps": "optimiser steps (including skipped ones)",
+    "batch_size": "samples per process and micro-batch",
+    "grad_accum": "micro-batches per optimiser step",
+    "lr": "peak learning rate (AdamW)",
+    "warmup": "linear warmup steps",
+    "schedule": "learning rate after warmup",
+    "lr_min_ratio": "cosine ends at lr * lr_min_ratio",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "max total gradient norm (0 = no clipping; the norm is still logged)",
+    "ema_decay": "EMA decay of the averaged weights",
+    "p_drop_both": "probability a sample drops text and DINO",
+    "p_text_only": "probability a sample keeps only the text (DINO dropped)",
+    "p_dino_only": "probability a sample keeps only DINO (text dropped)",
+    "timestep_sampling": "distribution of the training timesteps t",
+    "logit_mean": "mean of the logit-normal t",
+    "logit_std": "std of the logit-normal t",
+    "loss_bins": "t-bins of the logged loss by timestep",
+    "device": "auto | cpu | cuda | cuda:N",
+    "seed": "seed of the init, the data order and the t / noise / dropout draws",
+    "compile": "torch.compile the model",
+    "progress": "show a progress bar",
+    "log_every": "steps between log records",
+    "ckpt_every": "steps between OUT/ckpt/last.pt writes (0 = only at the end)",
+    "milestone_every": "steps between kept OUT/ckpt/step_XXXXXX.pt copies (0 = none)",
+    "val_every": "steps between validation runs on the val shards (0 = off)",
+    "sample_every": "steps between sample grids in OUT/samples (0 = off)",
+    "val_n": "samples scored by each validation run",
+    "val_sample_steps": "Euler steps of the validation and sample-grid hooks",
+    "nan_max_consecutive": "stop after this many non-finite steps in a row",
+    "warm_start": "checkpoint to warm-start from (e.g. a pre-patch run)",
+    "warm_start_lr_scale": "learning-rate factor when warm-starting",
+    "new_param_lr_scale": "extra learning-rate factor of the parameters the pre-patch model lacks",
+    "warm_start_weights": "which weights of the warm-start checkpoint",
+    "resume": "auto (OUT/ckpt/last.pt if present), none, or a checkpoint PATH",
+}
+_FLAG_CHOICES = {
+    "preset": sorted(PRESETS), "patch_pos_embed": ["none", "learned", "sincos"],
+    "schedule": ["cosine", "constant"], "timestep_sampling": ["logit_normal", "uniform"],
+    "warm_start_weights": ["model", "ema"],
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nbcore.train",
                                 description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
@@ -907,17 +928,22 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         typ = str(f.type)
+        text = _FLAG_HELP[f.name]
         if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default=default,
-                           help="resume: auto (OUT/ckpt/last.pt if present; the default), none, or a checkpoint PATH")
+            p.add_argument(flag, nargs="?", const="auto", default=default, help=f"{text} (default: auto)")
             p.add_argument("--no-resume", dest="resume", action="store_const", const="none", help="start fresh")
+            continue
+        if f.name == "data":
+            p.add_argument(flag, required=True, metavar="DIR", help=text)
             continue
         if typ.startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"(default: {default}{', preset value' if default is None else ''})")
+                           help=f"{text} (default: {'the preset' if default is None else default})")
         else:
             conv = {"int": int, "float": float}.get(typ.split(" ")[0], str)
-            p.add_argument(flag, type=conv, default=default, help=f"(default: {default!r})")
+            shown = "the preset's" if default is None else repr(default)
+            p.add_argument(flag, type=conv, default=default, choices=_FLAG_CHOICES.get(f.name),
+                           help=f"{text} (default: {shown})")
     return p
 
 
@@ -931,7 +957,7 @@ def main(argv=None) -> int:
     if not cfg.data:
         raise SystemExit("nbcore.train: --data DIR is required (a folder of train-*.tar shards)")
     try:
-        summary = train(cfg)
+        summary = train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)
     except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
         raise SystemExit(f"nbcore.train: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,4 +1,4 @@
-"""Small shared helpers: device resolution, seeding, atomic checkpoint I/O, JSON output."""
+"""Small shared helpers: device resolution, seeding, atomic checkpoint I/O, JSON output, the repository root."""
 from __future__ import annotations
 
 import json
@@ -66,3 +66,18 @@ def _jsonable(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The folder holding pyproject.toml above ``start`` (default: the cwd), else the cwd. Lets a
+    notebook opened in JupyterLab (cwd = notebooks/) find outputs/ without absolute paths."""
+    here = Path(start or os.getcwd()).resolve()
+    for p in [here, *here.parents]:
+        if (p / "pyproject.toml").exists() and (p / "nbcore").is_dir():
+            return p
+    return here
+
+
+class HookUnavailable(RuntimeError):
+    """Raised by a training hook that cannot run in this setting (e.g. no data to validate on): the
+    trainer prints the reason once and turns that hook off for the rest of the run."""

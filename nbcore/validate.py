@@ -29,7 +29,6 @@ writes ``OUT/metrics.json`` (settings, LPIPS status, and every metric per checkp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -39,10 +38,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .data import make_loader, shard_list
 from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, layout_error, psnr, swap_follow)
-from .model import NanoDiT
+from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
-from .utils import resolve_device, write_json
+from .shapes import ShapesWorld, colour_mask
+from .utils import HookUnavailable, resolve_device, write_json
+from .viz import image_grid, save_figure
 
 __all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "main"]
 
@@ -57,7 +59,6 @@ def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stat
     """The first ``n`` samples of ``DATA_DIR/{split}-*.tar`` (shard order, no shuffle) as one batch,
     conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json`` when it exists, as the
     trainer does; None = raw). Fewer samples than ``n`` in the split -> all of them."""
-    from .data import make_loader, shard_list
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     shards = shard_list(data_dir, split)
@@ -78,14 +79,14 @@ def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stat
 
 def _cat_batches(parts: list[dict], n: int) -> dict:
     """Concatenate loader batches (text padded to the longest) and keep the first n samples."""
-    L = max(b["t5"].shape[1] for b in parts)
+    L = max(b["text_emb"].shape[1] for b in parts)
     out: dict = {}
     for k in parts[0]:
         vals = [b[k] for b in parts if k in b]
         if len(vals) != len(parts):
             continue                         # a member only some batches have is dropped
-        if k in ("t5", "t5_mask"):
-            vals = [torch.nn.functional.pad(v, (0, 0, 0, L - v.shape[1]) if k == "t5" else (0, L - v.shape[1]))
+        if k in ("text_emb", "text_mask"):
+            vals = [torch.nn.functional.pad(v, (0, 0, 0, L - v.shape[1]) if k == "text_emb" else (0, L - v.shape[1]))
                     for v in vals]           # (b, L, Dt) / (b, L)
         out[k] = torch.cat(vals)[:n] if torch.is_tensor(vals[0]) else sum(vals, [])[:n]
     return out
@@ -160,7 +161,6 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         raise ValueError("validate_checkpoint needs data_dir (the dataset folder)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from .shapes import ShapesWorld, colour_mask
     t0 = time.time()
     guidance = guidance or DEFAULT_GUIDANCE
     own_bar = bar is None
@@ -182,8 +182,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(lat.shape, generator=g)                                   # (n, C, H, W), shared by every run
         common = dict(steps=steps, guidance_batched=guidance_batched)
-        full_cond = dict(dino_emb=batch["dinov3"], dino_patches=batch["dinov3_patches"],
-                         text_emb=batch["t5"], text_mask=batch["t5_mask"])
+        full_cond = {k: batch[k] for k in CONDITION_KEYS}
         decode = lambda z: world.codec.decode(z)                                        # (n, 3, S, S)
 
         gen = {}
@@ -191,15 +190,15 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         bar.update(1)
         gen["noguid"] = decode(_sample_chunks(model, noise, batch_size, guidance=Guidance.off(), **full_cond, **common))
         bar.update(1)
-        gen["textonly"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, text_emb=batch["t5"],
-                                                text_mask=batch["t5_mask"], **common))
+        gen["textonly"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, text_emb=batch["text_emb"],
+                                                text_mask=batch["text_mask"], **common))
         bar.update(1)
         perm = torch.roll(torch.arange(n_got), -1)                                     # DINO of sample i + 1
         swap_status = "ok" if n_got >= 2 else "unavailable: the DINO swap needs n >= 2"
         if n_got >= 2:
             gen["swap"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance,
-                                                dino_emb=batch["dinov3"][perm], dino_patches=batch["dinov3_patches"][perm],
-                                                text_emb=batch["t5"], text_mask=batch["t5_mask"], **common))
+                                                **dict(full_cond, dino_emb=batch["dino_emb"][perm],
+                                                       dino_patches=batch["dino_patches"][perm]), **common))
         bar.update(1)
 
         # ---- metrics
@@ -262,7 +261,6 @@ def _guidance_str(g: Guidance) -> str:
 
 
 def _grid_figure(source, gen: dict, perm, captions, path: Path) -> Path:
-    from .viz import image_grid, save_figure
     k = source.shape[0]
     blank = torch.zeros_like(source)
     rows = {"source": source, "reconstruction": gen["recon"][:k], "text only": gen["textonly"][:k],
@@ -277,8 +275,6 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     """A quick figure for the trainer's sample hook: n validation scenes (train ones when the folder
     has no val split), source | text + DINO sample (guided) | no guidance. The model stays on its
     device (``device`` only checks it). Returns a matplotlib Figure (``nbcore.viz.image_grid``)."""
-    from .shapes import ShapesWorld
-    from .viz import image_grid
     try:
         batch = load_val_batch(data, n)
     except FileNotFoundError:
@@ -288,8 +284,7 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     try:
         world = ShapesWorld(model.cfg)
         noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(seed))
-        cond = dict(dino_emb=batch["dinov3"], dino_patches=batch["dinov3_patches"], text_emb=batch["t5"],
-                    text_mask=batch["t5_mask"], steps=steps, noise=noise, device=device)
+        cond = dict({k: batch[k] for k in CONDITION_KEYS}, steps=steps, noise=noise, device=device)
         guided = world.codec.decode(sample(model, guidance=guidance or DEFAULT_GUIDANCE, **cond).cpu())
         plain = world.codec.decode(sample(model, guidance=Guidance.off(), **cond).cpu())
     finally:
@@ -297,6 +292,33 @@ def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int 
     source = batch["png"] if "png" in batch else world.codec.decode(batch["latent"])
     return image_grid({"source": source, "sample (guided)": guided, "no guidance": plain},
                       titles=[c[:45] for c in batch["txt"]])
+
+
+# --------------------------------------------------------------------------- training hooks
+
+def validation_hook(trainer, ckpt_path: Path) -> dict:
+    """``nbcore.train`` val hook (``train(cfg, val_fn=validation_hook)``; the training CLI wires it):
+    ``validate_checkpoint`` of the just-written checkpoint (its EMA weights) on the run's val shards
+    with tiny settings (``val_n`` samples, ``val_sample_steps`` Euler steps); writes
+    OUT/val/step_XXXXXX/. Returns the scalar metrics (logged as a ``val`` record)."""
+    if not trainer.cfg.data:
+        raise HookUnavailable("no --data folder to validate on")
+    out = trainer.out / "val" / f"step_{trainer.step:06d}"
+    metrics = validate_checkpoint(str(ckpt_path), data=trainer.cfg.data, out=str(out), n=trainer.cfg.val_n,
+                                  steps=trainer.cfg.val_sample_steps,
+                                  device=str(trainer.device), progress=False)
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def sample_grid_hook(trainer, ckpt_path: Path) -> dict:
+    """``nbcore.train`` sample hook (``train(cfg, sample_fn=sample_grid_hook)``): ``sample_grid`` of
+    the EMA model (4 val scenes, ``val_sample_steps``) saved as OUT/samples/step_XXXXXX.png."""
+    if not trainer.cfg.data:
+        raise HookUnavailable("no --data folder to draw conditions from")
+    fig = sample_grid(trainer.ema.module, trainer.cfg.data, n=4, steps=trainer.cfg.val_sample_steps,
+                      device=str(trainer.device))
+    path = save_figure(fig, trainer.out / "samples" / f"step_{trainer.step:06d}.png")
+    return {"path": str(path)}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -322,8 +344,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     ap.add_argument("--formula", default=DEFAULT_GUIDANCE.formula, choices=["independent", "nested"],
                     help="guidance formula (see nbcore.sample)")
-    ap.add_argument("--text-scale", type=float, default=DEFAULT_GUIDANCE.text_scale)
-    ap.add_argument("--dino-scale", type=float, default=DEFAULT_GUIDANCE.dino_scale)
+    ap.add_argument("--text-scale", type=float, default=DEFAULT_GUIDANCE.text_scale,
+                    help=f"guidance scale s_t of the text (default {DEFAULT_GUIDANCE.text_scale:g})")
+    ap.add_argument("--dino-scale", type=float, default=DEFAULT_GUIDANCE.dino_scale,
+                    help=f"guidance scale s_d of DINO (default {DEFAULT_GUIDANCE.dino_scale:g})")
     ap.add_argument("--patch-scale", type=float, default=None,
                     help="separate patch scale (adds the CLS-only branch; see nbcore.sample)")
     ap.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),

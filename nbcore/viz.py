@@ -1,16 +1,19 @@
 """Figures for notebooks and CLIs. Every function returns a matplotlib Figure; ``save_figure`` writes
-a PNG. Headless-safe: the Agg backend is used unless a notebook backend is already active."""
+a PNG.
+
+The backend is the user's: importing this module never calls ``matplotlib.use`` (it once switched a
+live ``%matplotlib inline`` kernel to Agg, whose backend matplotlib >= 3.9 names "inline", and the
+user's own plots stopped showing). Headless runs need nothing either: matplotlib picks Agg itself
+when there is no display, and ``savefig`` renders a PNG with any backend.
+"""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
-import matplotlib
-
-if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget", "ipympl"):
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 SOURCE_COLOURS = {"text": "#4C72B0", "cls": "#DD8452", "patches": "#55A868"}
 
@@ -196,7 +199,6 @@ def plot_patch_maps(image, maps: np.ndarray, grid: tuple[int, int], queries: lis
 def plot_table(rows: list[dict], title: str = ""):
     """A list of dicts rendered as a table figure (for check tables in notebooks); long text is
     wrapped, columns are as wide as their longest line."""
-    import textwrap
     cols = list(rows[0])
     fmt = lambda v: ("%.4g" % v) if isinstance(v, float) else textwrap.fill(str(v), 48)
     cells = [[fmt(r[c]) for c in cols] for r in rows]

@@ -251,7 +251,7 @@ ctx.metrics.update({f"locality_{k}": v for k, v in loc.items()})'''),
 ctx.save(viz.plot_curves({src: [{"step": r["step"], "mass": r[src]} for r in over] for src in ("text", "cls", "patches")},
                          ["mass"]), "mass_over_training.png")
 ctx.metrics["mass_over_training"] = over
-M = batch["t5_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
+M = batch["text_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
 answer, share = analysis.risk5_answer(over, tabs, loc, M)
 print(answer)
 ctx.metrics["cls_share_vs_uniform"] = share

@@ -89,16 +89,16 @@ def test_plumbing_configs_match():
 def test_plumbing_make_batch_caption_lengths():
     cfg = preset("tiny")
     b = bench.make_batch(cfg, 6, 8)
-    lengths = b["mask"].sum(1)
+    lengths = b["text_mask"].sum(1)
     assert lengths[0] == 8 and bool(((lengths >= 4) & (lengths <= 8)).all())
-    assert bool((b["text"][~b["mask"]] == 0).all())                   # padding is zero
+    assert bool((b["text_emb"][~b["text_mask"]] == 0).all())                   # padding is zero
     ours = bench.nanodit_inputs(b, torch.device("cpu"))
     assert ours["text_emb"].shape[1] == 8                             # trimmed to the longest, rounded to 8
     same = bench.make_batch(cfg, 5, 8, spread=0.0)                   # every caption exactly 8 tokens
-    assert bool((same["mask"].sum(1) == 8).all())
+    assert bool((same["text_mask"].sum(1) == 8).all())
     assert bench.nanodit_inputs(same, torch.device("cpu"))["text_mask"] is None
     full = bench.make_batch(cfg, 3, cfg.text_len)
-    assert bool(full["mask"].all()) and bench.nanodit_inputs(full, torch.device("cpu"))["text_mask"] is None
+    assert bool(full["text_mask"].all()) and bench.nanodit_inputs(full, torch.device("cpu"))["text_mask"] is None
 
 
 def _nano_step(cfg, n_ref, batch=2):

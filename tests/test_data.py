@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcore.data import DataError, Stats, compute_stats, make_loader, shard_list
+from nbcore.data import MEMBER_OF, DataError, Stats, compute_stats, make_loader, shard_list
 from nbcore.model import prepare_text
 from nbcore.shapes import encode_sample_members
 
@@ -69,17 +69,17 @@ def test_round_trip_every_member(tmp_path):
         a = sample_arrays(i, 3 + i)
         assert batch["key"][b] == f"s{i:03d}"
         assert torch.equal(batch["latent"][b], torch.from_numpy(a["latent"]).float())
-        assert torch.equal(batch["dinov3"][b], torch.from_numpy(a["dinov3"]))
-        assert torch.equal(batch["dinov3_patches"][b], torch.from_numpy(a["patches"]).float())
+        assert torch.equal(batch["dino_emb"][b], torch.from_numpy(a["dinov3"]))
+        assert torch.equal(batch["dino_patches"][b], torch.from_numpy(a["patches"]).float())
         n = 3 + i
-        assert torch.equal(batch["t5"][b, :n], torch.from_numpy(a["t5"]).float())
-        assert batch["t5_mask"][b].tolist() == [True] * n + [False] * (batch["t5"].shape[1] - n)
+        assert torch.equal(batch["text_emb"][b, :n], torch.from_numpy(a["t5"]).float())
+        assert batch["text_mask"][b].tolist() == [True] * n + [False] * (batch["text_emb"].shape[1] - n)
         assert batch["txt"][b] == a["txt"]
         assert torch.equal(batch["png"][b], torch.from_numpy(a["png"]).permute(2, 0, 1).float() / 255)
         assert batch["json"][b] == a["meta"]
-    assert batch["latent"].dtype == batch["dinov3"].dtype == batch["t5"].dtype == torch.float32
-    assert batch["t5"].shape == (4, 8, DT)            # longest caption 6 -> rounded up to 8
-    assert not batch["t5"][~batch["t5_mask"]].any()  # padding rows are zero
+    assert batch["latent"].dtype == batch["dino_emb"].dtype == batch["text_emb"].dtype == torch.float32
+    assert batch["text_emb"].shape == (4, 8, DT)            # longest caption 6 -> rounded up to 8
+    assert not batch["text_emb"][~batch["text_mask"]].any()  # padding rows are zero
 
 
 def test_shapes_world_round_trip(tiny_shards):
@@ -96,11 +96,11 @@ def test_shapes_world_round_trip(tiny_shards):
     assert [Scene.from_json(j) for j in batch["json"]] == scenes
     assert torch.equal(batch["png"], imgs)                                         # colours are k/255: exact
     torch.testing.assert_close(batch["latent"], ref["latent"].half().float())
-    torch.testing.assert_close(batch["dinov3"], ref["dinov3"])
-    torch.testing.assert_close(batch["dinov3_patches"], ref["dinov3_patches"].half().float())
-    L = ref["t5"].shape[1]
-    torch.testing.assert_close(batch["t5"][:, :L], ref["t5"].half().float() * ref["t5_mask"][..., None])
-    assert torch.equal(batch["t5_mask"][:, :L], ref["t5_mask"])
+    torch.testing.assert_close(batch["dino_emb"], ref["dino_emb"])
+    torch.testing.assert_close(batch["dino_patches"], ref["dino_patches"].half().float())
+    L = ref["text_emb"].shape[1]
+    torch.testing.assert_close(batch["text_emb"][:, :L], ref["text_emb"].half().float() * ref["text_mask"][..., None])
+    assert torch.equal(batch["text_mask"][:, :L], ref["text_mask"])
 
 
 # --------------------------------------------------------------------------- padding
@@ -126,19 +126,19 @@ def test_rebuilt_padding_equals_original_padded_layout(tmp_path):
     s_leg = write_shard(tmp_path / "legacy.tar", legacy)
     for shard in (s_new, s_leg):
         fixed = next(iter(make_loader(str(shard), 3, shuffle=0, text_len=512)))
-        assert torch.equal(fixed["t5"], padded) and torch.equal(fixed["t5_mask"], mask)
+        assert torch.equal(fixed["text_emb"], padded) and torch.equal(fixed["text_mask"], mask)
         trimmed = next(iter(make_loader(str(shard), 3, shuffle=0)))
         ref_emb, ref_mask = prepare_text(padded, mask, multiple=8)
-        assert trimmed["t5"].shape == (3, 16, DT)
-        assert torch.equal(trimmed["t5"], ref_emb) and torch.equal(trimmed["t5_mask"], ref_mask)
+        assert trimmed["text_emb"].shape == (3, 16, DT)
+        assert torch.equal(trimmed["text_emb"], ref_emb) and torch.equal(trimmed["text_mask"], ref_mask)
 
 
 def test_fixed_text_len_truncates_and_counts(tmp_path):
     shard = write_shard(tmp_path / "a.tar", [("k0", members(0, L=12)), ("k1", members(1, L=4))])
     loader = make_loader(str(shard), 2, shuffle=0, text_len=8)
     batch = next(iter(loader))
-    assert batch["t5"].shape == (2, 8, DT)
-    assert batch["t5_mask"].sum(1).tolist() == [8, 4]
+    assert batch["text_emb"].shape == (2, 8, DT)
+    assert batch["text_mask"].sum(1).tolist() == [8, 4]
     assert loader.counts.text_truncated == 1
 
 
@@ -255,11 +255,24 @@ def test_normalisation_with_stats(tiny_shards):
     raw = next(iter(make_loader(train, 16, shuffle=0)))
     norm = next(iter(make_loader(train, 16, shuffle=0, stats=st)))
     assert torch.equal(norm["latent"], raw["latent"])                              # latents untouched
-    for name in ("dinov3", "dinov3_patches"):
-        torch.testing.assert_close(norm[name], st.normalise(name, raw[name]))
-    m = raw["t5_mask"]
-    torch.testing.assert_close(norm["t5"][m], st.normalise("t5", raw["t5"][m]))
-    assert not norm["t5"][~m].any()                                                # padding stays zero
+    for key, name in (("dino_emb", "dinov3"), ("dino_patches", "dinov3_patches")):
+        torch.testing.assert_close(norm[key], st.normalise(name, raw[key]))
+    m = raw["text_mask"]
+    torch.testing.assert_close(norm["text_emb"][m], st.normalise("t5", raw["text_emb"][m]))
+    assert not norm["text_emb"][~m].any()                                                # padding stays zero
+
+
+def test_normalise_condition_equals_the_loaders_normalisation(tiny_shards):
+    """``Stats.normalise_condition`` (the demo's path, model names) = what ``collate`` does."""
+    st = Stats.load(Path(tiny_shards) / "stats.json")
+    train = shard_list(tiny_shards, "train")
+    raw = next(iter(make_loader(train, 16, shuffle=0)))
+    norm = next(iter(make_loader(train, 16, shuffle=0, stats=st)))
+    got = st.normalise_condition({k: raw[k] for k in ("dino_emb", "dino_patches", "text_emb", "text_mask")})
+    assert set(got) == {"dino_emb", "dino_patches", "text_emb", "text_mask"} and set(MEMBER_OF) < set(got)
+    for k in ("dino_emb", "dino_patches", "text_emb"):
+        torch.testing.assert_close(got[k], norm[k], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["text_mask"], norm["text_mask"]) and not got["text_emb"][~got["text_mask"]].any()
 
 
 def test_compute_stats_matches_stats_json(tiny_shards):
@@ -271,7 +284,7 @@ def test_compute_stats_matches_stats_json(tiny_shards):
     assert st.entries["dinov3"]["count"] == 64
     # the normalised conditioning has about zero mean and unit std per channel
     batch = next(iter(make_loader(shard_list(tiny_shards, "train"), 64, shuffle=0, stats=ref)))
-    assert batch["dinov3_patches"].mean().abs() < 1e-3 and abs(batch["dinov3_patches"].std() - 1) < 1e-2
+    assert batch["dino_patches"].mean().abs() < 1e-3 and abs(batch["dino_patches"].std() - 1) < 1e-2
 
 
 # --------------------------------------------------------------------------- splitting

@@ -138,9 +138,9 @@ def test_precompute_cli_contract_shapes(model_dirs, tmp_path, capsys):
     batch = next(iter(make_loader(shard_list(out, "train"), 8, shuffle=0)))
     assert sorted(batch["key"]) == sorted(caps) and batch["txt"] == [caps[k] for k in batch["key"]]
     assert batch["latent"].shape == (5, 4, 16, 16)
-    assert batch["dinov3"].shape == (5, 32) and batch["dinov3_patches"].shape == (5, 196, 32)
-    assert batch["t5"].shape == (5, 8, 16)                                    # longest 7 tokens + </s>
-    assert batch["t5_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
+    assert batch["dino_emb"].shape == (5, 32) and batch["dino_patches"].shape == (5, 196, 32)
+    assert batch["text_emb"].shape == (5, 8, 16)                                    # longest 7 tokens + </s>
+    assert batch["text_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
     assert batch["png"].shape == (5, 3, 32, 32)
     # stored members follow the contract: real tokens only, float16
     with tarfile.open(shard_list(out, "train")[0]) as tar:

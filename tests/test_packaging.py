@@ -35,3 +35,27 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = ci.strip().splitlines()[-1]
     assert command in readme
+
+
+CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.train:main", "nbcore-validate": "nbcore.validate:main",
+                   "nbcore-suite": "nbcore.notebooks:main", "nbcore-shapes": "nbcore.shapes:main",
+                   "nbcore-data": "nbcore.data:main", "nbcore-bench": "nbcore.bench:main",
+                   "nbcore-encoders": "nbcore.encoders:main"}
+
+
+def test_console_scripts_point_at_callable_mains():
+    """Every [project.scripts] target imports and is a callable taking argv; --help exits 0."""
+    import importlib
+    import inspect
+
+    import pytest
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == CONSOLE_SCRIPTS
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        fn = getattr(importlib.import_module(module), func)
+        assert callable(fn) and "argv" in inspect.signature(fn).parameters, name
+        with pytest.raises(SystemExit) as e:
+            fn(["--help"])
+        assert e.value.code == 0, name

@@ -280,11 +280,11 @@ def test_load_model_prefers_ema(tmp_path):
 def test_sample_batch_and_dino_swap_match_explicit_conditions():
     model = _model()
     c, noise = _cond(model.cfg), _noise(model.cfg)
-    batch = {"dinov3": c["dino_emb"], "dinov3_patches": c["dino_patches"], "t5": c["text_emb"], "t5_mask": c["text_mask"]}
-    other = {"dinov3": c["dino_emb"].flip(0), "dinov3_patches": c["dino_patches"].flip(0)}
+    batch = {"dino_emb": c["dino_emb"], "dino_patches": c["dino_patches"], "text_emb": c["text_emb"], "text_mask": c["text_mask"]}
+    other = {"dino_emb": c["dino_emb"].flip(0), "dino_patches": c["dino_patches"].flip(0)}
     g = Guidance("nested", 2.0, 1.5)
     swap = sample_batch(model, batch, dino_from=other, guidance=g, steps=2, noise=noise)
-    ref = sample(model, dino_emb=other["dinov3"], dino_patches=other["dinov3_patches"], text_emb=c["text_emb"],
+    ref = sample(model, dino_emb=other["dino_emb"], dino_patches=other["dino_patches"], text_emb=c["text_emb"],
                  text_mask=c["text_mask"], guidance=g, steps=2, noise=noise)
     assert torch.equal(swap, ref)
     text_only = sample_batch(model, batch, use_dino=False, guidance=g, steps=2, noise=noise)

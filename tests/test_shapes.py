@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from nbcore.data import make_loader, shard_list
-from nbcore.model import preset
-from nbcore.shapes import (COLOURS, BACKGROUND, PixelCodec, Scene, Shape, ShapesWorld, colour_mask,
-                           make_dataset, render, sample_scene, shift_extent, shift_scene, shuffle_layout)
+from nbcore.model import PRESETS, preset
+from nbcore.shapes import (COLOURS, BACKGROUND, WORLDS, PixelCodec, Scene, Shape, ShapesWorld, WorldSizes,
+                           colour_mask, make_dataset, render, sample_scene, shift_extent, shift_scene,
+                           shuffle_layout)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_world_is_deterministic(world):
     imgs = world.render_batch(scenes)
     a = world.encode(imgs, [s.caption() for s in scenes])
     b = other.encode(other.render_batch(scenes), [s.caption() for s in scenes])
-    for k in ("latent", "dinov3", "dinov3_patches", "t5", "t5_mask", "png"):
+    for k in ("latent", "dino_emb", "dino_patches", "text_emb", "text_mask", "png"):
         assert torch.equal(a[k], b[k]), k
     # every scene holds 1-3 shapes, inside the image, boxes not overlapping
     many = [world.scene(i) for i in range(300)]
@@ -174,8 +175,8 @@ def test_micro_sizes():
     scenes = [w.scene(i) for i in range(64)]
     b = w.encode(w.render_batch(scenes), [s.caption() for s in scenes])
     assert b["latent"].shape == (64, 12, 16, 16) and b["png"].shape == (64, 3, 32, 32)
-    assert b["dinov3"].shape == (64, 64) and b["dinov3_patches"].shape == (64, 16, 64)
-    assert b["t5"].shape[2] == 64 and b["t5"].shape[1] <= 32
+    assert b["dino_emb"].shape == (64, 64) and b["dino_patches"].shape == (64, 16, 64)
+    assert b["text_emb"].shape[2] == 64 and b["text_emb"].shape[1] <= 32
     torch.testing.assert_close(w.codec.decode(b["latent"]), b["png"], atol=2e-6, rtol=0)
     assert 0.8 < b["latent"].std().item() < 1.25
     img = b["png"][:1]
@@ -184,7 +185,7 @@ def test_micro_sizes():
     torch.testing.assert_close(s.view(4, 4, -1)[:, 1:], a.view(4, 4, -1)[:, :-1])
     model = NanoDiT(cfg).eval()
     with torch.no_grad():
-        v = model(b["latent"][:2], torch.rand(2), b["dinov3"][:2], b["dinov3_patches"][:2], b["t5"][:2], b["t5_mask"][:2])
+        v = model(b["latent"][:2], torch.rand(2), b["dino_emb"][:2], b["dino_patches"][:2], b["text_emb"][:2], b["text_mask"][:2])
     assert v.shape == (2, 12, 16, 16)
 
 
@@ -195,8 +196,8 @@ def test_production_sizes(prod_world):
     scenes = [w.scene(i) for i in range(2)]
     b = w.encode(w.render_batch(scenes), [s.caption() for s in scenes])
     assert b["latent"].shape == (2, 16, 64, 64)
-    assert b["dinov3"].shape == (2, 1024) and b["dinov3_patches"].shape == (2, 196, 1024)
-    assert b["t5"].shape[0] == 2 and b["t5"].shape[2] == 4096 and b["t5_mask"].shape == b["t5"].shape[:2]
+    assert b["dino_emb"].shape == (2, 1024) and b["dino_patches"].shape == (2, 196, 1024)
+    assert b["text_emb"].shape[0] == 2 and b["text_emb"].shape[2] == 4096 and b["text_mask"].shape == b["text_emb"].shape[:2]
     torch.testing.assert_close(w.codec.decode(b["latent"]), b["png"], atol=2e-6, rtol=0)
 
 
@@ -278,3 +279,32 @@ def test_shift_scene_is_rigid_and_clamped():
     c = shift_scene(sc, -1.0, 0.0)
     assert c.shapes[0].cx == pytest.approx(0.1) and c.shapes[1].cx == pytest.approx(0.5)
     assert shift_scene(Scene([]), 0.1, 0.1) == Scene([])
+
+
+# --------------------------------------------------------------------------- layering
+
+def test_world_sizes_of_every_model_preset():
+    """The data side names the worlds of the model presets itself; they must stay the presets' sizes."""
+    assert set(WORLDS) == set(PRESETS)
+    for name, cfg in PRESETS.items():
+        assert WORLDS[name] == WorldSizes.of(cfg), name
+    assert WORLDS["tiny"] == WorldSizes(image_size=64, latent_channels=12, dino_grid=8, dino_dim=64, text_dim=64,
+                                        text_len=32)
+    # a world built from sizes equals the one built from the model config
+    a, b = ShapesWorld(WORLDS["tiny"], seed=3), ShapesWorld(preset("tiny"), seed=3)
+    assert a.sizes == b.sizes and a.image_size == 64 and a.scene(5) == b.scene(5)
+    imgs = a.render_batch([a.scene(i) for i in range(2)])
+    caps = [a.scene(i).caption() for i in range(2)]
+    ea, eb = a.encode(imgs, caps), b.encode(imgs, caps)
+    assert all(torch.equal(ea[k], eb[k]) for k in ("latent", "dino_emb", "dino_patches", "text_emb", "text_mask"))
+    assert ea["dino_patches"].shape == (2, 64, 64) and ea["latent"].shape == (2, 12, 32, 32)
+    with pytest.raises(ValueError, match="even"):
+        WorldSizes(63, 12, 8, 64, 64, 32)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_dataset("unused", n=1, preset="huge", progress=False)
+
+
+def test_data_side_does_not_import_the_model():
+    code = "import sys, nbcore.shapes, nbcore.data; print(sorted(m for m in sys.modules if m.startswith('nbcore')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "nbcore.model" not in out and "nbcore.shapes" in out, out

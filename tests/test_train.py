@@ -19,6 +19,7 @@ from nbcore.model import NanoDiT, preset
 from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
                           flow_matching_loss, load_train_log, sample_dropout, sample_timesteps, train)
 from nbcore.utils import load_checkpoint
+from nbcore.validate import sample_grid_hook, validation_hook
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,10 +39,10 @@ def stand_in_source(mcfg, B, n_batches=4, seed=0, nan_batches=()):
             lat = torch.randn(B, mcfg.in_channels, mcfg.input_size, mcfg.input_size, generator=g)
             if epoch * n_batches + i in nan_batches:
                 lat[0, 0, 0, 0] = float("nan")
-            yield {"latent": lat, "dinov3": torch.randn(B, mcfg.dino_dim, generator=g),
-                   "dinov3_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
-                   "t5": torch.randn(B, L, mcfg.text_dim, generator=g) * mask[..., None],
-                   "t5_mask": mask, "txt": ["stand-in"] * B, "key": [f"{rank}-{epoch}-{i}-{j}" for j in range(B)]}
+            yield {"latent": lat, "dino_emb": torch.randn(B, mcfg.dino_dim, generator=g),
+                   "dino_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
+                   "text_emb": torch.randn(B, L, mcfg.text_dim, generator=g) * mask[..., None],
+                   "text_mask": mask, "txt": ["stand-in"] * B, "key": [f"{rank}-{epoch}-{i}-{j}" for j in range(B)]}
     return source
 
 
@@ -97,7 +98,7 @@ def test_flow_matching_loss_matches_reference():
     mcfg = m.cfg
     raw = next(iter(stand_in_source(mcfg, 5)(0)))
     b = batch_to_device(raw, "cpu")
-    assert b["t5"].shape[1] <= raw["t5"].shape[1] and b["t5_mask"] is not None
+    assert b["text_emb"].shape[1] <= raw["text_emb"].shape[1] and b["text_mask"] is not None
     g = torch.Generator().manual_seed(3)
     t = torch.rand(5, generator=g)
     noise = torch.randn(raw["latent"].shape, generator=g)
@@ -106,7 +107,7 @@ def test_flow_matching_loss_matches_reference():
     loss, aux = flow_matching_loss(m, b, t=t, noise=noise, drop_text=dt, drop_dino=dd, loss_bins=4)
     x0 = raw["latent"]
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-    v = m(x_t, t, raw["dinov3"], raw["dinov3_patches"], raw["t5"], raw["t5_mask"], drop_text=dt, drop_dino=dd)
+    v = m(x_t, t, raw["dino_emb"], raw["dino_patches"], raw["text_emb"], raw["text_mask"], drop_text=dt, drop_dino=dd)
     ref = ((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3))                               # (B,)
     torch.testing.assert_close(aux["per_sample"], ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, ref.mean(), rtol=1e-5, atol=1e-6)
@@ -419,7 +420,7 @@ def test_validation_and_sample_hooks(tmp_path, tiny_shards):
     cfg = TrainConfig(data=str(tiny_shards), out=str(tmp_path / "run"), steps=2, batch_size=8, log_every=1,
                       ckpt_every=0, val_every=2, sample_every=2, val_n=4, val_sample_steps=2, resume="none",
                       progress=False)
-    train(cfg)
+    train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)     # the hooks the CLI wires
     val = load_train_log(tmp_path / "run", kind="val")
     assert len(val) == 1 and val[0]["step"] == 2 and "recon_psnr" in val[0] and val[0]["n"] == 4
     assert (tmp_path / "run" / "val" / "step_000002" / "metrics.json").exists()
@@ -431,3 +432,21 @@ def test_validation_and_sample_hooks(tmp_path, tiny_shards):
           val_fn=hook)
     assert seen == [(2, 2), (4, 4)]
     assert [r["custom"] for r in load_train_log(tmp_path / "run2", kind="val")] == [1.5, 1.5]
+
+
+def test_hooks_come_from_the_caller(tmp_path, capsys):
+    """train() has no default hooks: val_every / sample_every without hooks only checkpoint; a hook
+    raising HookUnavailable is turned off after its first call."""
+    from nbcore.utils import HookUnavailable
+    train(_cfg(tmp_path, steps=4, val_every=2, sample_every=2), data=stand_in_source(preset("tiny"), 4))
+    assert load_train_log(tmp_path / "run", kind="val") == []
+    assert not (tmp_path / "run" / "val").exists() and not (tmp_path / "run" / "samples").exists()
+    assert "no val_fn given" in capsys.readouterr().err
+    calls = []
+
+    def unavailable(trainer, path):
+        calls.append(trainer.step)
+        raise HookUnavailable("nothing to validate on")
+    train(_cfg(tmp_path, out=str(tmp_path / "run2"), steps=6, val_every=2), data=stand_in_source(preset("tiny"), 4),
+          val_fn=unavailable)
+    assert calls == [2] and "val hook off: nothing to validate on" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def test_load_val_batch(tiny_shards):
     from nbcore.validate import load_val_batch
     b = load_val_batch(tiny_shards, 5)
     assert len(b["txt"]) == 5 and b["png"].shape == (5, 3, 64, 64) and len(b["json"]) == 5
-    assert b["t5"].shape[:2] == b["t5_mask"].shape
+    assert b["text_emb"].shape[:2] == b["text_mask"].shape
     assert all(k.startswith("val-") for k in b["key"])
     assert len(load_val_batch(tiny_shards, 1000)["txt"]) == 16           # the whole val split
     with pytest.raises(ValueError, match="n must be"):
@@ -108,7 +108,7 @@ def test_suite_wiring_with_an_oracle_sampler(tiny_shards, monkeypatch):
     ref = V.load_val_batch(tiny_shards, 4)
 
     def oracle(model, *, noise, dino_emb=None, text_emb=None, **kw):
-        key, table = (dino_emb, ref["dinov3"]) if dino_emb is not None else (text_emb, ref["t5"])
+        key, table = (dino_emb, ref["dino_emb"]) if dino_emb is not None else (text_emb, ref["text_emb"])
         idx = [next(j for j in range(len(table)) if torch.equal(table[j, : k.shape[0]], k)) for k in key]
         return ref["latent"][idx]
     monkeypatch.setattr(V, "sample", oracle)

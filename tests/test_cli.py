@@ -1,0 +1,91 @@
+"""Every CLI flag has a help text; flags with a fixed set of values have choices; required flags are
+marked required (walks each module's argparse parser without running it)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+from nbcore.train import _FLAG_HELP, TrainConfig
+
+CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.notebooks",
+        "nbcore.encoders"]
+
+
+class _Captured(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def parser_of(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser ``module.main`` builds: parse_args is intercepted before anything runs."""
+    def capture(self, *a, **k):
+        raise _Captured(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Captured) as e:
+        importlib.import_module(module).main([])
+    monkeypatch.undo()
+    return e.value.parser
+
+
+def walk(parser: argparse.ArgumentParser, path: str = ""):
+    """(path, action) for every argument of the parser and of its sub-commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield f"{path}{choice.dest} (sub-command)", choice
+            for name, sub in action.choices.items():
+                yield from walk(sub, f"{path}{name} ")
+            continue
+        yield path + "/".join(action.option_strings or [action.dest]), action
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_flag_has_help(module, monkeypatch):
+    rows = list(walk(parser_of(module, monkeypatch)))
+    assert len(rows) >= 2
+    missing = [name for name, action in rows if not (action.help or "").strip()]
+    assert not missing, f"{module}: no help for {missing}"
+    # help says what the flag does, not only its default
+    bare = [name for name, action in rows if action.help.strip().startswith("(default")]
+    assert not bare, f"{module}: help is only a default for {bare}"
+
+
+# flag -> its choices / flags that must be required, per CLI ("sub-command flag" for sub-commands)
+CHOICES = {
+    "nbcore.shapes": {"make --preset": {"tiny", "production"}},
+    "nbcore.train": {"--preset": {"tiny", "production"}, "--patch-pos-embed": {"none", "learned", "sincos"},
+                     "--schedule": {"cosine", "constant"}, "--timestep-sampling": {"logit_normal", "uniform"},
+                     "--warm-start-weights": {"model", "ema"}},
+    "nbcore.validate": {"--formula": {"independent", "nested"}},
+    "nbcore.bench": {"--preset": {"auto", "tiny", "production"}, "--dtype": {"auto", "fp32", "bf16"}},
+    "nbcore.notebooks": {"run --profile": {"smoke", "cpu", "gpu"}},
+    "nbcore.encoders": {"precompute --dtype": {"float32", "float16", "bfloat16"}},
+}
+REQUIRED = {
+    "nbcore.shapes": {"make --n"},
+    "nbcore.data": {"stats --out"},
+    "nbcore.train": {"--data"},
+    "nbcore.validate": {"--data"},
+    "nbcore.notebooks": {"run --profile"},
+    "nbcore.encoders": {"precompute --dino", "precompute --t5", "precompute --vae"},
+}
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_choices_and_required_flags(module, monkeypatch):
+    flags = {name: a for name, a in walk(parser_of(module, monkeypatch)) if a.option_strings}
+    for name, want in CHOICES.get(module, {}).items():
+        key = next(k for k in flags if k == name or k.startswith(name + "/"))
+        assert set(flags[key].choices or ()) == want, (module, name, flags[key].choices)
+    required = {name for name, a in flags.items() if a.required}
+    assert required == REQUIRED.get(module, set()), module
+
+
+def test_train_help_covers_every_config_field():
+    """The train CLI is built from TrainConfig: a new field needs a help line."""
+    import dataclasses
+    assert set(_FLAG_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
