@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 
+from nbcore.model import PRESETS
 from nbcore.train import _FLAG_HELP, TrainConfig
 
 CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.notebooks",
@@ -56,8 +57,8 @@ def test_every_flag_has_help(module, monkeypatch):
 
 # flag -> its choices / flags that must be required, per CLI ("sub-command flag" for sub-commands)
 CHOICES = {
-    "nbcore.shapes": {"make --preset": {"tiny", "production"}},
-    "nbcore.train": {"--preset": {"tiny", "production"}, "--patch-pos-embed": {"none", "learned", "sincos"},
+    "nbcore.shapes": {"make --preset": set(PRESETS)},
+    "nbcore.train": {"--preset": set(PRESETS), "--patch-pos-embed": {"none", "learned", "sincos"},
                      "--schedule": {"cosine", "constant"}, "--timestep-sampling": {"logit_normal", "uniform"},
                      "--warm-start-weights": {"model", "ema"}},
     "nbcore.validate": {"--formula": {"independent", "nested"}},
