@@ -77,6 +77,48 @@ def plot_curves(logs: dict[str, list[dict]], keys: list[str], x: str = "step", s
     return fig
 
 
+def plot_ci_curves(curves: dict[str, list[dict]], mode: str, metric: str, title: str = ""):
+    """A metric against step with its 95% band, one line per run (``curves``: run -> milestone
+    records ``{"step", mode: {metric: {"mean", "lo", "hi"}}}``, as ``nbcore.experiment.milestones``)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for i, (run, recs) in enumerate(curves.items()):
+        pts = [(r["step"], r[mode][metric]) for r in recs if mode in r and r[mode][metric]["mean"] is not None]
+        if not pts:
+            continue
+        xs = np.array([s for s, _ in pts])
+        mean, lo, hi = (np.array([c[k] for _, c in pts]) for k in ("mean", "lo", "hi"))
+        ax.plot(xs, mean, marker="o", ms=3, lw=1.2, color=f"C{i}", label=run)
+        ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("total optimiser steps")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{mode}: {metric}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ci_bars(res: dict, metric: str, modes=("recon", "textonly")):
+    """Final means with 95% intervals per row (calibration rows and arms), guidance off and on, one
+    panel per mode (``res``: ``nbcore.experiment.evaluate``'s result)."""
+    rows = list(res["rows"])
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.0 * len(modes), 3.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for j, g in enumerate(("off", "on")):
+            c = [res["rows"][r][g][mode][metric] for r in rows]
+            mean = np.array([x["mean"] if x["mean"] is not None else np.nan for x in c])
+            err = np.array([[m - x["lo"], x["hi"] - m] if x["mean"] is not None else [0, 0] for m, x in zip(mean, c)]).T
+            ax.bar(np.arange(len(rows)) + (j - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=2,
+                   label=f"guidance {g}", color=f"C{j}")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(rows, rotation=40, ha="right", fontsize=7)
+        ax.set_title(f"{mode}: {metric} (95% interval)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_by_bin(bins: dict[str, list[float]]):
     """Loss per timestep bin (run name -> list of per-bin losses over t in [0, 1])."""
     fig, ax = plt.subplots(figsize=(4.5, 2.8))

@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 status=0
 if [[ $what != bench ]]; then
-    ( time python3 -m nbcore.notebooks run --profile gpu --out-root "$out/runs" ) 2>&1 | tee "$out/suite.log" || status=1
+    ( time python3 -m nbcore.runner run --profile gpu --out-root "$out/runs" ) 2>&1 | tee "$out/suite.log" || status=1
 fi
 if [[ $what != suite ]]; then
     python3 -m nbcore.bench --json "$out/bench-production.json" --device cuda --steps 50 --warmup 10 --batch 32 \

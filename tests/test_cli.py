@@ -10,7 +10,7 @@ import pytest
 from nbcore.model import PRESETS
 from nbcore.train import _FLAG_HELP, TrainConfig
 
-CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.notebooks",
+CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.runner",
         "nbcore.encoders"]
 
 
@@ -63,7 +63,7 @@ CHOICES = {
                      "--warm-start-weights": {"model", "ema"}},
     "nbcore.validate": {"--formula": {"independent", "nested"}},
     "nbcore.bench": {"--preset": {"auto", "tiny", "production"}, "--dtype": {"auto", "fp32", "bf16"}},
-    "nbcore.notebooks": {"run --profile": {"smoke", "cpu", "gpu"}},
+    "nbcore.runner": {"run --profile": {"smoke", "cpu", "cpu-long", "gpu"}},
     "nbcore.encoders": {"precompute --dtype": {"float32", "float16", "bfloat16"}},
 }
 REQUIRED = {
@@ -71,7 +71,7 @@ REQUIRED = {
     "nbcore.data": {"stats --out"},
     "nbcore.train": {"--data"},
     "nbcore.validate": {"--data"},
-    "nbcore.notebooks": {"run --profile"},
+    "nbcore.runner": {"run --profile"},
     "nbcore.encoders": {"precompute --dino", "precompute --t5", "precompute --vae"},
 }
 

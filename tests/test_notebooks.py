@@ -9,14 +9,14 @@ import nbformat
 import pytest
 from papermill.translators import PythonTranslator
 
-from nbcore import notebooks as suite
+from nbcore import experiment as ex, notebooks as suite, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 COMMON = {"profile", "device", "run_dir", "seed", "fail_check"}
 
 
-@pytest.mark.parametrize("name", suite.NOTEBOOKS)
+@pytest.mark.parametrize("name", runner.NOTEBOOKS)
 def test_parameters_cell_is_first_and_fully_parsed(name):
     book = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]
@@ -41,14 +41,14 @@ def test_generator_matches_committed_notebooks():
         assert [c.source for c in committed.cells] == [c.source for c in book.cells], name
 
 
-def test_settings_fill_none_from_the_profile():
-    s = suite.settings("smoke", train_steps=None, lr=0.5, extra="x")
-    assert s["train_steps"] == suite.PROFILES["smoke"]["train_steps"]
-    assert s["lr"] == 0.5 and s["extra"] == "x" and s["profile"] == "smoke"
+def test_profile_fills_none_from_the_profile():
+    p = ex.profile("smoke", steps=None, lr=0.5, arms=["baseline", "tied-only"])
+    assert p.steps == ex.PROFILES["smoke"].steps
+    assert p.lr == 0.5 and p.name == "smoke" and [a.name for a in p.arms] == ["baseline", "tied-only"]
     with pytest.raises(ValueError, match="unknown profile"):
-        suite.settings("huge")
-    for p in suite.PROFILES.values():
-        assert set(p) == set(suite.PROFILES["smoke"])   # every profile sets every knob
+        ex.profile("huge")
+    with pytest.raises(ValueError, match="not Profile fields"):
+        suite.start("02_checks", profile="smoke", extra="x")
 
 
 def test_context_fails_after_writing_metrics(tmp_path):
@@ -62,7 +62,7 @@ def test_context_fails_after_writing_metrics(tmp_path):
 
 
 def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "nbcore.notebooks", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nbcore.runner", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -98,7 +98,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     index = (run / "index.md").read_text()
     meta = json.loads((run / "run.json").read_text())
     assert meta["meta"]["status"] == "ok"
-    for name in suite.NOTEBOOKS:
+    for name in runner.NOTEBOOKS:
         assert (run / f"{name}.ipynb").exists()
         rec = json.loads((run / name / "metrics.json").read_text())
         assert rec["failed_checks"] == [] and rec["checks"], name
@@ -106,7 +106,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         for fig in rec["figures"]:
             assert (run / name / fig).stat().st_size > 1000, (name, fig)
         assert meta["notebooks"][name]["status"] == "ok"
-        assert f"[{name}]({name}.ipynb)" in index
+        assert f"[{name}]({name}.html)" in index and (run / f"{name}.html").stat().st_size > 1000
         executed = nbformat.read(run / f"{name}.ipynb", as_version=4)
         errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
@@ -160,15 +160,15 @@ def test_runner_plumbing_on_standin_notebooks(tmp_path, capsys):
     nbs = tmp_path / "nbs"
     _standin_notebooks(nbs)
     out = tmp_path / "runs"
-    rc = suite.run_suite("smoke", only=["1"], name="r", params={"value": 7, "unused": 1}, device="cpu",
+    rc = runner.run_suite("smoke", only=["1"], name="r", params={"value": 7, "unused": 1}, device="cpu",
                          out_root=out, notebooks_dir=nbs, progress=False, lenient=frozenset({"unused"}))
     assert rc == 0
     assert "ignored" in capsys.readouterr().err
     rec = json.loads((out / "r" / "01_architecture" / "metrics.json").read_text())
-    assert rec["metrics"]["value"] == 7 and rec["settings"]["profile"] == "smoke"
+    assert rec["metrics"]["value"] == 7 and rec["profile"] == "smoke"
     with pytest.raises(SystemExit, match="declared by none"):
-        suite.run_suite("smoke", only=["1"], name="r", params={"unused": 1}, out_root=out, notebooks_dir=nbs)
-    rc = suite.run_suite("smoke", only=["2"], name="r", params={"value": -1}, device="cpu", out_root=out,
+        runner.run_suite("smoke", only=["1"], name="r", params={"unused": 1}, out_root=out, notebooks_dir=nbs)
+    rc = runner.run_suite("smoke", only=["2"], name="r", params={"value": -1}, device="cpu", out_root=out,
                          notebooks_dir=nbs, progress=False)
     assert rc == 1
     meta = json.loads((out / "r" / "run.json").read_text())

@@ -38,7 +38,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.train:main", "nbcore-validate": "nbcore.validate:main",
-                   "nbcore-suite": "nbcore.notebooks:main", "nbcore-shapes": "nbcore.shapes:main",
+                   "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.shapes:main",
                    "nbcore-data": "nbcore.data:main", "nbcore-bench": "nbcore.bench:main",
                    "nbcore-encoders": "nbcore.encoders:main"}
 

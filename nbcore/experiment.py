@@ -1,0 +1,571 @@
+"""The experiment: profiles, arms, the training schedule, and the calibrated evaluation.
+
+One question (DESIGN.md): do DINOv3 patch tokens put the blobs in the right places while text keeps
+control? A ``Profile`` fixes the world, the schedule and the evaluation; an ``Arm`` is one model
+design trained under it. Notebooks 03-06 and ``nbcore.runner`` call the functions below.
+
+Schedule: equal optimiser steps for every arm
+    baseline       pre-patch model from scratch, ``steps`` steps, a milestone every ``milestone_every``
+    warm arms      start from the baseline's milestone at ``warm_from`` (the seed plan's path) and
+                   train ``steps - warm_from`` more: ``steps`` in all, on the same axis as the baseline
+    scratch arms   from step 0 for ``steps`` steps (the seed's fallback "restart from step 0")
+    repeats        the baseline and the best patch arm (lowest reconstruction layout error at its
+                   last milestone) again with seed 1, ...: the spread beside the intervals
+Runs are independent processes, ``workers`` at a time, one torch thread each (a model this small
+does not use a second thread: measured equal steps/s with 1 and 2 threads on 2 cores).
+
+Evaluation (``evaluate``): every arm's EMA weights at its last step on ``final_scenes`` validation
+scenes, one shared noise draw, guidance off (v = v_full) and on (the profile's nested scales):
+    recon      own text + own DINO (CLS + patches)
+    textonly   own text, null DINO (seed risk 3: does text still place shapes?)
+    swap       text of scene i, DINO of scene i+1 (guidance on): whose layout does it follow?
+Calibration rows go through the same metrics: ``untrained`` (a random-init model through the
+same sampler), ``layout_blind`` (each scene redrawn with its shapes at shuffled places: what "no
+layout" scores), ``oracle`` (the source through the codec: the ceiling). Means carry 95% bootstrap
+intervals over scenes; arm-vs-baseline differences a paired bootstrap over the same scenes.
+Metric definitions: ``nbcore.metrics.shape_layout``.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import bootstrap_ci, paired_bootstrap_diff, shape_layout_per_sample, psnr
+from .model import NanoDiT, ModelConfig, preset as model_preset
+from .sample import Guidance, load_model_with_info, sample
+from .shapes import Scene, ShapesWorld, make_dataset, shuffle_layout
+from .train import TrainConfig, load_train_log, train
+from .utils import load_checkpoint, write_json
+from .validate import load_val_batch
+
+__all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY_ARMS", "profile",
+           "ensure_data", "arm_dir", "train_arms", "milestones", "evaluate", "curves", "plateau",
+           "results_table", "LAYOUT_METRICS"]
+
+LAYOUT_METRICS = ("layout_error", "shape_recall", "placement_error", "mask_iou")
+MODES = ("recon", "textonly", "swap_dino", "swap_text")
+
+
+# --------------------------------------------------------------------------- arms
+
+@dataclass(frozen=True)
+class Arm:
+    """One model design: ``model`` = ModelConfig fields over the profile's preset; ``init`` scratch |
+    warm (from the baseline's milestone at ``Profile.warm_from``); ``seed`` the training seed."""
+    name: str
+    model: dict = field(default_factory=dict)
+    init: str = "scratch"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in ("scratch", "warm"):
+            raise ValueError(f"arm {self.name}: init must be scratch|warm, got {self.init!r}")
+
+    @property
+    def run(self) -> str:
+        """Folder name of this arm's run: the name, plus the seed when it is not 0."""
+        return self.name if self.seed == 0 else f"{self.name}-seed{self.seed}"
+
+    @property
+    def is_patch(self) -> bool:
+        return self.model.get("use_dino_patches", True)
+
+
+BASELINE = Arm("baseline", {"use_dino_patches": False})
+HEADLINE_ARMS = (
+    BASELINE,
+    Arm("patch-none", {"patch_pos_embed": "none"}, "warm"),        # the seed plan's model
+    Arm("patch-learned", {"patch_pos_embed": "learned"}, "warm"),  # open question 5
+    Arm("patch-sincos", {"patch_pos_embed": "sincos"}, "warm"),
+    Arm("patch-sincos-scratch", {"patch_pos_embed": "sincos"}, "scratch"),
+    Arm("tied+context", {"patch_tie": True}, "warm"),              # beyond the seed plan
+)
+SECONDARY_ARMS = (
+    Arm("tied-only", {"patch_tie": True, "patch_context": False}, "warm"),
+    Arm("cls-start", {"patch_pos_embed": "sincos", "cls_position": "start"}, "warm"),  # open question 4
+)
+
+
+# --------------------------------------------------------------------------- profiles
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a suite run fixes. Vary with ``dataclasses.replace`` (``profile(name, **over)``)."""
+    name: str
+    preset: str = "micro"
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    n_data: int = 8000
+    val_fraction: float = 0.05
+    # schedule (module docstring)
+    steps: int = 2000
+    warm_from: int = 1000
+    milestone_every: int = 250
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.995
+    arms: tuple = HEADLINE_ARMS
+    repeat_seeds: int = 2                # seeds of the baseline and of the best patch arm
+    workers: int = 2                     # training processes at a time
+    # evaluation
+    curve_scenes: int = 64               # per milestone, guidance off
+    final_scenes: int = 256
+    sample_steps: int = 12
+    text_scale: float = 2.0
+    dino_scale: float = 2.0
+    patch_scales: tuple = (0.0, 1.0, 2.0, 4.0)   # open question 3, on the best arm
+    n_boot: int = 1000
+    # notebooks 04 and 06
+    routing_samples: int = 8
+    routing_steps: int = 10
+    demo_steps: int = 12
+    demo_grid: int = 4
+
+    def __post_init__(self):
+        if not 0 < self.warm_from < self.steps:
+            raise ValueError(f"warm_from must be in (0, steps={self.steps}), got {self.warm_from}")
+        if self.warm_from % self.milestone_every or self.steps % self.milestone_every:
+            raise ValueError("warm_from and steps must be multiples of milestone_every")
+        if self.arms[0].name != "baseline":
+            raise ValueError("the first arm must be the baseline (the warm arms start from it)")
+
+    def model_config(self, arm: Arm | None = None) -> ModelConfig:
+        return model_preset(self.preset, **{**self.model_overrides, **(arm.model if arm else {})})
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance("nested", text_scale=self.text_scale, dino_scale=self.dino_scale)
+
+
+PROFILES: dict[str, Profile] = {}
+PROFILES["cpu"] = Profile("cpu")
+# Plumbing: every notebook end to end in about a minute (the tests run it); numbers mean nothing.
+PROFILES["smoke"] = replace(
+    PROFILES["cpu"], name="smoke", n_data=160, val_fraction=0.2, steps=8, warm_from=4, milestone_every=4,
+    batch_size=8, warmup=2, arms=HEADLINE_ARMS[:2] + HEADLINE_ARMS[4:], curve_scenes=8, final_scenes=16,
+    sample_steps=2, patch_scales=(0.0, 2.0), n_boot=50, routing_samples=2, routing_steps=2, demo_steps=2, demo_grid=2)
+# The secondary ablations (CLS position, tied only) beside the headline arms, on 2 cores.
+PROFILES["cpu-long"] = replace(PROFILES["cpu"], name="cpu-long", arms=HEADLINE_ARMS + SECONDARY_ARMS)
+# Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
+# H100/H200, each call under 10 minutes; plumbing-checked on a CPU with
+# notebooks/profiles/gpu-plumbing-on-cpu.yaml. Not yet run on a GPU.
+PROFILES["gpu"] = replace(
+    PROFILES["cpu"], name="gpu", preset="production", n_data=4000, steps=1200, warm_from=600,
+    milestone_every=200, lr=3e-4, warmup=60, workers=1, curve_scenes=64, final_scenes=256)
+
+
+def profile(name: str, **over) -> Profile:
+    """``PROFILES[name]`` with every ``over`` value that is not None replaced."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
+    over = {k: v for k, v in over.items() if v is not None}
+    if "arms" in over:   # names -> Arm objects (a notebook parameter is a list of names)
+        known = {a.name: a for a in HEADLINE_ARMS + SECONDARY_ARMS}
+        over["arms"] = tuple(a if isinstance(a, Arm) else known[a] for a in over["arms"])
+    return replace(PROFILES[name], **over)
+
+
+# --------------------------------------------------------------------------- data
+
+def ensure_data(p: Profile, run_dir, seed: int = 0) -> Path:
+    """The run's shapes-world shards (``RUN/data``), made when missing or made with other sizes."""
+    d = Path(run_dir) / "data"
+    want = {"preset": p.preset, "model_overrides": p.model_overrides, "n": p.n_data, "seed": seed,
+            "val_fraction": p.val_fraction}
+    stamp = d / "made.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == want and any(d.glob("train-*.tar")):
+        return d
+    make_dataset(d, p.n_data, seed=seed, val_fraction=p.val_fraction, cfg=p.model_config())
+    stamp.write_text(json.dumps(want))
+    return d
+
+
+# --------------------------------------------------------------------------- training
+
+def arm_dir(run_dir, arm: Arm | str) -> Path:
+    """Training folder of an arm: ``RUN/train/<arm.run>``."""
+    return Path(run_dir) / "train" / (arm if isinstance(arm, str) else arm.run)
+
+
+def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainConfig:
+    """The arm's TrainConfig under the profile's schedule (module docstring)."""
+    warm = arm.init == "warm"
+    base = arm_dir(run_dir, BASELINE)
+    cfg = p.model_config(arm)
+    return TrainConfig(
+        preset=p.preset, model_overrides=json.dumps({k: v for k, v in asdict(cfg).items()
+                                                     if getattr(model_preset(p.preset), k) != v}),
+        data=str(Path(run_dir) / "data"), out=str(arm_dir(run_dir, arm)),
+        steps=p.steps - p.warm_from if warm else p.steps, batch_size=p.batch_size, lr=p.lr,
+        warmup=p.warmup, schedule="constant", ema_decay=p.ema_decay, log_every=max(1, p.milestone_every // 10),
+        ckpt_every=p.milestone_every, milestone_every=p.milestone_every, device=device, seed=arm.seed,
+        warm_start=str(base / "ckpt" / f"step_{p.warm_from:06d}.pt") if warm else "",
+        warm_start_lr_scale=1.0, resume="auto", progress=False)
+
+
+def _key(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "device")}
+
+
+def _train_one(cfg: TrainConfig) -> dict:
+    torch.set_num_threads(1)
+    return train(cfg)
+
+
+def _status(run_dir, arm: Arm, total: int) -> str:
+    recs = load_train_log(arm_dir(run_dir, arm)) if (arm_dir(run_dir, arm) / "log.jsonl").exists() else []
+    if not recs:
+        return f"{arm.run}: starting"
+    r = recs[-1]
+    return f"{arm.run}: step {r['step']}/{total} loss {r.get('loss_avg', r['loss']):.3f} {r.get('samples_per_s', 0):.0f} samples/s"
+
+
+class Progress:
+    """Progress lines for long work: printed (the notebook) and appended to ``RUN/progress.log``,
+    which ``nbcore.runner`` echoes to its terminal while a notebook runs."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / "progress.log"
+
+    def __call__(self, line: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {line}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: float = 20.0) -> dict:
+    """Train every arm of the profile (and the seed repeats) into ``RUN/train/``; reuse finished runs
+    with the same settings, resume unfinished ones. Returns {run name: summary}."""
+    arms = list(arms or p.arms)
+    say = Progress(run_dir)
+    done: dict = {}
+    ctx = mp.get_context("spawn")
+    n_workers = max(1, p.workers if str(device) == "cpu" or not torch.cuda.is_available() else 1)
+
+    def todo(arm: Arm):
+        cfg = train_config(p, arm, run_dir, device)
+        d = arm_dir(run_dir, arm)
+        stamp = d / "arm.json"
+        if stamp.exists():
+            old = json.loads(stamp.read_text())
+            if old["key"] == json.loads(json.dumps(_key(cfg))):
+                if old.get("summary"):
+                    done[arm.run] = {**old["summary"], "reused": True}
+                    return None
+                return cfg                            # same settings, unfinished: resume
+            shutil.rmtree(d)                          # other settings: start clean
+        d.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"key": _key(cfg), "arm": asdict(arm)}, indent=1))
+        return cfg
+
+    def finish(arm: Arm, summary: dict):
+        stamp = arm_dir(run_dir, arm) / "arm.json"
+        rec = json.loads(stamp.read_text())
+        rec["summary"] = summary
+        stamp.write_text(json.dumps(rec, indent=1))
+        done[arm.run] = {**summary, "reused": False}
+        say(f"{arm.run}: done, {summary['steps_this_run']} steps at {summary['steps_per_s']:.1f} steps/s, "
+            f"final loss {summary['final_loss']:.4f}")
+
+    def run_all(batch: list[Arm], after: dict[str, list[Arm]]):
+        """Run ``batch``; when an arm in ``after`` finishes, its dependants are queued."""
+        queue = list(batch)
+        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+            running = {}
+            while queue or running:
+                while queue and len(running) < n_workers:
+                    arm = queue.pop(0)
+                    cfg = todo(arm)
+                    if cfg is None:
+                        queue[:0] = after.pop(arm.run, [])
+                        continue
+                    say(f"{arm.run}: training {cfg.steps} steps ({arm.init})")
+                    running[pool.submit(_train_one, cfg)] = (arm, cfg.steps)
+                fin, _ = wait(running, timeout=poll_s, return_when=FIRST_COMPLETED)
+                for f in fin:
+                    arm, _ = running.pop(f)
+                    finish(arm, f.result())
+                    queue[:0] = after.pop(arm.run, [])
+                if not fin and running:
+                    say(" | ".join(_status(run_dir, a, n) for a, n in running.values()))
+
+    base = arms[0]
+    warm = [a for a in arms if a.init == "warm"]
+    first = [base] + [a for a in arms[1:] if a.init == "scratch"]
+    repeats = [replace(BASELINE, seed=s) for s in range(1, p.repeat_seeds)]
+    run_all(first[:1] + repeats[:1] + first[1:] + repeats[1:], {base.run: warm})
+    best = best_patch_arm(p, run_dir, arms)
+    if best is not None and p.repeat_seeds > 1:
+        run_all([replace(best, seed=s) for s in range(1, p.repeat_seeds)], {})
+    return done
+
+
+def best_patch_arm(p: Profile, run_dir, arms=None, device: str = "cpu") -> Arm | None:
+    """The patch arm with the lowest reconstruction layout error (guidance off, ``curve_scenes``
+    scenes) at its last step: the one repeated with more seeds and probed by notebooks 04-05."""
+    scores = {}
+    for arm in arms or p.arms:
+        if arm.is_patch and arm.seed == 0:
+            ms = milestones(p, run_dir, arm, device)
+            if ms:
+                scores[arm.name] = (ms[-1]["recon"]["layout_error"]["mean"], arm)
+    if not scores:
+        return None
+    return min(scores.values(), key=lambda x: x[0])[1]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def checkpoints(run_dir, arm: Arm) -> list[tuple[int, Path]]:
+    """(total step, path) of an arm's milestones, on the shared axis (a warm arm's steps are offset
+    by the step it started from)."""
+    d = arm_dir(run_dir, arm)
+    offset = 0
+    stamp = d / "arm.json"
+    if stamp.exists():
+        key = json.loads(stamp.read_text())["key"]
+        if key.get("warm_start"):
+            offset = int(Path(key["warm_start"]).stem.split("_")[1])
+    return sorted((int(q.stem.split("_")[1]) + offset, q) for q in (d / "ckpt").glob("step_*.pt"))
+
+
+class Evaluator:
+    """Samples and scores images for one validation batch with one shared noise draw."""
+
+    def __init__(self, p: Profile, run_dir, n: int, device: str = "cpu"):
+        self.p, self.device = p, device
+        self.batch = load_val_batch(Path(run_dir) / "data", n)
+        self.n = len(self.batch["txt"])
+        self.scenes = [Scene.from_json(m) for m in self.batch["json"]]
+        cfg = p.model_config()
+        self.world = ShapesWorld(cfg)
+        self.noise = torch.randn(self.batch["latent"].shape, generator=torch.Generator().manual_seed(0))
+        self.source = self.batch["png"]
+        self.perm = torch.roll(torch.arange(self.n), -1)                               # DINO of scene i + 1
+
+    def generate(self, model: NanoDiT, mode: str, guidance: Guidance) -> torch.Tensor:
+        """Images (n, 3, S, S) for ``mode`` recon | textonly | swap."""
+        b = self.batch
+        perm = self.perm
+        cond = dict(text_emb=b["text_emb"], text_mask=b["text_mask"])
+        if mode in ("recon", "swap"):
+            idx = perm if mode == "swap" else torch.arange(self.n)
+            cond.update(dino_emb=b["dino_emb"][idx],
+                        dino_patches=b["dino_patches"][idx] if model.cfg.use_dino_patches else None)
+        z = sample(model, noise=self.noise, steps=self.p.sample_steps, guidance=guidance, device=self.device,
+                   **{k: (v.to(self.device) if v is not None else None) for k, v in cond.items()})
+        return self.world.codec.decode(z.cpu())
+
+    def score(self, images: torch.Tensor, scenes=None) -> dict:
+        """Per-scene tensors (n,) of the layout metrics and PSNR against the source, with validity."""
+        r = shape_layout_per_sample(images, scenes or self.scenes)
+        out = {k: (r[k].float().numpy(), r["valid"][k].numpy()) for k in LAYOUT_METRICS}
+        out["psnr"] = (psnr(images, self.source).numpy(), np.ones(self.n, bool))
+        return out
+
+    def score_modes(self, model: NanoDiT, guidance: Guidance) -> dict:
+        """{mode: scores} for recon, textonly, and the swap scored against the DINO source's scene
+        (``swap_dino``: low = the layout follows the DINO) and against the text's (``swap_text``)."""
+        out = {m: self.score(self.generate(model, m, guidance)) for m in ("recon", "textonly")}
+        swap = self.generate(model, "swap", guidance)
+        out["swap_dino"] = self.score(swap, [self.scenes[i] for i in self.perm.tolist()])
+        out["swap_text"] = self.score(swap)
+        return out
+
+    def rows(self) -> dict:
+        """The calibration rows' scores (the same for guidance off and on)."""
+        cfg = self.p.model_config()
+        torch.manual_seed(0)
+        untrained = NanoDiT(replace(cfg, use_dino_patches=False)).eval()
+        rng = np.random.default_rng(0)
+        blind = self.world.render_batch([shuffle_layout(s, rng) for s in self.scenes])
+        codec = lambda x: self.world.codec.decode(self.world.codec.encode(x))
+        return {"untrained": self.score(self.generate(untrained, "textonly", Guidance.off())),
+                "layout_blind": self.score(codec(blind)),
+                "oracle": self.score(codec(self.source))}
+
+
+def _summary(scores: dict, n_boot: int) -> dict:
+    return {k: bootstrap_ci(v, valid, n_boot=n_boot) for k, (v, valid) in scores.items()}
+
+
+def milestones(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]:
+    """Reconstruction and text-only layout metrics (guidance off, ``curve_scenes`` scenes, EMA
+    weights) at every milestone of an arm, cached in ``RUN/train/<arm>/curve.json``."""
+    d = arm_dir(run_dir, arm)
+    cache = d / "curve.json"
+    ck = checkpoints(run_dir, arm)
+    old = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{p.curve_scenes}:{p.sample_steps}"
+    rows = old.get(key, {})
+    ev = None
+    for step, path in ck:
+        if str(step) in rows:
+            continue
+        ev = ev or Evaluator(p, run_dir, p.curve_scenes, device)
+        model, info = load_model_with_info(path, device=device)
+        rec = {"step": step, "weights": info["weights"]}
+        for mode in ("recon", "textonly") if arm.is_patch else ("textonly",):
+            rec[mode] = _summary(ev.score(ev.generate(model, mode, Guidance.off())), p.n_boot)
+        if not arm.is_patch:            # the baseline's recon sees text + CLS only: report it too
+            rec["recon"] = _summary(ev.score(ev.generate(model, "recon", Guidance.off())), p.n_boot)
+        rows[str(step)] = rec
+    if ev is not None:
+        old[key] = rows
+        write_json(old, cache)
+    return [rows[str(s)] for s, _ in ck if str(s) in rows]
+
+
+def plateau(curve: list[dict], mode: str = "recon", metric: str = "layout_error") -> dict:
+    """Whether the last two milestones agree within their 95% intervals (intervals overlap)."""
+    if len(curve) < 2:
+        return {"plateau": False, "why": "fewer than two milestones"}
+    a, b = curve[-2][mode][metric], curve[-1][mode][metric]
+    ok = a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
+    return {"plateau": ok, "steps": [curve[-2]["step"], curve[-1]["step"]], "values": [a["mean"], b["mean"]],
+            "intervals": [[a["lo"], a["hi"]], [b["lo"], b["hi"]]]}
+
+
+def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
+    """Final evaluation (module docstring), cached in ``RUN/eval.json``. Returns
+    {"rows": {row: {mode/guidance: {metric: ci}}}, "per_scene": ..., "diffs": ..., "settings": ...}."""
+    cache = Path(run_dir) / "eval.json"
+    settings = {"n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
+                "arms": [a.run for a in arms], "ckpts": {a.run: str(checkpoints(run_dir, a)[-1][1]) for a in arms}}
+    if cache.exists():
+        old = json.loads(cache.read_text())
+        if old.get("settings") == settings:
+            return old
+    say = Progress(run_dir)
+    ev = Evaluator(p, run_dir, p.final_scenes, device)
+    per_scene: dict = {row: {"off": s, "on": s} for row, s in ev.rows().items()}
+    for arm in arms:
+        say(f"evaluating {arm.run} on {ev.n} scenes")
+        model, info = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
+        per_scene[arm.run] = {}
+        for g, guidance in (("off", Guidance.off()), ("on", p.guidance)):
+            per_scene[arm.run][g] = ev.score_modes(model, guidance)
+        per_scene[arm.run]["weights"] = info["weights"]
+    res = {"settings": settings, "rows": {}, "diffs": {}}
+    for row, sc in per_scene.items():
+        res["rows"][row] = {}
+        for g in ("off", "on"):
+            s = sc[g]
+            modes = s if "recon" in s else {m: s for m in MODES}
+            res["rows"][row][g] = {m: _summary(v, p.n_boot) for m, v in modes.items()}
+    base = per_scene.get("baseline")
+    for arm in arms:
+        if arm.run == "baseline" or base is None:
+            continue
+        res["diffs"][arm.run] = {
+            g: {m: {k: paired_bootstrap_diff(per_scene[arm.run][g][m][k][0], base[g][m][k][0],
+                                             per_scene[arm.run][g][m][k][1], base[g][m][k][1], n_boot=p.n_boot)
+                    for k in LAYOUT_METRICS} for m in ("recon", "textonly")} for g in ("off", "on")}
+    write_json(res, cache)
+    return res
+
+
+def results_table(res: dict, metric: str = "layout_error") -> list[dict]:
+    """One row per calibration row / arm: mean [95% interval] of ``metric`` for recon and text-only,
+    guidance off and on (strings), for figures and the README."""
+    out = []
+    for row, r in res["rows"].items():
+        rec = {"row": row}
+        for m in ("recon", "textonly"):
+            for g in ("off", "on"):
+                c = r[g][m][metric]
+                rec[f"{m} {g}"] = "n/a" if c["mean"] is None else f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+        out.append(rec)
+    return out
+
+
+def curves(p: Profile, run_dir, arms, device: str = "cpu") -> dict:
+    """{arm run: milestone records} for every arm (computed and cached by ``milestones``)."""
+    return {a.run: milestones(p, run_dir, a, device) for a in arms}
+
+
+def loss_curves(p: Profile, run_dir, arms) -> dict:
+    """{arm run: training log records} with ``step`` on the shared axis of total optimiser steps."""
+    out = {}
+    for arm in arms:
+        offset = p.warm_from if arm.init == "warm" else 0
+        out[arm.run] = [dict(r, step=r["step"] + offset) for r in load_train_log(arm_dir(run_dir, arm))]
+    return out
+
+
+def repeats(p: Profile, run_dir, arms=None) -> list[Arm]:
+    """The seed repeats that ``train_arms`` made (baseline and the best patch arm, seeds 1..)."""
+    best = best_patch_arm(p, run_dir, arms)
+    out = [replace(BASELINE, seed=s) for s in range(1, p.repeat_seeds)]
+    if best is not None:
+        out += [replace(best, seed=s) for s in range(1, p.repeat_seeds)]
+    return [a for a in out if (arm_dir(run_dir, a) / "arm.json").exists()]
+
+
+def patch_scale_sweep(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]:
+    """Open question 3 on one arm: reconstruction layout metrics with nested guidance at the
+    profile's text / DINO scales and each separate patch scale of ``p.patch_scales``
+    (``Guidance.patch_scale``; its caveat: the CLS-without-patches branch is a combination the
+    default dropout never trains). ``final_scenes`` scenes, cached in ``RUN/sweep.json``."""
+    cache = Path(run_dir) / "sweep.json"
+    key = {"arm": arm.run, "scales": list(p.patch_scales), "n": p.final_scenes, "steps": p.sample_steps,
+           "guidance": [p.text_scale, p.dino_scale]}
+    if cache.exists():
+        old = json.loads(cache.read_text())
+        if old.get("key") == key:
+            return old["rows"]
+    ev = Evaluator(p, run_dir, p.final_scenes, device)
+    model, _ = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
+    rows = []
+    for s in p.patch_scales:
+        g = Guidance("nested", text_scale=p.text_scale, dino_scale=p.dino_scale, patch_scale=float(s))
+        rows.append({"patch_scale": float(s), **_summary(ev.score(ev.generate(model, "recon", g)), p.n_boot)})
+    write_json({"key": key, "rows": rows}, cache)
+    return rows
+
+
+def _ci(c: dict) -> str:
+    return f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+
+
+def conclusions(res: dict, baseline: str = "baseline", metric: str = "layout_error", ratio: float = 0.6) -> list[str]:
+    """Sentences the numbers support, and only those (``evaluate``'s result in, plain text out).
+
+    First the validity gate: the baseline must learn text layout, its text-only ``metric`` (guidance
+    on) at most ``ratio`` x the layout-blind row's; otherwise the answer is "not yet answered" and
+    nothing is said about the arms. Then, per patch arm and guidance setting, the paired 95%
+    interval of (arm - baseline) on reconstruction and on text-only layout error: "lower" or
+    "higher" only when the interval excludes 0, else "not distinguishable"."""
+    rows, diffs = res["rows"], res["diffs"]
+    blind = rows["layout_blind"]["on"]["recon"][metric]["mean"]
+    base_txt = rows[baseline]["on"]["textonly"][metric]
+    out = []
+    if base_txt["mean"] is None or base_txt["hi"] > ratio * blind:
+        out.append(f"Not yet answered: the baseline has not clearly learned text layout (text-only {metric} "
+                   f"{_ci(base_txt) if base_txt['mean'] is not None else 'n/a'} vs {ratio} x the layout-blind row's "
+                   f"{blind:.3f} = {ratio * blind:.3f}); the world or the schedule must change before the arms can be compared.")
+        return out
+    out.append(f"The baseline learned text layout: text-only {metric} {_ci(base_txt)}, below {ratio} x the "
+               f"layout-blind row ({blind:.3f}); oracle {rows['oracle']['on']['recon'][metric]['mean']:.3f}, "
+               f"untrained {rows['untrained']['on']['recon'][metric]['mean']:.3f}.")
+    for arm, d in diffs.items():
+        parts = []
+        for g in ("off", "on"):
+            for mode, what in (("recon", "reconstruction"), ("textonly", "text-only")):
+                c = d[g][mode][metric]
+                verdict = ("lower (better)" if c["hi"] < 0 else "higher (worse)" if c["lo"] > 0
+                           else "not distinguishable")
+                parts.append(f"{what} {verdict}, guidance {g}: {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
+        out.append(f"{arm} vs {baseline} ({metric}, paired difference, 95% interval): " + "; ".join(parts) + ".")
+    return out
