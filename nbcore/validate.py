@@ -8,7 +8,10 @@ samples four sets of images with one shared noise draw (seeded) and scores them:
     text only       own text, null DINO, text guidance                  -> layout against the caption's own scene
     DINO swap       text of sample i, DINO of sample (i + 1) mod n      -> whose layout / colours it follows (rates)
 
-Source images are the shards' ``png`` members (the codec's decoding of the stored latents when a
+Layout metrics are ``nbcore.metrics.shape_layout``'s (shapes found as connected components:
+``layout_error`` with a missed shape at the miss penalty, ``shape_recall``, ``placement_error``,
+``mask_iou``, also reported as ``layout_iou``); they need the shards' ``json`` scene metadata, so
+they are shapes-world only. Source images are the shards' ``png`` members (the codec's decoding of the stored latents when a
 shard has none); the scene colours come from the ``json`` members (layout and swap metrics are
 ``None``, with a reason, without them). Generated latents are decoded with the shapes world's
 pixel codec at the model's sizes (``ShapesWorld(model.cfg)``; its stand-in encoders do not depend
@@ -39,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import make_loader, shard_list
-from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, layout_error, psnr, swap_follow)
+from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, psnr, shape_layout, swap_follow)
 from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import ShapesWorld, colour_mask
@@ -214,10 +217,10 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         for run in ("recon", "noguid", "textonly"):
             sim = encoder_similarity(world.patch_encoder, gen[run], source)
             res[f"{run}_cls_cos"], res[f"{run}_patch_cos"] = mean(sim["cls_cos"]), mean(sim["patch_cos"])
-            lay = layout_error(gen[run], source, colours, colour_mask) if colours is not None else {}
-            res[f"{run}_layout_error"] = lay.get("centroid_error")
-            res[f"{run}_layout_iou"] = lay.get("iou")
-            res[f"{run}_layout_absent_colours"] = lay.get("absent_in_generated")
+            lay = shape_layout(gen[run], batch["json"]) if colours is not None else {}
+            for k in ("layout_error", "shape_recall", "placement_error", "mask_iou"):
+                res[f"{run}_{k}"] = lay.get(k)
+            res[f"{run}_layout_iou"] = lay.get("mask_iou")
         # the reference: the source scored against itself (layout 0, IoU 1) is implied; the data's
         # own codec round trip bounds what reconstruction can reach
         res["codec_roundtrip_psnr"] = mean(psnr(world.codec.decode(lat), source))
@@ -226,12 +229,15 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         if "swap" in gen and colours is not None:
             sw = swap_follow(gen["swap"], source, colours, source[perm], [colours[i] for i in perm.tolist()], colour_mask)
             res.update({f"swap_{k}": sw[k] for k in swap_keys})
+            res["swap_layout_error_vs_dino_scene"] = shape_layout(gen["swap"], [batch["json"][i] for i in perm.tolist()])["layout_error"]
+            res["swap_layout_error_vs_text_scene"] = shape_layout(gen["swap"], batch["json"])["layout_error"]
             sim = encoder_similarity(world.patch_encoder, gen["swap"], source[perm])
             res["swap_cls_cos_to_dino_source"] = mean(sim["cls_cos"])
             res["swap_patch_cos_to_dino_source"] = mean(sim["patch_cos"])
         else:
             res.update({f"swap_{k}": None for k in swap_keys})
             res["swap_cls_cos_to_dino_source"] = res["swap_patch_cos_to_dino_source"] = None
+            res["swap_layout_error_vs_dino_scene"] = res["swap_layout_error_vs_text_scene"] = None
 
         # ---- figure + files
         res["figure"] = None
