@@ -118,8 +118,8 @@ class VAECodec(Codec):
 
     def __init__(self, path, device: str = "auto", dtype: torch.dtype | str = torch.float32, sample: bool = False,
                  scaling_factor: float | None = None, shift_factor: float | None = None):
+        p = _local_dir(path, "VAE")   # before the (slow) diffusers import: a wrong path fails fast
         from diffusers import AutoencoderKL
-        p = _local_dir(path, "VAE")
         self.path = str(p.resolve())
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.device, self.sample = resolve_device(device), sample
