@@ -120,8 +120,10 @@ def save_pretrained(src, out_dir, stats=None, metrics: dict | None = None, card:
     """Write a model folder (see the module docstring) and return its path.
 
     src: a training checkpoint path, a loaded checkpoint dict (``weights`` picks "ema" or "model")
-    or a NanoDiT. stats: Stats or a stats.json path; None = the checkpoint's data folder's
-    stats.json when it exists. codec: a Codec, PixelCodec or spec; None = the one the stats record.
+    or a NanoDiT. stats: Stats or a stats.json path; None = the checkpoint's own ``stats`` entry
+    (a dict in stats.json's layout) when it has one, else its data folder's stats.json when it
+    exists. codec: a Codec, PixelCodec or spec; None = the checkpoint's ``codec`` entry, else the
+    one the stats record.
     metrics: a flat dict for the card and config. card: extra Markdown appended to README.md.
     """
     from safetensors.torch import save_file
@@ -131,14 +133,21 @@ def save_pretrained(src, out_dir, stats=None, metrics: dict | None = None, card:
     cfg, sd, ck = _source(src, weights)
     if isinstance(src, NanoDiT):
         weights = "model"
-    tc = (ck or {}).get("train_config") or {}
+    ck = ck or {}
+    tc = ck.get("train_config") or {}
+    if stats is None and isinstance(ck.get("stats"), dict):     # a checkpoint that carries its data statistics
+        stats = Stats({k: v for k, v in ck["stats"].items() if k != "meta"}, dict(ck["stats"].get("meta", {})))
     if stats is None and tc.get("data") and (Path(tc["data"]) / STATS).exists():
         stats = Path(tc["data"]) / STATS
     st = _as_stats(stats)
-    spec = (codec if isinstance(codec, dict) else spec_of(codec)) if codec is not None else (
-        codec_spec_from_stats(st) if st is not None else None)
+    if codec is not None:
+        spec = codec if isinstance(codec, dict) else spec_of(codec)
+    elif isinstance(ck.get("codec"), dict):                      # a checkpoint that records its codec
+        spec = dict(ck["codec"])
+    else:
+        spec = codec_spec_from_stats(st) if st is not None else None
     training = None
-    if ck is not None:
+    if ck:
         training = {"step": int(ck.get("step", 0)), "n_updates": int(ck.get("n_updates", ck.get("step", 0))),
                     **{k: tc[k] for k in _TRAIN_KEYS if k in tc}}
     model = NanoDiT(cfg)

@@ -145,3 +145,23 @@ def test_cli_export_and_step(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--help"])
     assert e.value.code == 0 and "EMA (default)" in capsys.readouterr().out
+
+
+def test_checkpoint_carried_stats_and_codec_win_over_the_data_folder(tmp_path):
+    ema = _randomised(CFG, 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    _stats(CFG).save(data / "stats.json")                                # the folder's: no codec, meta source "test"
+    own = _stats(CFG)
+    own.meta = {"source": "carried"}
+    spec = {"kind": "vae", "path": "/models/vae", "scaling_factor": 0.13, "shift_factor": 0.0, "channels": 12,
+            "downsample": 8, "dtype": "float32"}
+    ck = {"config": CFG.to_dict(), "ema": ema.state_dict(), "step": 3, "train_config": {"data": str(data)},
+          "stats": {**own.entries, "meta": own.meta}, "codec": spec}
+    _, info = from_pretrained(save_pretrained(ck, tmp_path / "m"))
+    assert info["stats"].meta == {"source": "carried"} and info["codec"] == spec
+    assert "from /models/vae (scaling 0.13" in (tmp_path / "m" / "README.md").read_text()
+    # explicit arguments win over both
+    other = ShapesWorld(CFG).codec
+    _, info = from_pretrained(save_pretrained(ck, tmp_path / "m2", stats=data / "stats.json", codec=other))
+    assert info["stats"].meta == {"source": "test", "n_train": 3} and info["codec"] == spec_of(other)
