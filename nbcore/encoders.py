@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from .codec import DTYPES, VAECodec, _local_dir
 from .utils import resolve_device, write_json
 
-__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "load_image", "find_pairs", "aspect_buckets",
+__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
            "choose_bucket", "precompute", "MANIFEST", "main"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,6 +90,15 @@ def _dtype(d) -> torch.dtype:
 
 def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
+
+
+def dino_view(images: torch.Tensor, view: int = 224) -> torch.Tensor:
+    """(B, 3, Sh, Sw) in [0, 1] -> (B, 3, view, view): the whole image resized, aspect not kept, so
+    DINO patch (i, j) sees image rows [i/g, (i+1)/g) x columns [j/g, (j+1)/g) (module docstring)."""
+    x = images.float()
+    if x.shape[-2:] != (view, view):
+        x = F.interpolate(x, size=(view, view), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
 
 
 class DinoV3Encoder:
@@ -123,10 +132,8 @@ class DinoV3Encoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.float()
-        if x.shape[-2:] != (self.view, self.view):   # the whole image, aspect not kept: see the module docstring
-            x = F.interpolate(x, size=(self.view, self.view), mode="bicubic", antialias=True, align_corners=False)
-        x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device, self.dtype)        # (B, 3, 224, 224)
+        x = dino_view(images, self.view)                                                 # (B, 3, 224, 224)
+        x = ((x - self.mean) / self.std).to(self.device, self.dtype)
         h = self.model(pixel_values=x).last_hidden_state.float()                        # (B, 1 + R + P, Dd)
         P = self.grid * self.grid
         if h.shape[1] != 1 + self.num_registers + P:

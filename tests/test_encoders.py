@@ -329,3 +329,24 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     codec = codec_from_spec(info["codec"], device="cpu")
     assert torch.equal(codec.decode(batch["latent"]), vae.decode(batch["latent"]))
     assert "diffusers AutoencoderKL" in (model_dir / "README.md").read_text()
+
+
+def test_dino_view_and_model_place_a_region_on_the_same_latent_tokens():
+    """A block at a known place of a non-square (48 x 80 px) image: the DINO patches that see it
+    (16 px patches of the 224 view), resampled onto the model's token grid by the model's own
+    ``patch_cover_weights``, light up the tokens whose 8 px cells the block covers."""
+    from nbcore.encoders import dino_view
+    from nbcore.model import patch_cover_weights
+    img = torch.zeros(1, 3, 48, 80)
+    img[..., 20:48, 20:44] = 1                                              # rows 0.42..1, columns 0.25..0.55
+    view = dino_view(img)                                                   # (1, 3, 224, 224)
+    assert view.shape == (1, 3, 224, 224)
+    patch = view[0, 0].reshape(14, 16, 14, 16).mean((1, 3)).flatten()     # (196,) brightness per DINO patch
+    h, w = 6, 10                                                            # the model's token grid: 8 x 8 px cells
+    token = (patch_cover_weights(14, h, w) @ patch).view(h, w)             # (h, w)
+    truth = img[0, 0].reshape(h, 8, w, 8).mean((1, 3))                     # (h, w) share of each cell inside the block
+    assert ((truth > 0) & (truth < 1)).sum() == 10                         # partly covered cells are checked too
+    torch.testing.assert_close(token, truth, atol=0.02, rtol=0)
+    # the aspect-keeping alternative (DINO on the centre 48 x 48 crop) puts the block elsewhere
+    crop = dino_view(img[..., :, 16:64])[0, 0].reshape(14, 16, 14, 16).mean((1, 3)).flatten()  # (196,)
+    assert ((patch_cover_weights(14, h, w) @ crop).view(h, w) - truth).abs().max() > 0.5
