@@ -381,15 +381,12 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     plan = _plan(pairs, val_fraction, seed, shard_size)
     todo = [s for s in plan if s["name"] not in manifest["shards"]]
     flat = [(k, item) for k, s in enumerate(todo) for item in s["items"]]                # (shard index, pair)
-    info = manifest["info"]
-    info.setdefault("buckets", {})
-    info.setdefault("unreadable", [])
-    info.setdefault("captions_truncated", 0)
+    info = manifest["info"]   # sizes of what was written; per-shard counts live in the shard records
 
     n_done = sum(len(s["items"]) for s in plan) - len(flat)
     bar = tqdm(total=len(pairs), initial=n_done, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    state = {"shard": None, "writer": None, "keys": []}
+    state = {"shard": None, "writer": None, "rec": None}
     pending: dict = defaultdict(list)   # (H, W) -> [(flat index, image uint8)]
 
     def encode_and_write(chunk):
@@ -399,13 +396,14 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
         cls, patches = dino(images)                                                     # (B, Dd), (B, P, Dd)
         texts = t5.trimmed(caps)                                                        # [(L_i, Dt)]
         lat = vae.encode(images)                                                        # (B, C, H/f, W/f)
-        info["captions_truncated"] += sum(n > t5.max_len for n in t5.n_tokens(caps)) if hasattr(t5, "n_tokens") else 0
+        rec = state["rec"]
+        rec["captions_truncated"] += sum(n > t5.max_len for n in t5.n_tokens(caps)) if hasattr(t5, "n_tokens") else 0
         hw = f"{images.shape[2]}x{images.shape[3]}"
         for j, (key, _, cap) in enumerate(items):
             state["writer"].write({"__key__": key, **encode_sample_members(
                 lat[j], cls[j], patches[j], texts[j], cap, images[j] if write_png else None)})
-            state["keys"].append(key)
-        info["buckets"][hw] = info["buckets"].get(hw, 0) + len(items)
+            rec["keys"].append(key)
+        rec["buckets"][hw] = rec["buckets"].get(hw, 0) + len(items)
         info.update(latent_channels=int(lat.shape[1]), dino_patches=list(patches.shape[1:]), text_dim=int(texts[0].shape[-1]))
         bar.update(len(items))
 
@@ -418,9 +416,9 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
         state["writer"].close()
         tmp, final = out / (s["name"] + ".tmp"), out / s["name"]
         os.replace(tmp, final)
-        manifest["shards"][s["name"]] = {"keys": state["keys"], "bytes": final.stat().st_size}
+        manifest["shards"][s["name"]] = {**state["rec"], "bytes": final.stat().st_size}
         write_json(manifest, out / MANIFEST)
-        state.update(shard=None, writer=None, keys=[])
+        state.update(shard=None, writer=None, rec=None)
 
     paths = [item[1] for _, item in flat]
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, image_size, bucket_list), batch_size=None,
@@ -431,10 +429,10 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
             if k != state["shard"]:
                 if state["shard"] is not None:
                     finish_shard()
-                state.update(shard=k, keys=[], writer=wds.TarWriter(str(out / (todo[k]["name"] + ".tmp")),
-                                                                    encoder=False, mtime=0))
+                state.update(shard=k, rec={"keys": [], "buckets": {}, "unreadable": [], "captions_truncated": 0},
+                             writer=wds.TarWriter(str(out / (todo[k]["name"] + ".tmp")), encoder=False, mtime=0))
             if img is None:
-                info["unreadable"].append(f"{paths[i].name}: {err}")
+                state["rec"]["unreadable"].append(f"{paths[i].name}: {err}")
                 bar.update(1)
                 continue
             size = tuple(img.shape[1:])
@@ -448,16 +446,20 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
         if state["writer"] is not None:   # a crash: the torn shard stays a .tmp, removed on resume
             state["writer"].close()
     seconds = time.perf_counter() - t0
-    written = {"train": 0, "val": 0}
-    for name, rec in manifest["shards"].items():
+    written, bucket_counts, unreadable, truncated = {"train": 0, "val": 0}, {}, [], 0
+    for name, rec in sorted(manifest["shards"].items()):
         written[name.split("-")[0]] += len(rec["keys"])
+        for hw, n in rec["buckets"].items():
+            bucket_counts[hw] = bucket_counts.get(hw, 0) + n
+        unreadable += rec["unreadable"]
+        truncated += rec["captions_truncated"]
     manifest["complete"] = True
     write_json(manifest, out / MANIFEST)
     n_images = len(flat)
-    summary = {**written, "skipped_no_caption": len(missing), "unreadable": len(info["unreadable"]),
-               "unreadable_files": info["unreadable"][:10], "captions_truncated": info["captions_truncated"],
+    summary = {**written, "skipped_no_caption": len(missing), "unreadable": len(unreadable),
+               "unreadable_files": unreadable[:10], "captions_truncated": truncated,
                "latent_shape": [info.get("latent_channels"), image_size // vae.downsample, image_size // vae.downsample],
-               "buckets": dict(info["buckets"]), "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
+               "buckets": bucket_counts, "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
                "shards_kept": len(plan) - len(todo), "shards_written": len(todo), "images": n_images,
                "seconds": seconds, "images_per_s": n_images / max(seconds, 1e-9)}
     if written["train"]:

@@ -276,7 +276,14 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     assert names == [f"train-00000{i}.tar" for i in range(4)] == [os.path.basename(p) for p in shard_list(fresh)]
     assert all((out / n).read_bytes() == (fresh / n).read_bytes() for n in names)
     assert json.loads((out / "stats.json").read_text()) == json.loads((fresh / "stats.json").read_text())
-    for summary in (resumed, full):
+    # a finished shard damaged later (its size no longer the recorded one) is written again, counted once
+    with open(out / "train-000001.tar", "r+b") as f:
+        f.truncate(1000)
+    assert main([a if a != "OUT" else str(out) for a in cli]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["shards_kept"], again["shards_written"]) == (3, 1)
+    assert all((out / n).read_bytes() == (fresh / n).read_bytes() for n in names)
+    for summary in (resumed, full, again):
         assert (summary["train"], summary["val"], summary["unreadable"], summary["skipped_no_caption"]) == (14, 0, 1, 1)
         assert summary["buckets"] == {"32x32": 6, "24x40": 4, "40x24": 4}
         assert summary["unreadable_files"][0].startswith("img99.png: ")
