@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .data import Stats
 from .shapes import PixelCodec
 from .utils import resolve_device
 
@@ -195,7 +196,6 @@ def codec_spec_from_stats(stats) -> dict | None:
     """The codec spec a dataset records: ``meta["codec"]``; for shapes-world data written before
     codecs were recorded, the pixel codec rebuilt from ``codec_shift`` / ``codec_scale`` and the
     latent channel count; None when the stats do not say (older precomputed real data)."""
-    from .data import Stats
     st = stats if isinstance(stats, Stats) else Stats.load(stats)
     meta = st.meta or {}
     if isinstance(meta.get("codec"), dict):
@@ -221,7 +221,6 @@ def codec_from_stats(stats, vae_dir=None, device: str = "auto", dtype: str | Non
 def record_codec(stats_path, codec) -> dict:
     """Write ``codec``'s spec (a Codec, a shapes PixelCodec or a spec dict) into the ``meta`` of the
     stats.json at ``stats_path``; returns the spec."""
-    from .data import Stats
     spec = dict(codec) if isinstance(codec, dict) else spec_of(codec)
     if spec.get("kind") not in ("pixel", "vae"):
         raise ValueError(f"unknown codec spec {spec!r}: want kind 'pixel' or 'vae'")

@@ -66,8 +66,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .codec import DTYPES, VAECodec, _local_dir
+from .data import compute_stats, shard_list
+from .shapes import encode_sample_members
 from .utils import resolve_device, write_json
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
@@ -179,7 +184,6 @@ class T5TextEncoder:
 
 def _fit(im, size: tuple[int, int]):
     """PIL RGB image -> resized to cover (H, W) = size, centre-cropped to it (the smallest crop)."""
-    from PIL import Image
     H, W = size
     w, h = im.size
     s = max(W / w, H / h)
@@ -197,7 +201,6 @@ def _to_tensor_u8(im) -> torch.Tensor:
 def load_image(path, size: int | tuple[int, int]) -> torch.Tensor:
     """RGB image -> resized to cover ``size`` (a side: square; or (H, W)) and centre-cropped:
     (3, H, W) float32 in [0, 1]."""
-    from PIL import Image
     hw = (size, size) if isinstance(size, int) else tuple(size)
     with Image.open(path) as im:
         return _to_tensor_u8(_fit(im.convert("RGB"), hw)).float() / 255                # (3, H, W)
@@ -239,7 +242,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
         try:
             with Image.open(self.paths[i]) as im:
                 im = im.convert("RGB")
@@ -346,11 +348,6 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     square), "buckets" ("HxW" px -> count), "dino_patches" (P, Dd), "text_dim", "shards_kept" (from
     an interrupted run), "shards_written", "images", "seconds", "images_per_s"}.
     """
-    from tqdm.auto import tqdm
-    import webdataset as wds
-    from .data import compute_stats, shard_list
-    from .shapes import encode_sample_members
-
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
     pairs, missing = find_pairs(images_dir)
@@ -495,7 +492,7 @@ def main(argv=None) -> int:
     pc.add_argument("--val-fraction", type=float, default=0.0, help="share of pairs written to val-*.tar")
     pc.add_argument("--seed", type=int, default=0, help="seeds the train/val assignment")
     pc.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0: in process)")
-    pc.add_argument("--device", default="auto")
+    pc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pc.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of all three encoders")
     for name in ("dino", "t5", "vae"):
         pc.add_argument(f"--{name}-dtype", default=None, choices=sorted(DTYPES), help=f"{name} dtype (default: --dtype)")

@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     ex.add_argument("--metrics", default=None, help="a JSON file of metrics (e.g. nbcore.validate's metrics.json) for the card")
     ex.add_argument("--card", default=None, help="a Markdown file appended to README.md as notes")
     st = sub.add_parser("step", help="print a checkpoint's step without loading its tensors")
-    st.add_argument("ckpt")
+    st.add_argument("ckpt", help="a training checkpoint")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "step":

@@ -303,16 +303,16 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
         png = batch["png"]
         shapes[tuple(png.shape[2:])] = shapes.get(tuple(png.shape[2:]), 0) + len(png)
         assert batch["latent"].shape[1:] == (4, png.shape[2] // 2, png.shape[3] // 2)
-        assert batch["dinov3_patches"].shape[1:] == (196, 32)
+        assert batch["dino_patches"].shape[1:] == (196, 32)
         x = F.interpolate(png, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         with torch.no_grad():
             h = model_dirs["models"]["dino"](pixel_values=(x.clamp(0, 1) - mean) / std).last_hidden_state
-        torch.testing.assert_close(batch["dinov3"], h[:, 0], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(batch["dinov3_patches"], h[:, 3:], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(batch["dino_emb"], h[:, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batch["dino_patches"], h[:, 3:], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(batch["latent"], vae.encode(png), atol=2e-3, rtol=2e-3)
-        assert batch["t5_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
+        assert batch["text_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
     assert shapes == {(32, 32): 6, (24, 40): 4, (40, 24): 4}
     # 6. two training steps on these shards, then a shareable model that gives the same outputs
     over = dict(in_channels=4, input_size=16, patch_size=2, hidden_size=32, depth=1, num_heads=2,
@@ -327,8 +327,8 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     ref.load_state_dict(ck["ema"])
     ref.eval()
     batch = next(b for b in make_loader(out, 4, stats=out / "stats.json", shuffle=0) if b["latent"].shape[-1] == 20)
-    cond = dict(x=batch["latent"], t=torch.full((len(batch["latent"]),), 0.5), dino_emb=batch["dinov3"],
-                dino_patches=batch["dinov3_patches"], text_emb=batch["t5"], text_mask=batch["t5_mask"])
+    cond = dict(x=batch["latent"], t=torch.full((len(batch["latent"]),), 0.5), dino_emb=batch["dino_emb"],
+                dino_patches=batch["dino_patches"], text_emb=batch["text_emb"], text_mask=batch["text_mask"])
     with torch.no_grad():
         assert torch.equal(model(**cond), ref(**cond))
     assert info["codec"] == vae.spec() and info["training"]["step"] == 2 and info["stats"].meta == st.meta
