@@ -357,3 +357,26 @@ def test_dino_view_and_model_place_a_region_on_the_same_latent_tokens():
     # the aspect-keeping alternative (DINO on the centre 48 x 48 crop) puts the block elsewhere
     crop = dino_view(img[..., :, 16:64])[0, 0].reshape(14, 16, 14, 16).mean((1, 3)).flatten()  # (196,)
     assert ((patch_cover_weights(14, h, w) @ crop).view(h, w) - truth).abs().max() > 0.5
+
+
+@pytest.mark.slow
+def test_precompute_val_split_and_finished_rerun(model_dirs, tmp_path):
+    _write_images(tmp_path / "imgs")
+    dino = DinoV3Encoder(model_dirs["dino"], device="cpu")
+    t5 = T5TextEncoder(model_dirs["t5"], device="cpu")
+    vae = VAECodec(model_dirs["vae"], device="cpu")
+    out = tmp_path / "shards"
+    s = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
+                   progress=False)
+    assert (s["train"], s["val"], s["shards_written"]) == (3, 2, 2)
+    val_keys = json.loads((out / MANIFEST).read_text())["shards"]["val-000000.tar"]["keys"]
+    assert len(val_keys) == 2 and check_shards(str(out / "val-000000.tar"), progress=False)["good"] == 2
+    assert Stats.load(out / "stats.json").entries["dinov3"]["count"] == 3        # train split only
+    mtime = os.stat(out / "train-000000.tar").st_mtime_ns
+    again = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
+                       progress=False)
+    assert (again["shards_kept"], again["shards_written"], again["train"], again["val"]) == (2, 0, 3, 2)
+    assert os.stat(out / "train-000000.tar").st_mtime_ns == mtime                # nothing redone
+    # a finished run with other settings is replaced, as a fresh run would be
+    other = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, progress=False)
+    assert (other["train"], other["val"], other["shards_written"]) == (5, 0, 1) and not (out / "val-000000.tar").exists()
