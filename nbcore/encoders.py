@@ -3,27 +3,64 @@
 
 - ``DinoV3Encoder(path)``: a DINOv3 ViT via ``transformers.AutoModel`` (``DINOv3ViTModel``; any
   ViT with ``num_register_tokens`` in its config works, e.g. ``Dinov2WithRegistersModel``).
-  ``__call__(images (B, 3, S, S) in [0, 1]) -> (cls (B, Dd), patches (B, P, Dd))``: the image is
+  ``__call__(images (B, 3, Sh, Sw) in [0, 1]) -> (cls (B, Dd), patches (B, P, Dd))``: the image is
   resized to a 224 px view and normalised with the processor's mean/std (ImageNet by default);
   the output is [CLS | registers | patches], CLS first, registers skipped; P = (224/16)^2 = 196.
+  A DINOv3 variant without ViT patch tokens (the ConvNeXt models: a feature map, no
+  ``patch_size``) is refused with a clear error before its weights load.
 - ``T5TextEncoder(path)``: ``T5EncoderModel`` + its tokenizer. ``__call__(captions) ->
   (emb (B, 512, Dt) float32, mask (B, 512) bool)``: 512 tokens (padded / truncated), last hidden
-  states with padded rows set to zero.
-- ``VAECodec(path)``: ``diffusers.AutoencoderKL``. ``encode(images in [0, 1]) -> latents
-  (B, C, S/f, S/f)`` = (posterior mean - shift_factor) * scaling_factor; ``decode`` inverts that
-  and returns images clamped to [0, 1].
+  states with padded rows set to zero; ``padding="longest"`` pads to the batch's longest caption
+  instead (same real-token states: padding is masked out of T5's attention).
+  ``trimmed(captions) -> [(L_i, Dt)]``: each caption's real tokens only, what a shard stores.
+- ``VAECodec(path)``: ``diffusers.AutoencoderKL`` (defined in ``nbcore.codec``, re-exported here).
+  ``encode(images in [0, 1]) -> latents (B, C, Sh/f, Sw/f)`` = (posterior mean - shift_factor) *
+  scaling_factor; ``decode`` inverts that and returns images clamped to [0, 1].
+
+The DINO view on the latent grid (one mapping, shared with ``nbcore.model``): every image, square or
+not, is resized as a whole (no crop, aspect not kept) to the 224 x 224 view, so DINO patch (i, j) of
+the g x g grid (g = 224 / patch_size, row-major) sees exactly the image rectangle rows
+[i/g, (i+1)/g) x columns [j/g, (j+1)/g) of the image the VAE encoded. The model places patch (i, j)
+on that same fraction of its h x w latent token grid (``patch_cover_weights`` for tied patches,
+``patch_grid_pos_embed`` for sin-cos positions): both grids span the whole image, for any h, w.
+The price on a non-square bucket is an anisotropic DINO view (a 2:1 image is seen squeezed 2x
+horizontally); ``--max-aspect`` bounds it. Keeping DINO's view undistorted would need a
+non-square patch grid, which the data contract (P = g * g) and the model's fixed P do not allow.
 
 CLI: ``python -m nbcore.encoders precompute IMAGES_DIR OUT_DIR --dino DIR --t5 DIR --vae DIR``
-turns ``name.jpg|png`` + ``name.txt`` pairs into shards of the DESIGN.md data contract
-(``train-NNNNNN.tar``, optional ``val-NNNNNN.tar``) plus ``stats.json``. Images are resized on
-the short side and centre-cropped to a square ``--image-size`` (default 512 -> 64x64 latents
-with an 8x VAE).
+turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the DESIGN.md data contract
+(``train-NNNNNN.tar``, optional ``val-NNNNNN.tar``) plus ``stats.json``.
+
+- Size: by default the short side is resized to ``--image-size`` and the centre cropped to a square
+  (512 -> 64x64 latents with an 8x VAE). ``--buckets``: aspect-ratio buckets of about
+  ``image_size^2`` pixels, sides multiples of ``--bucket-step`` px (default 8 latent cells, so
+  any model patch size dividing 8 fits), aspect at most ``--max-aspect``; each image goes to the
+  bucket closest in log aspect ratio, resized to cover it and centre-cropped (the smallest crop).
+  The loader batches one latent shape at a time (``nbcore.data``'s buckets).
+- Text: ``t5.npy`` holds the real tokens only, (L_valid, Dt) float16 (no 512-token padding on disk;
+  captions longer than 512 tokens are cut and counted); T5 runs on batches padded to their longest.
+- Dtypes: ``--dtype`` for all three encoders, ``--dino-dtype`` / ``--t5-dtype`` / ``--vae-dtype`` each.
+- Workers: images are decoded, resized and cropped in ``--workers`` DataLoader processes.
+- Resume: the plan (which key goes to which shard) is a function of the folder's pairs and the
+  settings; each finished shard is written to ``NAME.tar.tmp`` then renamed, and listed with its keys
+  in ``OUT_DIR/precompute.json``. A rerun with the same settings keeps the listed shards and
+  continues; an unfinished run with other settings is an error unless ``--restart``.
+- ``stats.json`` meta records the codec spec (``nbcore.codec``), the encoder folders and dtypes,
+  the image size and the buckets.
+
+Shape legend: B batch, Sh Sw image height/width, C latent channels, f VAE downsampling, g DINO grid,
+P = g * g patches, Dd DINO dim, L tokens, Dt T5 dim.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,35 +70,58 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .codec import DTYPES, VAECodec, _local_dir
 from .data import compute_stats, shard_list
 from .shapes import encode_sample_members
-from .utils import resolve_device
+from .utils import resolve_device, write_json
 
-__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "load_image", "find_pairs", "precompute", "main"]
+__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
+           "choose_bucket", "precompute", "MANIFEST", "main"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "precompute.json"
+_DTYPES = DTYPES
 
 
-def _local_dir(path, what: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"{what}: local model folder not found: {p} (no hub downloads: pass a folder)")
-    return p
+def _dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    if d not in DTYPES:
+        raise ValueError(f"unknown dtype {d!r}: choose from {sorted(DTYPES)}")
+    return DTYPES[d]
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def dino_view(images: torch.Tensor, view: int = 224) -> torch.Tensor:
+    """(B, 3, Sh, Sw) in [0, 1] -> (B, 3, view, view): the whole image resized, aspect not kept, so
+    DINO patch (i, j) sees image rows [i/g, (i+1)/g) x columns [j/g, (j+1)/g) (module docstring)."""
+    x = images.float()
+    if x.shape[-2:] != (view, view):
+        x = F.interpolate(x, size=(view, view), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
 
 
 class DinoV3Encoder:
     """DINOv3 CLS + patch tokens from a local folder (see module docstring for shapes)."""
 
-    def __init__(self, path, device: str = "auto", dtype: torch.dtype = torch.float32, view: int = 224):
-        from transformers import AutoModel
-        p = _local_dir(path, "DINOv3")
-        self.device, self.dtype, self.view = resolve_device(device), dtype, view
-        self.model = AutoModel.from_pretrained(p, local_files_only=True, dtype=dtype).to(self.device).eval()
-        cfg = self.model.config
-        self.patch_size = int(cfg.patch_size)
+    def __init__(self, path, device: str = "auto", dtype: torch.dtype | str = torch.float32, view: int = 224):
+        p = _local_dir(path, "DINOv3")   # before the (slow) transformers import: a wrong path fails fast
+        from transformers import AutoConfig, AutoModel
+        cfg = AutoConfig.from_pretrained(p, local_files_only=True)
+        patch = getattr(cfg, "patch_size", None)
+        if not isinstance(patch, int) or not hasattr(cfg, "hidden_size"):
+            raise ValueError(
+                f"DINOv3 folder {p} holds a {cfg.model_type!r} model without ViT patch tokens (no patch_size in its "
+                "config; the ConvNeXt variants give a feature map): use a DINOv3 ViT, e.g. dinov3-vitl16-pretrain-lvd1689m")
+        self.path, self.dtype = str(p.resolve()), _dtype(dtype)
+        self.device, self.view = resolve_device(device), view
+        self.model = AutoModel.from_pretrained(p, local_files_only=True, dtype=self.dtype).to(self.device).eval()
+        self.patch_size = int(patch)
         if view % self.patch_size:
             raise ValueError(f"DINOv3 view {view} px is not a multiple of patch size {self.patch_size}")
         self.grid = view // self.patch_size
@@ -77,10 +137,8 @@ class DinoV3Encoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.float()
-        if x.shape[-2:] != (self.view, self.view):
-            x = F.interpolate(x, size=(self.view, self.view), mode="bicubic", antialias=True, align_corners=False)
-        x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device, self.dtype)        # (B, 3, 224, 224)
+        x = dino_view(images, self.view)                                                 # (B, 3, 224, 224)
+        x = ((x - self.mean) / self.std).to(self.device, self.dtype)
         h = self.model(pixel_values=x).last_hidden_state.float()                        # (B, 1 + R + P, Dd)
         P = self.grid * self.grid
         if h.shape[1] != 1 + self.num_registers + P:
@@ -91,67 +149,110 @@ class DinoV3Encoder:
 class T5TextEncoder:
     """T5 encoder hidden states + mask from a local folder (tokenizer files in the same folder)."""
 
-    def __init__(self, path, device: str = "auto", dtype: torch.dtype = torch.float32, max_len: int = 512):
-        from transformers import AutoTokenizer, T5EncoderModel
+    def __init__(self, path, device: str = "auto", dtype: torch.dtype | str = torch.float32, max_len: int = 512):
         p = _local_dir(path, "T5")
+        from transformers import AutoTokenizer, T5EncoderModel
+        self.path, self.dtype = str(p.resolve()), _dtype(dtype)
         self.device, self.max_len = resolve_device(device), max_len
         self.tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        self.model = T5EncoderModel.from_pretrained(p, local_files_only=True, dtype=dtype).to(self.device).eval()
+        self.model = T5EncoderModel.from_pretrained(p, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         self.dim = int(self.model.config.d_model)
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_len,
+    def __call__(self, captions: list[str], padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+        """-> emb (B, L, Dt) float32 with padded rows zero, mask (B, L) bool; L = max_len
+        (``padding="max_length"``) or the longest caption (``"longest"``)."""
+        tok = self.tokenizer(list(captions), padding=padding, truncation=True, max_length=self.max_len,
                              return_tensors="pt")
-        ids = tok["input_ids"].to(self.device)                                          # (B, 512)
-        mask = tok["attention_mask"].to(self.device).bool()                             # (B, 512)
-        h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()  # (B, 512, Dt)
+        ids = tok["input_ids"].to(self.device)                                          # (B, L)
+        mask = tok["attention_mask"].to(self.device).bool()                             # (B, L)
+        h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()  # (B, L, Dt)
         h = h * mask[..., None]
         return h.cpu(), mask.cpu()
 
+    def n_tokens(self, captions: list[str]) -> list[int]:
+        """Token count of each caption before truncation (to count what ``max_len`` cuts)."""
+        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
 
-class VAECodec:
-    """AutoencoderKL from a local folder; latents scaled like the diffusion model sees them."""
-
-    def __init__(self, path, device: str = "auto", dtype: torch.dtype = torch.float32, sample: bool = False):
-        from diffusers import AutoencoderKL
-        p = _local_dir(path, "VAE")
-        self.device, self.dtype, self.sample = resolve_device(device), dtype, sample
-        self.vae = AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=dtype).to(self.device).eval()
-        cfg = self.vae.config
-        self.scaling_factor = float(getattr(cfg, "scaling_factor", None) or 1.0)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() * 2 - 1).to(self.device, self.dtype)                       # [0, 1] -> [-1, 1]
-        dist = self.vae.encode(x).latent_dist
-        z = dist.sample() if self.sample else dist.mean                                 # (B, C, S/f, S/f)
-        return ((z.float() - self.shift_factor) * self.scaling_factor).cpu()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.float() / self.scaling_factor + self.shift_factor
-        x = self.vae.decode(z.to(self.device, self.dtype)).sample.float()               # (B, 3, S, S) in ~[-1, 1]
-        return ((x + 1) / 2).clamp(0, 1).cpu()
+    def trimmed(self, captions: list[str]) -> list[torch.Tensor]:
+        """Each caption's real-token hidden states: a list of (L_i, Dt) float32."""
+        emb, mask = self(captions, padding="longest")                                   # (B, L, Dt), (B, L)
+        return [emb[i, : int(n)] for i, n in enumerate(mask.sum(1).tolist())]
 
 
-# --------------------------------------------------------------------------- precompute
+# --------------------------------------------------------------------------- images
 
-def load_image(path, size: int) -> torch.Tensor:
-    """RGB image -> short side resized to ``size``, centre-cropped: (3, size, size) float32 in [0, 1]."""
+def _fit(im, size: tuple[int, int]):
+    """PIL RGB image -> resized to cover (H, W) = size, centre-cropped to it (the smallest crop)."""
+    H, W = size
+    w, h = im.size
+    s = max(W / w, H / h)
+    im = im.resize((max(W, round(w * s)), max(H, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - W) // 2, (h - H) // 2
+    return im.crop((left, top, left + W, top + H))
+
+
+def _to_tensor_u8(im) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.uint8)                                                # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)                                # (3, H, W) uint8
+
+
+def load_image(path, size: int | tuple[int, int]) -> torch.Tensor:
+    """RGB image -> resized to cover ``size`` (a side: square; or (H, W)) and centre-cropped:
+    (3, H, W) float32 in [0, 1]."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)                                            # (size, size, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255                  # (3, size, size)
+        return _to_tensor_u8(_fit(im.convert("RGB"), hw)).float() / 255                # (3, H, W)
+
+
+def aspect_buckets(image_size: int, step: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """Pixel sizes (H, W) of about ``image_size^2`` pixels (never more), sides multiples of ``step``,
+    aspect max(H/W, W/H) <= ``max_aspect``; sorted by W/H (portrait first). Always holds the square."""
+    if step < 1 or image_size % step:
+        raise ValueError(f"image size {image_size} is not a multiple of the bucket step {step}")
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    area = image_size * image_size
+    out = {(image_size, image_size)}
+    w = step
+    while w <= image_size * max_aspect:
+        h = (area // w) // step * step
+        if h >= step and max(h / w, w / h) <= max_aspect + 1e-9:
+            out.add((h, w))
+            out.add((w, h))
+        w += step
+    return sorted(out, key=lambda hw: (hw[1] / hw[0], hw[0]))
+
+
+def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket (H, W) closest to the image's aspect in log ratio (the first of equals)."""
+    r = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - r))
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Item i -> (i, image (3, H, W) uint8 | None, error | None): decoded, bucketed, resized and
+    cropped in a DataLoader worker. An unreadable file gives None and the reason (counted)."""
+
+    def __init__(self, paths: list[Path], image_size: int, buckets: list[tuple[int, int]] | None):
+        self.paths, self.image_size, self.buckets = paths, image_size, buckets
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = im.convert("RGB")
+                size = (self.image_size, self.image_size) if self.buckets is None else choose_bucket(*im.size, self.buckets)
+                return i, _to_tensor_u8(_fit(im, size)), None
+        except Exception as e:  # PIL raises many types for broken files
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _identity(x):
+    return x
 
 
 def find_pairs(images_dir) -> tuple[list[tuple[str, Path, str]], list[Path]]:
@@ -175,52 +276,195 @@ def find_pairs(images_dir) -> tuple[list[tuple[str, Path, str]], list[Path]]:
     return pairs, missing
 
 
-def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_size: int = 8,
-               shard_size: int = 1000, val_fraction: float = 0.0, seed: int = 0, device: str = "auto",
-               dtype: str = "float32", write_png: bool = True, progress: bool = True) -> dict:
-    """Encode image/caption pairs with the real encoders into contract shards + stats.json.
-    ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects. Returns a summary
-    {"train", "val", "skipped_no_caption", "latent_shape", "dino_patches", "text_dim"}."""
-    pairs, missing = find_pairs(images_dir)
-    if not pairs:
-        raise ValueError(f"no image + .txt caption pairs in {images_dir}")
-    dt = _DTYPES[dtype]
-    dino = dino if not isinstance(dino, (str, Path)) else DinoV3Encoder(dino, device, dt)
-    t5 = t5 if not isinstance(t5, (str, Path)) else T5TextEncoder(t5, device, dt)
-    vae = vae if not isinstance(vae, (str, Path)) else VAECodec(vae, device, dt)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
-        old.unlink()
+# --------------------------------------------------------------------------- precompute
+
+def _encoder_info(enc, what: str) -> dict:
+    """What identifies an encoder in the manifest and stats meta: its folder and dtype."""
+    path = getattr(enc, "path", None) or type(enc).__name__
+    dtype = getattr(enc, "dtype", None)
+    info = {"path": str(path), "dtype": _dtype_name(dtype) if isinstance(dtype, torch.dtype) else None}
+    if what == "dino":
+        info.update(view=getattr(enc, "view", None), patch_size=getattr(enc, "patch_size", None),
+                    registers=getattr(enc, "num_registers", None))
+    elif what == "t5":
+        info.update(max_len=getattr(enc, "max_len", None))
+    return info
+
+
+def _plan(pairs, val_fraction: float, seed: int, shard_size: int) -> list[dict]:
+    """Shards in write order: {"name", "split", "items"}; a function of the pairs and settings only."""
     n_val = int(round(len(pairs) * val_fraction))
     val_idx = set(np.random.default_rng(seed).permutation(len(pairs))[:n_val].tolist())
     splits = {"train": [p for i, p in enumerate(pairs) if i not in val_idx],
               "val": [p for i, p in enumerate(pairs) if i in val_idx]}
-    summary = {"train": len(splits["train"]), "val": len(splits["val"]), "skipped_no_caption": len(missing)}
-    bar = tqdm(total=len(pairs), desc="precompute", unit="image", disable=not progress)
+    plan = []
     for split, items in splits.items():
-        if not items:
-            continue
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False,
-                             mtime=0) as sink:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                images = torch.stack([load_image(p, image_size) for _, p, _ in chunk])      # (B, 3, S, S)
-                caps = [c for _, _, c in chunk]
-                cls, patches = dino(images)
-                emb, mask = t5(caps)
-                lat = vae.encode(images)
-                lens = mask.sum(1).tolist()
-                for j, (key, _, cap) in enumerate(chunk):
-                    sink.write({"__key__": key, **encode_sample_members(
-                        lat[j], cls[j], patches[j], emb[j, : lens[j]], cap, images[j] if write_png else None)})
-                summary.update(latent_shape=list(lat.shape[1:]), dino_patches=list(patches.shape[1:]),
-                               text_dim=int(emb.shape[-1]))
-                bar.update(len(chunk))
-    bar.close()
-    if splits["train"]:
+        for k, start in enumerate(range(0, len(items), shard_size)):
+            plan.append({"name": f"{split}-{k:06d}.tar", "split": split, "items": items[start:start + shard_size]})
+    return plan
+
+
+def _load_manifest(out: Path, settings: dict, restart: bool) -> dict:
+    """The manifest to continue from (finished shards kept) or a fresh one (old shards removed)."""
+    path = out / MANIFEST
+    old = None
+    if path.exists() and not restart:
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+    if old is not None and old.get("settings") != settings:
+        if not old.get("complete"):
+            diff = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                          if settings.get(k) != old.get("settings", {}).get(k))
+            raise ValueError(f"{out} holds an unfinished precompute with other settings ({', '.join(diff)} differ): "
+                             "rerun with the same settings to continue it, or pass --restart to start over")
+        old = None   # a finished run with other settings: replaced, as a fresh run would
+    kept = {}
+    if old is not None:
+        for name, rec in old.get("shards", {}).items():
+            f = out / name
+            if f.exists() and f.stat().st_size == rec.get("bytes"):
+                kept[name] = rec
+    for f in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*.tar.tmp")):
+        if f.name not in kept:
+            f.unlink()   # stale shards of an older run, or the shard a crash tore
+    manifest = {"settings": settings, "shards": kept, "info": (old or {}).get("info", {}), "complete": False}
+    write_json(manifest, path)
+    return manifest
+
+
+def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_size: int = 8,
+               shard_size: int = 1000, val_fraction: float = 0.0, seed: int = 0, device: str = "auto",
+               dtype: str = "float32", write_png: bool = True, progress: bool = True, *,
+               dino_dtype: str | None = None, t5_dtype: str | None = None, vae_dtype: str | None = None,
+               workers: int = 0, buckets: bool = False, bucket_step: int | None = None,
+               max_aspect: float = 2.0, restart: bool = False) -> dict:
+    """Encode image/caption pairs with the real encoders into contract shards + stats.json (see the
+    module docstring). ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects.
+
+    Returns a summary {"train", "val" (samples written), "skipped_no_caption", "unreadable" (count;
+    "unreadable_files" names up to 10), "captions_truncated", "latent_shape" (C, S/f, S/f of the
+    square), "buckets" ("HxW" px -> count), "dino_patches" (P, Dd), "text_dim", "shards_kept" (from
+    an interrupted run), "shards_written", "images", "seconds", "images_per_s"}.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError("batch_size and shard_size must be >= 1")
+    pairs, missing = find_pairs(images_dir)
+    if not pairs:
+        raise ValueError(f"no image + .txt caption pairs in {images_dir}")
+    dino = DinoV3Encoder(dino, device, dino_dtype or dtype) if isinstance(dino, (str, Path)) else dino
+    t5 = T5TextEncoder(t5, device, t5_dtype or dtype) if isinstance(t5, (str, Path)) else t5
+    vae = VAECodec(vae, device, vae_dtype or dtype) if isinstance(vae, (str, Path)) else vae
+    bucket_list = None
+    if buckets:
+        step = bucket_step or 8 * vae.downsample
+        if step % vae.downsample:
+            raise ValueError(f"bucket step {step} px is not a multiple of the VAE's downsampling {vae.downsample}")
+        bucket_list = aspect_buckets(image_size, step, max_aspect)
+    elif image_size % vae.downsample:
+        raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling {vae.downsample}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1()
+    for key, path, cap in pairs:
+        digest.update(f"{key}\0{path.name}\0{cap}\n".encode("utf-8"))
+    settings = {"images_dir": str(Path(images_dir).resolve()), "pairs": len(pairs), "pairs_sha1": digest.hexdigest(),
+                "image_size": image_size, "buckets": bucket_list and [list(b) for b in bucket_list],
+                "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size, "write_png": write_png,
+                "dino": _encoder_info(dino, "dino"), "t5": _encoder_info(t5, "t5"), "vae": vae.spec()}
+    manifest = _load_manifest(out, settings, restart)
+    plan = _plan(pairs, val_fraction, seed, shard_size)
+    todo = [s for s in plan if s["name"] not in manifest["shards"]]
+    flat = [(k, item) for k, s in enumerate(todo) for item in s["items"]]                # (shard index, pair)
+    info = manifest["info"]   # sizes of what was written; per-shard counts live in the shard records
+
+    n_done = sum(len(s["items"]) for s in plan) - len(flat)
+    bar = tqdm(total=len(pairs), initial=n_done, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    state = {"shard": None, "writer": None, "rec": None}
+    pending: dict = defaultdict(list)   # (H, W) -> [(flat index, image uint8)]
+
+    def encode_and_write(chunk):
+        images = torch.stack([img for _, img in chunk]).float() / 255                 # (B, 3, H, W)
+        items = [flat[i][1] for i, _ in chunk]
+        caps = [c for _, _, c in items]
+        cls, patches = dino(images)                                                     # (B, Dd), (B, P, Dd)
+        texts = t5.trimmed(caps)                                                        # [(L_i, Dt)]
+        lat = vae.encode(images)                                                        # (B, C, H/f, W/f)
+        rec = state["rec"]
+        rec["captions_truncated"] += sum(n > t5.max_len for n in t5.n_tokens(caps)) if hasattr(t5, "n_tokens") else 0
+        hw = f"{images.shape[2]}x{images.shape[3]}"
+        for j, (key, _, cap) in enumerate(items):
+            state["writer"].write({"__key__": key, **encode_sample_members(
+                lat[j], cls[j], patches[j], texts[j], cap, images[j] if write_png else None)})
+            rec["keys"].append(key)
+        rec["buckets"][hw] = rec["buckets"].get(hw, 0) + len(items)
+        info.update(latent_channels=int(lat.shape[1]), dino_patches=list(patches.shape[1:]), text_dim=int(texts[0].shape[-1]))
+        bar.update(len(items))
+
+    def finish_shard():
+        for size in list(pending):
+            if pending[size]:
+                encode_and_write(pending.pop(size))
+        pending.clear()
+        s = todo[state["shard"]]
+        state["writer"].close()
+        tmp, final = out / (s["name"] + ".tmp"), out / s["name"]
+        os.replace(tmp, final)
+        manifest["shards"][s["name"]] = {**state["rec"], "bytes": final.stat().st_size}
+        write_json(manifest, out / MANIFEST)
+        state.update(shard=None, writer=None, rec=None)
+
+    paths = [item[1] for _, item in flat]
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, image_size, bucket_list), batch_size=None,
+                                         num_workers=workers, collate_fn=_identity)
+    try:
+        for i, img, err in loader:
+            k = flat[i][0]
+            if k != state["shard"]:
+                if state["shard"] is not None:
+                    finish_shard()
+                state.update(shard=k, rec={"keys": [], "buckets": {}, "unreadable": [], "captions_truncated": 0},
+                             writer=wds.TarWriter(str(out / (todo[k]["name"] + ".tmp")), encoder=False, mtime=0))
+            if img is None:
+                state["rec"]["unreadable"].append(f"{paths[i].name}: {err}")
+                bar.update(1)
+                continue
+            size = tuple(img.shape[1:])
+            pending[size].append((i, img))
+            if len(pending[size]) == batch_size:
+                encode_and_write(pending.pop(size))
+        if state["shard"] is not None:
+            finish_shard()
+    finally:
+        bar.close()
+        if state["writer"] is not None:   # a crash: the torn shard stays a .tmp, removed on resume
+            state["writer"].close()
+    seconds = time.perf_counter() - t0
+    written, bucket_counts, unreadable, truncated = {"train": 0, "val": 0}, {}, [], 0
+    for name, rec in sorted(manifest["shards"].items()):
+        written[name.split("-")[0]] += len(rec["keys"])
+        for hw, n in rec["buckets"].items():
+            bucket_counts[hw] = bucket_counts.get(hw, 0) + n
+        unreadable += rec["unreadable"]
+        truncated += rec["captions_truncated"]
+    manifest["complete"] = True
+    write_json(manifest, out / MANIFEST)
+    n_images = len(flat)
+    summary = {**written, "skipped_no_caption": len(missing), "unreadable": len(unreadable),
+               "unreadable_files": unreadable[:10], "captions_truncated": truncated,
+               "latent_shape": [info.get("latent_channels"), image_size // vae.downsample, image_size // vae.downsample],
+               "buckets": bucket_counts, "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
+               "shards_kept": len(plan) - len(todo), "shards_written": len(todo), "images": n_images,
+               "seconds": seconds, "images_per_s": n_images / max(seconds, 1e-9)}
+    if written["train"]:
         stats = compute_stats(shard_list(out, "train"))
-        stats.meta.update(source="nbcore.encoders.precompute", images_dir=str(images_dir), image_size=image_size)
+        stats.meta.update(source="nbcore.encoders.precompute", images_dir=settings["images_dir"], image_size=image_size,
+                          buckets=settings["buckets"], codec=vae.spec(), encoders={"dino": settings["dino"], "t5": settings["t5"],
+                                                                                 "vae": _encoder_info(vae, "vae")},
+                          n_train=written["train"], n_val=written["val"])
         stats.save(out / "stats.json")
     return summary
 
@@ -229,33 +473,52 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nbcore.encoders",
                                  description="Precompute DINOv3 / T5 / VAE features into WebDataset shards (local weights only)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    pc = sub.add_parser("precompute", help="folder of name.jpg|png + name.txt -> shards + stats.json")
-    pc.add_argument("images_dir", help="folder of name.jpg|png images, each with a name.txt caption")
-    pc.add_argument("out_dir", help="output folder for {train,val}-NNNNNN.tar and stats.json")
-    pc.add_argument("--dino", required=True, help="local DINOv3 folder (transformers)")
+    pc = sub.add_parser("precompute", help="folder of name.jpg|png|webp + name.txt -> shards + stats.json",
+                        description="Encode image + caption pairs into contract shards + stats.json. Resumable: rerun "
+                                    "the same command after a crash and the finished shards are kept.")
+    pc.add_argument("images_dir", help="folder of name.jpg|png|webp images, each with a name.txt caption")
+    pc.add_argument("out_dir", help="output folder for train-NNNNNN.tar / val-NNNNNN.tar, stats.json, precompute.json")
+    pc.add_argument("--dino", required=True, help="local DINOv3 ViT folder (transformers)")
     pc.add_argument("--t5", required=True, help="local T5 encoder + tokenizer folder (transformers)")
     pc.add_argument("--vae", required=True, help="local AutoencoderKL folder (diffusers)")
-    pc.add_argument("--image-size", type=int, default=512, help="square crop side in px (default 512)")
-    pc.add_argument("--batch-size", type=int, default=8, help="images encoded together (default 8)")
-    pc.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    pc.add_argument("--val-fraction", type=float, default=0.0, help="share of samples in the val split (default 0)")
+    pc.add_argument("--image-size", type=int, default=512, help="square crop side in px; with --buckets the side of "
+                    "the square bucket, whose area every bucket matches (default 512)")
+    pc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a square centre crop")
+    pc.add_argument("--bucket-step", type=int, default=None,
+                    help="bucket sides are multiples of this many px (default 8 latent cells: 64 px for an 8x VAE)")
+    pc.add_argument("--max-aspect", type=float, default=2.0, help="widest bucket aspect ratio (default 2.0)")
+    pc.add_argument("--batch-size", type=int, default=8, help="images encoded together (per bucket)")
+    pc.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pc.add_argument("--val-fraction", type=float, default=0.0, help="share of pairs written to val-*.tar")
     pc.add_argument("--seed", type=int, default=0, help="seeds the train/val assignment")
+    pc.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0: in process)")
     pc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    pc.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="encoder dtype (default float32)")
+    pc.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of all three encoders")
+    for name in ("dino", "t5", "vae"):
+        pc.add_argument(f"--{name}-dtype", default=None, choices=sorted(DTYPES), help=f"{name} dtype (default: --dtype)")
     pc.add_argument("--no-png", action="store_true", help="do not store the source image")
+    pc.add_argument("--restart", action="store_true", help="discard an unfinished run in OUT_DIR instead of continuing it")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    if args.image_size < 16 or args.batch_size < 1 or args.shard_size < 1:
-        ap.error("--image-size >= 16, --batch-size >= 1 and --shard-size >= 1 are required")
+    if args.image_size < 16 or args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
+        ap.error("--image-size >= 16, --batch-size >= 1, --shard-size >= 1 and --workers >= 0 are required")
     if not 0 <= args.val_fraction < 1:
         ap.error("--val-fraction must be in [0, 1)")
+    if args.max_aspect < 1:
+        ap.error("--max-aspect must be >= 1")
     try:
         summary = precompute(args.images_dir, args.out_dir, args.dino, args.t5, args.vae, args.image_size,
                              args.batch_size, args.shard_size, args.val_fraction, args.seed, args.device,
-                             args.dtype, not args.no_png)
+                             args.dtype, not args.no_png, not args.no_progress, dino_dtype=args.dino_dtype,
+                             t5_dtype=args.t5_dtype, vae_dtype=args.vae_dtype, workers=args.workers,
+                             buckets=args.buckets, bucket_step=args.bucket_step, max_aspect=args.max_aspect,
+                             restart=args.restart)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     if summary["skipped_no_caption"]:
         print(f"skipped {summary['skipped_no_caption']} images without a .txt caption", file=sys.stderr)
+    if summary["unreadable"]:
+        print(f"skipped {summary['unreadable']} unreadable images: {summary['unreadable_files']}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

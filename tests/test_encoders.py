@@ -1,5 +1,7 @@
 """nbcore.encoders: real encoder classes (tiny, randomly initialised, built in-process and saved to
-local folders; no downloads) and the precompute CLI's contract shapes.
+local folders; no downloads), the precompute CLI's contract shapes, aspect-ratio buckets, resume
+after an interrupted run, and the real-data path end to end (precompute -> shard check -> train ->
+save_pretrained / from_pretrained).
 
 The T5 tokenizer is a real ``transformers`` fast tokenizer built offline from a ``tokenizers``
 WordLevel model (SentencePiece is not available offline), saved and reloaded through AutoTokenizer.
@@ -8,20 +10,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-# Building and saving the tiny models takes several seconds on 2 cores: the whole file is slow.
-pytestmark = pytest.mark.slow
-
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
-
-from nbcore.data import check_shards, make_loader, shard_list, Stats  # noqa: E402
-from nbcore.encoders import DinoV3Encoder, T5TextEncoder, VAECodec, main  # noqa: E402
+from nbcore.data import check_shards, make_loader, shard_list, Stats
+from nbcore.encoders import (MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket,
+                             main, precompute)
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left",
          "right", "bottom", "and", "small", "large"]
@@ -38,6 +36,9 @@ def build_tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
+    # Building and saving the tiny models takes several seconds on 2 cores: every test using them is slow.
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
     dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
@@ -61,6 +62,7 @@ def model_dirs(tmp_path_factory):
             "models": {"dino": dino, "dinov2reg": reg, "t5": t5, "vae": vae}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which, registers", [("dino", 2), ("dinov2reg", 4)])
 def test_dino_cls_first_registers_skipped(model_dirs, which, registers):
     enc = DinoV3Encoder(model_dirs[which], device="cpu")
@@ -78,6 +80,7 @@ def test_dino_cls_first_registers_skipped(model_dirs, which, registers):
     torch.testing.assert_close(patches, h[:, 1 + registers:])
 
 
+@pytest.mark.slow
 def test_t5_hidden_states_and_mask(model_dirs):
     enc = T5TextEncoder(model_dirs["t5"], device="cpu")
     caps = ["a red circle at the top left", "a blue square"]
@@ -91,6 +94,7 @@ def test_t5_hidden_states_and_mask(model_dirs):
     torch.testing.assert_close(emb[1, :4], ref[0])                            # padding does not leak in
 
 
+@pytest.mark.slow
 def test_vae_scaling_and_shift(model_dirs):
     codec = VAECodec(model_dirs["vae"], device="cpu")
     assert (codec.scaling_factor, codec.shift_factor, codec.channels, codec.downsample) == (0.5, 0.1, 4, 2)
@@ -125,6 +129,7 @@ def _write_images(folder, n=5):
     return caps
 
 
+@pytest.mark.slow
 def test_precompute_cli_contract_shapes(model_dirs, tmp_path, capsys):
     caps = _write_images(tmp_path / "imgs")
     out = tmp_path / "shards"
@@ -159,3 +164,219 @@ def test_precompute_cli_contract_shapes(model_dirs, tmp_path, capsys):
         main(["precompute", str(tmp_path / "nope"), str(out), "--dino", str(model_dirs["dino"]),
               "--t5", str(model_dirs["t5"]), "--vae", str(model_dirs["vae"])])
     assert "images folder not found" in str(e.value.code)
+
+
+def test_aspect_buckets():
+    b512 = aspect_buckets(512, 64)
+    assert b512 == [(640, 384), (576, 448), (512, 512), (448, 576), (384, 640)]
+    assert all(h * w <= 512 * 512 and h % 64 == 0 and w % 64 == 0 for h, w in b512)
+    assert choose_bucket(1920, 1080, b512) == (384, 640)      # W/H 1.78 -> 1.67, not 1.29
+    assert choose_bucket(1080, 1920, b512) == (640, 384)
+    assert choose_bucket(700, 700, b512) == (512, 512)
+    assert aspect_buckets(32, 8) == [(40, 24), (32, 32), (24, 40)]
+    assert aspect_buckets(512, 64, max_aspect=1.0) == [(512, 512)]
+    with pytest.raises(ValueError, match="not a multiple of the bucket step"):
+        aspect_buckets(500, 64)
+
+
+@pytest.mark.slow
+def test_dino_without_vit_patches_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.DINOv3ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]).save_pretrained(tmp_path / "cnx")
+    with pytest.raises(ValueError, match="'dinov3_convnext' model without ViT patch tokens.*use a DINOv3 ViT"):
+        DinoV3Encoder(tmp_path / "cnx", device="cpu")
+
+
+@pytest.mark.slow
+def test_t5_longest_padding_keeps_the_real_token_states(model_dirs):
+    enc = T5TextEncoder(model_dirs["t5"], device="cpu")
+    caps = ["a red circle at the top left", "a blue square"]
+    full, mask = enc(caps)
+    short, smask = enc(caps, padding="longest")
+    assert short.shape == (2, 8, 16) and torch.equal(smask, mask[:, :8])
+    torch.testing.assert_close(short, full[:, :8], atol=1e-5, rtol=1e-5)
+    assert [t.shape[0] for t in enc.trimmed(caps)] == [8, 4] and enc.n_tokens(caps) == [8, 4]
+
+
+class _CrashAfter:
+    """An encoder that raises on its (n+1)-th call: a precompute killed mid-run."""
+
+    def __init__(self, enc, n):
+        self.enc, self.n, self.calls = enc, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.enc, name)
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls > self.n:
+            raise RuntimeError("simulated crash")
+        return self.enc(images)
+
+
+def _write_folder(folder):
+    """14 captioned images (6 square, 4 landscape, 4 portrait, interleaved), one unreadable captioned
+    file, one image without a caption."""
+    from PIL import Image
+    folder.mkdir()
+    g = np.random.default_rng(1)
+    sizes = {"sq": (40, 40), "land": (64, 36), "port": (30, 56)}
+    kinds = ["sq", "land", "port", "sq", "land", "port", "sq", "land", "port", "sq", "land", "port", "sq", "sq"]
+    words = WORDS[3:]
+    for i, kind in enumerate(kinds):
+        w, h = sizes[kind]
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(" ".join(words[(i + k) % len(words)] for k in range(1 + i % 6)))
+    (folder / "img99.png").write_bytes(b"not a png")
+    (folder / "img99.txt").write_text("a red circle")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "nocaption.png")
+
+
+@pytest.mark.slow
+def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
+    """images (square and not) -> precompute interrupted, then resumed with workers (byte-identical to an
+    uninterrupted run) -> `nbcore.data check` -> 2 training steps -> save_pretrained / from_pretrained."""
+    import torch.nn.functional as F
+    from nbcore import data as data_cli
+    from nbcore.codec import codec_from_spec
+    from nbcore.model import NanoDiT
+    from nbcore.pretrained import from_pretrained, save_pretrained
+    from nbcore.train import TrainConfig, train
+    from nbcore.utils import load_checkpoint
+
+    imgs, out, fresh = tmp_path / "imgs", tmp_path / "shards", tmp_path / "fresh"
+    _write_folder(imgs)
+    dino = DinoV3Encoder(model_dirs["dino"], device="cpu")
+    t5 = T5TextEncoder(model_dirs["t5"], device="cpu", dtype="bfloat16")
+    vae = VAECodec(model_dirs["vae"], device="cpu")
+    opts = dict(image_size=32, batch_size=2, shard_size=4, buckets=True, bucket_step=8, progress=False)
+    # 1. a run that dies in its third shard
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        precompute(imgs, out, _CrashAfter(dino, 6), t5, vae, **opts)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(manifest["shards"]) == ["train-000000.tar", "train-000001.tar"] and not manifest["complete"]
+    assert (out / "train-000002.tar.tmp").exists() and not (out / "train-000002.tar").exists()
+    kept = {n: (os.stat(out / n).st_ino, os.stat(out / n).st_mtime_ns) for n in manifest["shards"]}
+    # other settings do not silently overwrite an unfinished run
+    with pytest.raises(ValueError, match=r"unfinished precompute with other settings \(seed differ\).*--restart"):
+        precompute(imgs, out, dino, t5, vae, **opts, seed=1)
+    # 2. the same command continues it, images decoded in 2 workers
+    cli = ["precompute", str(imgs), "OUT", "--dino", str(model_dirs["dino"]), "--t5", str(model_dirs["t5"]),
+           "--vae", str(model_dirs["vae"]), "--image-size", "32", "--batch-size", "2", "--shard-size", "4",
+           "--buckets", "--bucket-step", "8", "--t5-dtype", "bfloat16", "--device", "cpu", "--no-progress"]
+    assert main([a if a != "OUT" else str(out) for a in cli] + ["--workers", "2"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (resumed["shards_kept"], resumed["shards_written"], resumed["images"]) == (2, 2, 7)
+    assert all((os.stat(out / n).st_ino, os.stat(out / n).st_mtime_ns) == v for n, v in kept.items())
+    assert not list(out.glob("*.tmp"))
+    # 3. an uninterrupted run gives the same bytes
+    assert main([a if a != "OUT" else str(fresh) for a in cli]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = [os.path.basename(p) for p in shard_list(out)]
+    assert names == [f"train-00000{i}.tar" for i in range(4)] == [os.path.basename(p) for p in shard_list(fresh)]
+    assert all((out / n).read_bytes() == (fresh / n).read_bytes() for n in names)
+    assert json.loads((out / "stats.json").read_text()) == json.loads((fresh / "stats.json").read_text())
+    # a finished shard damaged later (its size no longer the recorded one) is written again, counted once
+    with open(out / "train-000001.tar", "r+b") as f:
+        f.truncate(1000)
+    assert main([a if a != "OUT" else str(out) for a in cli]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["shards_kept"], again["shards_written"]) == (3, 1)
+    assert all((out / n).read_bytes() == (fresh / n).read_bytes() for n in names)
+    for summary in (resumed, full, again):
+        assert (summary["train"], summary["val"], summary["unreadable"], summary["skipped_no_caption"]) == (14, 0, 1, 1)
+        assert summary["buckets"] == {"32x32": 6, "24x40": 4, "40x24": 4}
+        assert summary["unreadable_files"][0].startswith("img99.png: ")
+    # 4. the shards pass the contract check
+    assert data_cli.main(["check", str(out)]) == 0
+    check = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (check["samples"], check["with_patches"], check["good"], check["skipped"]) == (14, 14, 14, {})
+    st = Stats.load(out / "stats.json")
+    assert st.meta["codec"] == vae.spec() and st.meta["codec"]["kind"] == "vae"
+    assert st.meta["encoders"]["t5"]["dtype"] == "bfloat16" and st.meta["encoders"]["dino"]["dtype"] == "float32"
+    assert st.meta["buckets"] == [[40, 24], [32, 32], [24, 40]] and st.meta["n_train"] == 14
+    # 5. what a non-square sample holds: the whole image squeezed into DINO's 224 view (patch (i, j) =
+    # image rows i/14.., columns j/14..), the VAE latents of the stored image, trimmed text
+    caps = {f"img{i:02d}": (imgs / f"img{i:02d}.txt").read_text() for i in range(14)}
+    shapes = {}
+    for batch in make_loader(out, 8, shuffle=0):
+        png = batch["png"]
+        shapes[tuple(png.shape[2:])] = shapes.get(tuple(png.shape[2:]), 0) + len(png)
+        assert batch["latent"].shape[1:] == (4, png.shape[2] // 2, png.shape[3] // 2)
+        assert batch["dino_patches"].shape[1:] == (196, 32)
+        x = F.interpolate(png, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            h = model_dirs["models"]["dino"](pixel_values=(x.clamp(0, 1) - mean) / std).last_hidden_state
+        torch.testing.assert_close(batch["dino_emb"], h[:, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batch["dino_patches"], h[:, 3:], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(batch["latent"], vae.encode(png), atol=2e-3, rtol=2e-3)
+        assert batch["text_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
+    assert shapes == {(32, 32): 6, (24, 40): 4, (40, 24): 4}
+    # 6. two training steps on these shards, then a shareable model that gives the same outputs
+    over = dict(in_channels=4, input_size=16, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                text_dim=16, text_len=64, dino_dim=32, dino_grid=14, patch_tie=True)
+    run = train(TrainConfig(preset="tiny", data=str(out), out=str(tmp_path / "run"), steps=2, batch_size=2,
+                            shuffle=0, warmup=0, device="cpu", progress=False, model_overrides=json.dumps(over)))
+    assert run["steps"] == 2
+    model_dir = save_pretrained(run["checkpoint"], tmp_path / "model", metrics={"final_loss": run["final_loss"]})
+    model, info = from_pretrained(model_dir, device="cpu")
+    ck = load_checkpoint(run["checkpoint"])
+    ref = NanoDiT(model.cfg)
+    ref.load_state_dict(ck["ema"])
+    ref.eval()
+    batch = next(b for b in make_loader(out, 4, stats=out / "stats.json", shuffle=0) if b["latent"].shape[-1] == 20)
+    cond = dict(x=batch["latent"], t=torch.full((len(batch["latent"]),), 0.5), dino_emb=batch["dino_emb"],
+                dino_patches=batch["dino_patches"], text_emb=batch["text_emb"], text_mask=batch["text_mask"])
+    with torch.no_grad():
+        assert torch.equal(model(**cond), ref(**cond))
+    assert info["codec"] == vae.spec() and info["training"]["step"] == 2 and info["stats"].meta == st.meta
+    assert info["training"]["data"] == str(out)
+    codec = codec_from_spec(info["codec"], device="cpu")
+    assert torch.equal(codec.decode(batch["latent"]), vae.decode(batch["latent"]))
+    assert "diffusers AutoencoderKL" in (model_dir / "README.md").read_text()
+
+
+def test_dino_view_and_model_place_a_region_on_the_same_latent_tokens():
+    """A block at a known place of a non-square (48 x 80 px) image: the DINO patches that see it
+    (16 px patches of the 224 view), resampled onto the model's token grid by the model's own
+    ``patch_cover_weights``, light up the tokens whose 8 px cells the block covers."""
+    from nbcore.encoders import dino_view
+    from nbcore.model import patch_cover_weights
+    img = torch.zeros(1, 3, 48, 80)
+    img[..., 20:48, 20:44] = 1                                              # rows 0.42..1, columns 0.25..0.55
+    view = dino_view(img)                                                   # (1, 3, 224, 224)
+    assert view.shape == (1, 3, 224, 224)
+    patch = view[0, 0].reshape(14, 16, 14, 16).mean((1, 3)).flatten()     # (196,) brightness per DINO patch
+    h, w = 6, 10                                                            # the model's token grid: 8 x 8 px cells
+    token = (patch_cover_weights(14, h, w) @ patch).view(h, w)             # (h, w)
+    truth = img[0, 0].reshape(h, 8, w, 8).mean((1, 3))                     # (h, w) share of each cell inside the block
+    assert ((truth > 0) & (truth < 1)).sum() == 10                         # partly covered cells are checked too
+    torch.testing.assert_close(token, truth, atol=0.02, rtol=0)
+    # the aspect-keeping alternative (DINO on the centre 48 x 48 crop) puts the block elsewhere
+    crop = dino_view(img[..., :, 16:64])[0, 0].reshape(14, 16, 14, 16).mean((1, 3)).flatten()  # (196,)
+    assert ((patch_cover_weights(14, h, w) @ crop).view(h, w) - truth).abs().max() > 0.5
+
+
+@pytest.mark.slow
+def test_precompute_val_split_and_finished_rerun(model_dirs, tmp_path):
+    _write_images(tmp_path / "imgs")
+    dino = DinoV3Encoder(model_dirs["dino"], device="cpu")
+    t5 = T5TextEncoder(model_dirs["t5"], device="cpu")
+    vae = VAECodec(model_dirs["vae"], device="cpu")
+    out = tmp_path / "shards"
+    s = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
+                   progress=False)
+    assert (s["train"], s["val"], s["shards_written"]) == (3, 2, 2)
+    val_keys = json.loads((out / MANIFEST).read_text())["shards"]["val-000000.tar"]["keys"]
+    assert len(val_keys) == 2 and check_shards(str(out / "val-000000.tar"), progress=False)["good"] == 2
+    assert Stats.load(out / "stats.json").entries["dinov3"]["count"] == 3        # train split only
+    mtime = os.stat(out / "train-000000.tar").st_mtime_ns
+    again = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
+                       progress=False)
+    assert (again["shards_kept"], again["shards_written"], again["train"], again["val"]) == (2, 0, 3, 2)
+    assert os.stat(out / "train-000000.tar").st_mtime_ns == mtime                # nothing redone
+    # a finished run with other settings is replaced, as a fresh run would be
+    other = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, progress=False)
+    assert (other["train"], other["val"], other["shards_written"]) == (5, 0, 1) and not (out / "val-000000.tar").exists()
