@@ -570,7 +570,11 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
     stats = acc.result()
     stats.meta = {"source": "nbcore.shapes (stand-in encoders)", "preset": preset, "seed": seed,
                   "n_train": counts["train"], "n_val": counts["val"], "image_size": world.image_size,
-                  "codec_shift": [float(v) for v in world.codec.shift[::4]], "codec_scale": world.codec.scale}
+                  "codec_shift": [float(v) for v in world.codec.shift[::4]], "codec_scale": world.codec.scale,
+                  # the codec the latents were made with (nbcore.codec.codec_from_stats rebuilds it)
+                  "codec": {"kind": "pixel", "channels": world.codec.channels,
+                            "shift": [float(v) for v in world.codec.shift[::4]], "scale": world.codec.scale,
+                            "seed": 777}}
     stats.save(out / "stats.json")
     return out
 

@@ -11,7 +11,7 @@ from nbcore.model import PRESETS
 from nbcore.train import _FLAG_HELP, TrainConfig
 
 CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.runner",
-        "nbcore.encoders"]
+        "nbcore.encoders", "nbcore.pretrained"]
 
 
 class _Captured(Exception):
