@@ -52,7 +52,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import StatsAccumulator
+from .data import INDEX_SUFFIX, StatsAccumulator, write_shard_index
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
@@ -536,8 +536,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
     world = ShapesWorld(WORLDS[preset] if cfg is None else cfg, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
-        old.unlink()   # a rerun must not leave stale shards beside the new ones
+    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*" + INDEX_SUFFIX)):
+        old.unlink()   # a rerun must not leave stale shards (or their index) beside the new ones
     n_val = int(round(n * val_fraction))
     counts = {"train": n - n_val, "val": n_val}
     acc = StatsAccumulator()
@@ -545,6 +545,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
     for split, count in counts.items():
         if count == 0:
             continue
+        written: dict = {}   # shard file name -> samples, recorded so readers can tell a cut shard
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
                              encoder=False, mtime=0) as sink:   # int mtime: no PAX headers
             for start in range(0, count, batch_size):
@@ -561,11 +562,14 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                                                     t516[j, : lens[j]], b["txt"][j], u8[j],
                                                     scenes[j].to_json())
                     sink.write({"__key__": f"{split}-{i:06d}", **members})
+                    name = Path(sink.fname).name
+                    written[name] = written.get(name, 0) + 1
                     if split == "train":
                         acc.add(latent=lat16[j].float().numpy(), dinov3=b["dino_emb"][j].numpy(),
                                 dinov3_patches=patches16[j].float().numpy(),
                                 t5=t516[j, : lens[j]].float().numpy())
                 bar.update(len(idx))
+        write_shard_index(out, split, written)
     bar.close()
     stats = acc.result()
     stats.meta = {"source": "nbcore.shapes (stand-in encoders)", "preset": preset, "seed": seed,

@@ -1,21 +1,45 @@
-"""Small shared helpers: device resolution, seeding, atomic checkpoint I/O, JSON output, the repository root."""
+"""Small shared helpers: device resolution, seeding, atomic checkpoint I/O, strict JSON output, one-line
+CLI errors, the repository root."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import random
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the one-line message names the file and what is wrong."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda if available, else cpu; anything else is passed to torch.device."""
+    """"auto" -> cuda if available, else cpu; anything else is passed to torch.device and must be
+    usable on this machine (ValueError with one line otherwise: a typo, or CUDA / MPS missing)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: unsupported (use auto, cpu, cuda[:i] or mps)")
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -44,18 +68,86 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by ``atomic_save`` with ``weights_only=True`` (no pickled code)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint written by ``atomic_save`` with ``weights_only=True`` (no pickled code).
+
+    Anything else raises ``CheckpointError`` (or FileNotFoundError) with one line naming the file
+    and what is wrong: a folder, an empty or truncated file, a file that is not a torch zip
+    archive, or one holding objects beyond tensors and plain types. The message never suggests
+    ``weights_only=False``: an nbcore checkpoint never needs it, and a file that does could run
+    code when loaded.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint file (a {'folder' if path.is_dir() else 'special file'})")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since 1.6; a cut one loses its central directory.
+        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes, no complete torch zip "
+                              "archive: truncated, corrupt, or another kind of file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch's pickle-protocol warning adds nothing here
+            ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f", e.g. {found.group(1)}" if found else ""
+        raise CheckpointError(f"{path}: holds objects beyond tensors and plain types{what}; refused "
+                              "(not an nbcore checkpoint)") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                              f"{_first_line(str(e)) or 'no detail'})") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: holds a {type(ck).__name__}, not a checkpoint dict")
+    return ck
+
+
+def _first_line(msg: str, limit: int = 160) -> str:
+    """The first sentence-ish of ``msg`` on one line, without torch's advice to load unsafely."""
+    line = msg.strip().splitlines()[0] if msg.strip() else ""
+    if "weights_only" in line:
+        line = line.split("weights_only")[0].rstrip(" (`,.")
+    return line[:limit]
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
+    """Write strict JSON atomically (temporary file + rename).
+
+    Non-finite floats (NaN, +-Inf; JSON has no token for them) are written as ``null`` and, when
+    ``obj`` is a dict, listed with their reason under ``"nonfinite"``: {"a.b.c": "nan" | "inf" |
+    "-inf"} (dotted path of the key). Tensors and numpy values become plain numbers / lists first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    reasons: dict = {}
+    clean = _strict(obj, "", reasons)
+    if reasons and isinstance(clean, dict):
+        clean = {**clean, "nonfinite": {**clean.get("nonfinite", {}), **reasons}}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _strict(x, where: str, reasons: dict):
+    """``x`` as plain JSON types, non-finite floats -> None (reason recorded at ``where``)."""
+    if isinstance(x, (np.ndarray, torch.Tensor, np.generic, Path)):
+        x = _jsonable(x)
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return x
+        reasons[where or "value"] = "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v, f"{where}.{k}" if where else str(k), reasons) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]", reasons) for i, v in enumerate(x)]
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    raise TypeError(f"not JSON serialisable: {type(x).__name__} at {where or 'top level'}")
 
 
 def _jsonable(x):
