@@ -72,6 +72,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -85,12 +86,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from nbcore.data import SampleSpec, SkipCounter, make_loader, shard_list
 from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
-from nbcore.utils import HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.utils import CheckpointError, HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
 from nbcore.validate import sample_grid_hook, validation_hook
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
-           "batch_to_device", "load_train_log", "NonFiniteLossError", "DROPOUT_CASES", "main"]
+           "batch_to_device", "load_train_log", "NonFiniteLossError", "TooManySkipsError", "DROPOUT_CASES",
+           "check_model_config", "skip_allowance", "main"]
 
 # The four per-sample conditioning cases, in the order of ``sample_dropout``'s probabilities.
 DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
@@ -98,6 +101,10 @@ DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
 
 class NonFiniteLossError(RuntimeError):
     """Raised when ``nan_max_consecutive`` optimiser steps in a row had a non-finite loss or gradient."""
+
+
+class TooManySkipsError(RuntimeError):
+    """Raised when the loader skipped more bad samples than ``max_skips`` allows."""
 
 
 # --------------------------------------------------------------------------- config
@@ -115,6 +122,11 @@ class TrainConfig:
     out: str = "outputs/train"
     shuffle: int = 1000                  # shuffle buffer of the loader (0 = off)
     num_workers: int = 0
+    # bad samples (nbcore.data.SampleRule) are skipped and counted by reason, up to max_skips:
+    # below 1 a fraction of the samples read (rounded up, so one bad sample never stops a run),
+    # from 1 a count; strict fails on the first one instead
+    max_skips: float = 0.01
+    strict: bool = False
     # optimisation
     steps: int = 1000                    # optimiser steps (including skipped ones)
     batch_size: int = 32                 # per process and micro-batch
@@ -184,6 +196,11 @@ class TrainConfig:
         need(self.log_every >= 1, "log_every must be >= 1")
         need(self.val_n >= 1 and self.val_sample_steps >= 1, "val_n and val_sample_steps must be >= 1")
         need(self.nan_max_consecutive >= 1, f"nan_max_consecutive must be >= 1, got {self.nan_max_consecutive}")
+        need(math.isfinite(self.max_skips) and self.max_skips >= 0 and (self.max_skips < 1 or self.max_skips == int(self.max_skips)),
+             f"max_skips must be a fraction in [0, 1) or a whole count >= 1, got {self.max_skips}")
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay", "lr_min_ratio", "logit_mean", "logit_std",
+                     "warm_start_lr_scale", "new_param_lr_scale", "p_drop_both", "p_text_only", "p_dino_only"):
+            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         need(self.warm_start_lr_scale > 0, f"warm_start_lr_scale must be > 0, got {self.warm_start_lr_scale}")
         need(self.new_param_lr_scale > 0, f"new_param_lr_scale must be > 0, got {self.new_param_lr_scale}")
         need(self.warm_start_weights in ("model", "ema"),
@@ -202,16 +219,45 @@ class TrainConfig:
         return (self.p_drop_both, self.p_text_only, self.p_dino_only, max(keep, 0.0) if keep > -1e-9 else keep)
 
     def model_config(self) -> ModelConfig:
-        """The ModelConfig this run trains: ``preset`` with the overrides applied."""
+        """The ModelConfig this run trains: ``preset`` with the overrides applied (checked by
+        ``check_model_config``: ValueError with one line for a wrong type, size or divisibility)."""
         ov = json.loads(self.model_overrides) if self.model_overrides else {}
         if self.use_dino_patches is not None:
             ov["use_dino_patches"] = self.use_dino_patches
         if self.patch_pos_embed is not None:
             ov["patch_pos_embed"] = self.patch_pos_embed
-        unknown = set(ov) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) in overrides: {sorted(unknown)}")
-        return preset(self.preset, **ov)
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        return check_model_config(PRESETS[self.preset], ov)
+
+
+def check_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
+    """``base`` with ``overrides`` applied, refusing (ValueError, one line) an unknown field, a value
+    of the wrong type (``"depth": "3"``), a size below 1 (``"depth": 0`` would train nothing),
+    and sizes that do not divide (hidden by heads, input by patch)."""
+    types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(ModelConfig)}
+    unknown = set(overrides) - set(types)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) in overrides: {sorted(unknown)}")
+    for k, v in overrides.items():
+        want = types[k]
+        ok = (isinstance(v, bool) if want is bool else
+              (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if want is float else
+              (isinstance(v, int) and not isinstance(v, bool)) if want is int else isinstance(v, want))
+        if not ok:
+            raise ValueError(f"model override {k}={v!r}: must be {want.__name__}")
+        if want in (int, float) and not v > 0:
+            raise ValueError(f"model override {k}={v!r}: must be > 0")
+    cfg = dataclasses.replace(base, **overrides)  # ModelConfig checks heads | hidden and the pos-embed name
+    if cfg.input_size % cfg.patch_size:
+        raise ValueError(f"input_size {cfg.input_size} not divisible by patch_size {cfg.patch_size}")
+    return cfg
+
+
+def skip_allowance(max_skips: float, read: int) -> int:
+    """Bad samples allowed after ``read`` samples (good + skipped): ``max_skips`` itself when it
+    is a count (>= 1), else ``ceil(max_skips * read)``."""
+    return int(max_skips) if max_skips >= 1 else math.ceil(max_skips * read)
 
 
 # --------------------------------------------------------------------------- flow matching pieces
@@ -315,19 +361,36 @@ def flow_matching_loss(model: nn.Module, batch: dict, *, generator: torch.Genera
 class BatchStream:
     """Endless per-rank batch stream over epochs of ``source(epoch)``; the position
     ``(epoch, index)`` (index = batches already taken from that epoch) is all a checkpoint needs:
-    resume rebuilds ``source(epoch)`` and skips ``index`` batches."""
+    resume rebuilds ``source(epoch)`` and skips ``index`` batches.
 
-    def __init__(self, source: Callable[[int], Iterable[dict]], epoch: int = 0, index: int = 0):
+    ``counts()``: samples read and skipped by reason so far (``done``: the finished epochs', saved
+    in checkpoints; plus the current epoch's loader ``counts``, which a resume rebuilds by reading
+    the skipped batches again). Sources without ``counts`` (stand-in batches) count nothing."""
+
+    def __init__(self, source: Callable[[int], Iterable[dict]], epoch: int = 0, index: int = 0,
+                 done: dict | None = None):
         self.source, self.epoch, self.index = source, epoch, index
+        self.done = SkipCounter()
+        self.done.add(done or {})
         self._it = None
+        self._epoch_src = None
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    def counts(self) -> SkipCounter:
+        total = SkipCounter()
+        total.add(self.done.to_dict())
+        current = getattr(self._epoch_src, "counts", None)
+        if current is not None:
+            total.add(current.to_dict())
+        return total
+
     def __next__(self) -> dict:
         while True:
             if self._it is None:
-                self._it = iter(self.source(self.epoch))
+                self._epoch_src = self.source(self.epoch)
+                self._it = iter(self._epoch_src)
                 for k in range(self.index):  # resume: skip what the checkpointed run had consumed
                     try:
                         next(self._it)
@@ -340,7 +403,8 @@ class BatchStream:
                 if self.index == 0:
                     raise RuntimeError(f"epoch {self.epoch} of the training data yielded no batch "
                                        "(fewer samples than batch_size on this rank?)") from None
-                self.epoch, self.index, self._it = self.epoch + 1, 0, None
+                self.done = self.counts()
+                self.epoch, self.index, self._it, self._epoch_src = self.epoch + 1, 0, None, None
                 continue
             self.index += 1
             return batch
@@ -349,12 +413,12 @@ class BatchStream:
         return self
 
 
-def shard_source(cfg: TrainConfig) -> Callable[[int], Iterable[dict]]:
+def shard_source(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> Callable[[int], Iterable[dict]]:
     """Epoch -> loader over ``cfg.data``'s train shards (normalised with its stats.json when present).
     The shuffle seed depends on (seed, epoch), so an epoch can be rebuilt exactly on resume; the
-    loader splits shards by rank itself under DDP."""
-    from nbcore.data import make_loader, shard_list  # the data module is optional until a run needs it
-
+    loader splits shards by rank itself under DDP. Samples are checked against stats.json and
+    ``model_cfg``'s sizes (``nbcore.data.SampleRule``, the rule of ``nbcore.data check``); bad ones
+    are skipped and counted, or raise with ``cfg.strict``."""
     if not cfg.data:
         raise ValueError("no training data: pass --data DIR (a folder of train-*.tar shards)")
     if not Path(cfg.data).is_dir():
@@ -364,11 +428,14 @@ def shard_source(cfg: TrainConfig) -> Callable[[int], Iterable[dict]]:
         raise FileNotFoundError(f"no train shards in {cfg.data!r} (expected train-XXXXXX.tar)")
     stats = Path(cfg.data) / "stats.json"
     stats = str(stats) if stats.exists() else None
+    spec = SampleSpec.from_model(model_cfg) if model_cfg is not None else None
+    make_loader(shards, cfg.batch_size, stats=stats, expect=spec)   # stats.json readable, agrees with the model
 
     def source(epoch: int):
         return make_loader(shards, cfg.batch_size, stats=stats, shuffle=cfg.shuffle,
                            seed=cfg.seed * 100_003 + epoch, epochs=1, num_workers=cfg.num_workers,
-                           drop_last=True)
+                           drop_last=True, strict=cfg.strict, on_error="raise" if cfg.strict else "skip",
+                           expect=spec)
     return source
 
 
@@ -481,6 +548,19 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+_TRAIN_KEYS = ("config", "model", "ema", "optimizer", "scheduler", "step", "n_updates", "skipped", "streak",
+               "rng", "data_state")
+
+
+def _training_checkpoint(path) -> dict:
+    """A checkpoint this trainer wrote (every key ``checkpoint`` writes), or CheckpointError."""
+    ck = load_checkpoint(path)
+    missing = [k for k in _TRAIN_KEYS if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: not an nbcore training checkpoint (missing {missing})")
+    return ck
+
+
 # --------------------------------------------------------------------------- trainer
 
 class Trainer:
@@ -513,7 +593,7 @@ class Trainer:
         if data is not None:
             src = lambda epoch: data(epoch, self.rank, self.world)  # noqa: E731
         else:
-            src = shard_source(cfg)  # checks the data folder before anything is written
+            src = shard_source(cfg, self.model_cfg)  # checks the data folder before anything is written
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -522,7 +602,8 @@ class Trainer:
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed * 1_000_003 + 7919 * self.rank)
 
-        resume_path = self._resume_path()
+        resume = self._find_resume()     # (path, checkpoint dict, fallback note) or None
+        resume_path = resume[0] if resume else None
         self.warm_report = None
         base_lr = cfg.lr
         if cfg.warm_start:
@@ -542,8 +623,9 @@ class Trainer:
         self.streak = 0
         position = {"epoch": 0, "index": 0}
         self.resumed_from = resume_path
-        if resume_path is not None:
-            position = self._resume(resume_path)
+        self.resume_fallback = resume[2] if resume else None
+        if resume is not None:
+            position = self._resume(resume_path, resume[1])
         elif self.is_main and self.log_path.exists():
             old = self.log_path.with_name(f"log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             os.replace(self.log_path, old)  # a fresh run starts a fresh log; the old one is kept aside
@@ -581,16 +663,39 @@ class Trainer:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             self._own_pg = True
 
-    def _resume_path(self) -> Path | None:
+    def _find_resume(self) -> tuple[Path, dict, dict | None] | None:
+        """The checkpoint to resume from, read: ``(path, checkpoint, fallback)`` or None (fresh run).
+
+        ``resume="auto"``: OUT/ckpt/last.pt when it exists; when it cannot be read (a disk fault, a
+        copy cut short), the newest readable milestone OUT/ckpt/step_XXXXXX.pt instead, said on
+        stderr and returned as ``fallback`` {"unreadable", "reason", "path"} (logged by ``run``).
+        An explicit PATH that cannot be read is a CheckpointError naming it (one line)."""
         r = self.cfg.resume
         if r in ("", "none"):
             return None
-        if r == "auto":
-            p = self.ckpt_dir / "last.pt"
-            return p if p.exists() else None
-        if not Path(r).exists():
-            raise FileNotFoundError(f"resume checkpoint {r!r} does not exist")
-        return Path(r)
+        if r != "auto":
+            if not Path(r).exists():
+                raise FileNotFoundError(f"resume checkpoint {r!r} does not exist")
+            return Path(r), _training_checkpoint(r), None
+        last = self.ckpt_dir / "last.pt"
+        milestones = sorted(self.ckpt_dir.glob("step_*.pt"), reverse=True)   # zero-padded: newest first
+        if not last.exists():
+            return None
+        try:
+            return last, _training_checkpoint(last), None
+        except CheckpointError as e:
+            problem = str(e)
+        for m in milestones:
+            try:
+                ck = _training_checkpoint(m)
+            except CheckpointError:
+                continue
+            if self.is_main:
+                print(f"resume: {problem}; falling back to the newest readable milestone {m} (step {ck['step']})",
+                      file=sys.stderr)
+            return m, ck, {"unreadable": str(last), "reason": problem, "path": str(m)}
+        raise CheckpointError(f"cannot resume: {problem}; and no readable milestone step_*.pt beside it "
+                              "(start fresh with --no-resume)")
 
     def _warm_start(self, path) -> dict:
         ck = load_checkpoint(path)
@@ -609,8 +714,7 @@ class Trainer:
                   f"mismatched {report['mismatched']}", file=sys.stderr)
         return report
 
-    def _resume(self, path) -> dict:
-        ck = load_checkpoint(path)
+    def _resume(self, path, ck: dict) -> dict:
         if ck["config"] != self.model_cfg.to_dict():
             diff = {k: (ck["config"].get(k), v) for k, v in self.model_cfg.to_dict().items() if ck["config"].get(k) != v}
             raise ValueError(f"cannot resume from {path}: model config differs (checkpoint, now): {diff}")
@@ -624,7 +728,10 @@ class Trainer:
         ds = ck["data_state"]
         if ds["world_size"] == self.world:
             self.gen.set_state(ck["rng"]["train"][self.rank])
-            position = ds["ranks"][self.rank]
+            position = dict(ds["ranks"][self.rank])
+            counts = ck.get("data_counts")   # older checkpoints have none
+            if counts:
+                position["done"] = counts[self.rank]
         else:
             print(f"warning: resuming with world size {self.world} (checkpoint {ds['world_size']}): "
                   "data order and noise are not the uninterrupted run's", file=sys.stderr)
@@ -653,13 +760,13 @@ class Trainer:
 
     def checkpoint(self, milestone: bool = False) -> Path:
         """Write OUT/ckpt/last.pt (and step_XXXXXX.pt when ``milestone``) atomically; collective in DDP."""
-        pos, gen = self.stream.position(), self.gen.get_state()
+        pos, gen, done = self.stream.position(), self.gen.get_state(), self.stream.done.to_dict()
         if self.world > 1:
             gathered = [None] * self.world
-            dist.all_gather_object(gathered, (pos, gen))
-            positions, gens = [g[0] for g in gathered], [g[1] for g in gathered]
+            dist.all_gather_object(gathered, (pos, gen, done))
+            positions, gens, dones = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
         else:
-            positions, gens = [pos], [gen]
+            positions, gens, dones = [pos], [gen], [done]
         path = self.ckpt_dir / "last.pt"
         if self.is_main:
             rng = _rng_state()
@@ -668,7 +775,8 @@ class Trainer:
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "step": self.step, "n_updates": self.n_updates, "skipped": self.skipped, "streak": self.streak,
-                   "rng": rng, "data_state": {"world_size": self.world, "ranks": positions}}
+                   "rng": rng, "data_state": {"world_size": self.world, "ranks": positions},
+                   "data_counts": dones}   # per rank: samples / skips of the finished epochs
             atomic_save(obj, path)
             if milestone:
                 atomic_save(obj, self.ckpt_dir / f"step_{self.step:06d}.pt")
@@ -743,6 +851,34 @@ class Trainer:
             raise NonFiniteLossError(msg)
         return stats
 
+    def _data_counts(self) -> SkipCounter:
+        """Samples read and skipped by reason so far, summed over ranks (collective in DDP)."""
+        mine = self.stream.counts()
+        if self.world == 1:
+            return mine
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine.to_dict())
+        total = SkipCounter()
+        for g in gathered:
+            total.add(g)
+        return total
+
+    def _check_skips(self, data: SkipCounter) -> None:
+        """TooManySkipsError (after a log event) when the skips exceed ``max_skips``; every rank
+        decides on the same reduced counts."""
+        skipped = data.total_skipped
+        read = data.samples + skipped
+        allowed = skip_allowance(self.cfg.max_skips, read)
+        if skipped <= allowed:
+            return
+        what = ", ".join(f"{k} {v}" for k, v in sorted(data.skipped.items()))
+        msg = (f"{skipped} bad samples skipped of {read} read ({what}): more than --max-skips {self.cfg.max_skips:g} "
+               f"allows ({allowed}); see which with: python -m nbcore.data check {self.cfg.data} --preset "
+               f"{self.cfg.preset} (or raise --max-skips)")
+        self._log({"kind": "event", "step": self.step, "event": "data_skip_limit", "message": msg,
+                   "data_samples": data.samples, "data_skipped": dict(data.skipped)})
+        raise TooManySkipsError(msg)
+
     def _reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
@@ -758,6 +894,8 @@ class Trainer:
                        "weights": cfg.warm_start_weights, "lr_scale": cfg.warm_start_lr_scale,
                        **{k: v for k, v in self.warm_report.items() if k != "loaded"},
                        "n_loaded": len(self.warm_report["loaded"])})
+        if self.resume_fallback is not None:
+            self._log({"kind": "event", "step": self.step, "event": "resume_fallback", **self.resume_fallback})
         if self.resumed_from is not None:
             self._log({"kind": "event", "step": self.step, "event": "resume", "path": str(self.resumed_from)})
         if self.is_main:
@@ -800,7 +938,10 @@ class Trainer:
                            "lr": s["lr"], "samples_per_s": red[5] / max(now - t_win, 1e-9),
                            "skipped": self.skipped, "skipped_window": win["skipped"], "applied": s["applied"],
                            "epoch": self.stream.epoch, "time_s": now - t0}
+                    data = self._data_counts()
+                    rec.update(data_samples=data.samples, data_skipped=dict(data.skipped))
                     self._log(rec)
+                    self._check_skips(data)
                     win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
                     t_win = now
                 milestone = bool(cfg.milestone_every) and self.step % cfg.milestone_every == 0
@@ -810,6 +951,8 @@ class Trainer:
                     self._hook("val", self.val_fn)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._hook("samples", self.sample_fn)
+            data = self._data_counts()
+            self._check_skips(data)
             last_ckpt = self._checkpoint_once()
         finally:
             bar.close()
@@ -824,7 +967,8 @@ class Trainer:
                    "final_loss": red[0] / red[1] if red[1] else None,
                    "final_loss_window": len(self._loss_recent),
                    "loss_by_bin": [a / c if c else None for a, c in zip(bins[:nb], bins[nb:])],
-                   "skipped": self.skipped, "checkpoint": str(last_ckpt), "log": str(self.log_path),
+                   "skipped": self.skipped, "data_samples": data.samples, "data_skipped": dict(data.skipped),
+                   "checkpoint": str(last_ckpt), "log": str(self.log_path),
                    "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
                    "warm_start": self.warm_report is not None}
         self._log({"kind": "event", "step": self.step, "event": "end", **{k: v for k, v in summary.items()}})
@@ -911,7 +1055,10 @@ _FLAG_HELP = {
     "warm_start_lr_scale": "learning-rate factor when warm-starting",
     "new_param_lr_scale": "extra learning-rate factor of the parameters the pre-patch model lacks",
     "warm_start_weights": "which weights of the warm-start checkpoint",
-    "resume": "auto (OUT/ckpt/last.pt if present), none, or a checkpoint PATH",
+    "resume": "auto (OUT/ckpt/last.pt if present, else the newest readable milestone), none, or a checkpoint PATH",
+    "max_skips": "bad samples skipped before the run stops: a fraction of the samples read (< 1, rounded up) "
+                 "or a count (>= 1)",
+    "strict": "stop at the first bad sample instead of skipping and counting it",
 }
 _FLAG_CHOICES = {
     "preset": sorted(PRESETS), "patch_pos_embed": ["none", "learned", "sincos"],
@@ -920,9 +1067,16 @@ _FLAG_CHOICES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2): the reason and a pointer to --help, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nbcore.train",
-                                description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
+    p = _Parser(prog="python -m nbcore.train",
+                description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -936,6 +1090,9 @@ def _parser() -> argparse.ArgumentParser:
         if f.name == "data":
             p.add_argument(flag, required=True, metavar="DIR", help=text)
             continue
+        if f.name == "max_skips":
+            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default})")
+            continue
         if typ.startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{text} (default: {'the preset' if default is None else default})")
@@ -947,19 +1104,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_file(flag: str, path: str) -> None:
+    """An existing checkpoint-like file (a torch zip archive), or ValueError naming the flag."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{flag} {path}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{flag} {path}: a folder, not a checkpoint file")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{flag} {path}: not a checkpoint ({p.stat().st_size} bytes, no torch zip archive)")
+
+
+def _check_args(cfg: TrainConfig) -> None:
+    """Everything that can be checked before a run starts; ValueError with one line."""
+    cfg.model_config()
+    if not cfg.data:
+        raise ValueError("--data DIR is required (a folder of train-*.tar shards)")
+    if not Path(cfg.data).is_dir():
+        raise ValueError(f"--data {cfg.data}: folder does not exist")
+    shard_list(cfg.data, "train")                       # FileNotFoundError: no train shards
+    resolve_device(cfg.device)                          # a typo, or CUDA missing
+    if cfg.warm_start:
+        _check_file("--warm-start", cfg.warm_start)
+    if cfg.resume not in ("", "auto", "none"):
+        _check_file("--resume", cfg.resume)
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = TrainConfig(**vars(args))
-        cfg.model_config()
-    except ValueError as e:
-        raise SystemExit(f"nbcore.train: {e}") from None
-    if not cfg.data:
-        raise SystemExit("nbcore.train: --data DIR is required (a folder of train-*.tar shards)")
+        _check_args(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nbcore.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         summary = train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
-        raise SystemExit(f"nbcore.train: {e}") from None
+    except (ValueError, FileNotFoundError, KeyError, OSError, NonFiniteLossError, TooManySkipsError) as e:
+        # DataError, CheckpointError are ValueErrors: one line naming the file and what is wrong
+        raise SystemExit(f"nbcore.train: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0
