@@ -72,7 +72,6 @@ import os
 import random
 import sys
 import time
-import zipfile
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -88,7 +87,8 @@ from tqdm.auto import tqdm
 
 from nbcore.data import SampleSpec, SkipCounter, make_loader, shard_list
 from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
-from nbcore.utils import CheckpointError, HookUnavailable, atomic_save, load_checkpoint, resolve_device, seed_everything
+from nbcore.utils import (ArgParser, CheckpointError, HookUnavailable, atomic_save, bad_arguments,
+                          check_checkpoint_file, check_writable, load_checkpoint, resolve_device, seed_everything)
 from nbcore.validate import sample_grid_hook, validation_hook
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
@@ -1067,16 +1067,9 @@ _FLAG_CHOICES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (exit 2): the reason and a pointer to --help, no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m nbcore.train",
-                description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
+    p = ArgParser(prog="python -m nbcore.train",
+                  description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -1104,17 +1097,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_file(flag: str, path: str) -> None:
-    """An existing checkpoint-like file (a torch zip archive), or ValueError naming the flag."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{flag} {path}: no such file")
-    if not p.is_file():
-        raise ValueError(f"{flag} {path}: a folder, not a checkpoint file")
-    if not zipfile.is_zipfile(p):
-        raise ValueError(f"{flag} {path}: not a checkpoint ({p.stat().st_size} bytes, no torch zip archive)")
-
-
 def _check_args(cfg: TrainConfig) -> None:
     """Everything that can be checked before a run starts; ValueError with one line."""
     cfg.model_config()
@@ -1125,17 +1107,10 @@ def _check_args(cfg: TrainConfig) -> None:
     shard_list(cfg.data, "train")                       # FileNotFoundError: no train shards
     resolve_device(cfg.device)                          # a typo, or CUDA missing
     if cfg.warm_start:
-        _check_file("--warm-start", cfg.warm_start)
+        check_checkpoint_file(cfg.warm_start, "--warm-start")
     if cfg.resume not in ("", "auto", "none"):
-        _check_file("--resume", cfg.resume)
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {cfg.out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
+        check_checkpoint_file(cfg.resume, "--resume")
+    check_writable(cfg.out, "--out")
 
 
 def main(argv=None) -> int:
@@ -1144,8 +1119,7 @@ def main(argv=None) -> int:
         cfg = TrainConfig(**vars(args))
         _check_args(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"nbcore.train: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise bad_arguments("nbcore.train", e) from None
     try:
         summary = train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)
     except (ValueError, FileNotFoundError, KeyError, OSError, NonFiniteLossError, TooManySkipsError) as e:

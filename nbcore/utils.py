@@ -2,12 +2,14 @@
 CLI errors, the repository root."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import pickle
 import random
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -15,6 +17,53 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (exit 2): the reason and a pointer to --help, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class BadArguments(SystemExit):
+    """Exit status 2 for bad command-line arguments, with a one-line message: printed to stderr by
+    ``bad_arguments`` and kept as the exception's text (``str(e)``) for callers of ``main()``."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def bad_arguments(prog: str, err: Exception) -> BadArguments:
+    """Print ``prog: error: <first line of err>`` to stderr; return the BadArguments to raise."""
+    msg = f"{prog}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    print(msg, file=sys.stderr)
+    return BadArguments(msg)
+
+
+def check_writable(folder, flag: str = "--out") -> None:
+    """Create ``folder`` if needed and write a probe file there; ValueError with one line if not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def check_checkpoint_file(path, flag: str) -> None:
+    """An existing file that is a torch zip archive (what ``torch.save`` writes), else ValueError
+    with one line naming the flag; the full read (``load_checkpoint``) comes later."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{flag} not found: {path}")
+    if not p.is_file():
+        raise ValueError(f"{flag} {path}: a folder, not a checkpoint file")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{flag} {path}: not a checkpoint ({p.stat().st_size} bytes, no torch zip archive)")
 
 
 class CheckpointError(ValueError):

@@ -32,6 +32,7 @@ writes ``OUT/metrics.json`` (settings, LPIPS status, and every metric per checkp
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -46,7 +47,8 @@ from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, psnr, shape_
 from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import ShapesWorld, colour_mask
-from .utils import HookUnavailable, resolve_device, write_json
+from .utils import (ArgParser, HookUnavailable, bad_arguments, check_checkpoint_file, check_writable, resolve_device,
+                    write_json)
 from .viz import image_grid, save_figure
 
 __all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "main"]
@@ -338,9 +340,9 @@ def _tag(i: int, path: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m nbcore.validate",
-                                 description="Validation suite (reconstruction, layout, DINO swap, text only) "
-                                             "for NanoDiT checkpoints on a shapes-world dataset.")
+    ap = ArgParser(prog="python -m nbcore.validate",
+                   description="Validation suite (reconstruction, layout, DINO swap, text only) "
+                               "for NanoDiT checkpoints on a shapes-world dataset.")
     ap.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (nbcore format)")
     ap.add_argument("--data", required=True, help="dataset folder with val-*.tar (+ stats.json)")
     ap.add_argument("--out", default="outputs/validate", help="output folder (default outputs/validate)")
@@ -366,29 +368,38 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_args(a) -> tuple[Guidance, str]:
+    """Every argument checked before any work: ValueError with one line. Returns the guidance and
+    the resolved device."""
+    for name in ("n", "steps", "batch_size"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("text_scale", "dino_scale", "patch_scale"):
+        v = getattr(a, name)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    if not all(math.isfinite(t) for t in a.interval):
+        raise ValueError(f"--interval must be two finite numbers, got {list(a.interval)}")
+    if len(set(a.checkpoints)) != len(a.checkpoints):
+        raise ValueError("a checkpoint is given twice")
+    for c in a.checkpoints:
+        check_checkpoint_file(c, "checkpoint")
+    if not Path(a.data).is_dir():
+        raise ValueError(f"--data {a.data}: not a folder")
+    shard_list(a.data, "val")                           # FileNotFoundError: no val shards
+    guidance = Guidance(a.formula, a.text_scale, a.dino_scale, a.patch_scale, tuple(a.interval))
+    device = str(resolve_device(a.device))              # a typo, or CUDA missing
+    check_writable(a.out, "--out")
+    return guidance, device
+
+
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
-    if a.n < 1:
-        ap.error("--n must be >= 1")
-    if a.steps < 1:
-        ap.error("--steps must be >= 1")
-    if a.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
-    if len(set(a.checkpoints)) != len(a.checkpoints):
-        ap.error("a checkpoint is given twice")
-    for c in a.checkpoints:
-        if not Path(c).is_file():
-            raise SystemExit(f"validate: checkpoint not found: {c}")
-    if not Path(a.data).is_dir():
-        raise SystemExit(f"validate: --data is not a folder: {a.data}")
     try:
-        guidance = Guidance(a.formula, a.text_scale, a.dino_scale, a.patch_scale, tuple(a.interval))
-        device = str(resolve_device(a.device))
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"validate: {e}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"validate: --device {a.device}: CUDA is not available on this machine")
+        guidance, device = _check_args(a)
+    except (ValueError, FileNotFoundError) as e:
+        raise bad_arguments(ap.prog, e) from None
     out = Path(a.out)
     lp = LPIPSMetric(weights=a.lpips_weights, device=device)
     if not lp.available:
@@ -404,7 +415,8 @@ def main(argv=None) -> int:
                     guidance=guidance, device=device, use_ema=not a.no_ema, batch_size=a.batch_size,
                     guidance_batched=not a.sequential, lpips=lp, bar=bar)
             except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(f"validate: {ckpt}: {str(e).splitlines()[0]}")
+                msg = str(e).splitlines()[0]   # a CheckpointError already names the file
+                raise SystemExit(f"validate: {msg if str(ckpt) in msg else f'{ckpt}: {msg}'}") from None
     finally:
         bar.close()
     summary = {"settings": {"data": str(a.data), "n": a.n, "steps": a.steps, "seed": a.seed, "device": device,
