@@ -61,7 +61,6 @@ Dt text dim, S image side.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import itertools
@@ -74,7 +73,7 @@ import sys
 import tarfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -86,7 +85,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.tariterators import url_opener
 
-from .utils import load_checkpoint, write_json
+from .utils import ArgParser, load_checkpoint, write_json
 
 __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "SampleSpec", "SampleRule",
            "compute_stats", "shard_list", "expand_shards", "read_tar", "shard_samples", "decode_sample",
@@ -994,12 +993,14 @@ def _model_spec(preset_name: str | None, checkpoint: str | None) -> SampleSpec |
     if preset_name:
         # the CLI is the top layer: the library part of this module does not import the model
         from .model import PRESETS
+        if preset_name not in PRESETS:
+            raise ValueError(f"--preset {preset_name!r}: not a model preset; choose from {sorted(PRESETS)}")
         return SampleSpec.from_model(PRESETS[preset_name])
     return None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nbcore.data", description="WebDataset shard tools")
+    ap = ArgParser(prog="python -m nbcore.data", description="WebDataset shard tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ck = sub.add_parser("check", help="count samples, patches and bad samples per shard, with the training "
                                       "loader's rule (last line: JSON)")
@@ -1008,8 +1009,8 @@ def main(argv=None) -> int:
     ck.add_argument("--stats", default="auto",
                     help="stats.json to check sizes against: auto (beside the shards, as training), none, or a PATH")
     model = ck.add_mutually_exclusive_group()
-    model.add_argument("--preset", default=None, choices=["tiny", "production"],
-                       help="also check against this model preset's sizes")
+    model.add_argument("--preset", default=None, metavar="NAME",
+                       help="also check against this model preset's sizes (nbcore.model.PRESETS: tiny, production, ...)")
     model.add_argument("--checkpoint", default=None, help="also check against this checkpoint's model sizes")
     st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
     st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
@@ -1022,8 +1023,11 @@ def main(argv=None) -> int:
             if args.stats not in ("auto", "none") and not Path(args.stats).is_file():
                 ap.error(f"--stats {args.stats}: no such file")
             stats = None if args.stats == "none" else args.stats
-            res = check_shards(args.shards, strict=args.strict, stats=stats,
-                               expect=_model_spec(args.preset, args.checkpoint))
+            try:
+                expect = _model_spec(args.preset, args.checkpoint)
+            except ValueError as e:    # an unknown preset, an unreadable checkpoint: bad arguments
+                ap.error(str(e).splitlines()[0])
+            res = check_shards(args.shards, strict=args.strict, stats=stats, expect=expect)
             for shard, c in res["per_shard"].items():
                 print(f"{shard}: {c['samples']} samples, {c['with_patches']} with patches, "
                       f"{c['good']} good, skipped {c['skipped'] or 0}")

@@ -55,9 +55,18 @@ Design notes (why, not what):
   every ``ckpt_every`` steps and at the end, OUT/ckpt/step_XXXXXX.pt every ``milestone_every``;
   keys ``config`` (ModelConfig dict), ``train_config``, ``model``, ``ema``, ``optimizer``,
   ``scheduler``, ``step``, ``n_updates``, ``skipped``, ``streak``, ``rng`` (torch, numpy, python
-  as plain lists/tensors, cuda, and ``train``: each rank's generator state) and ``data_state``
-  (world size and each rank's epoch / index). ``resume="auto"`` (the default) continues from
-  OUT/ckpt/last.pt when it exists; under DDP, OUT must be on a filesystem every rank sees.
+  as plain lists/tensors, cuda, and ``train``: each rank's generator state), ``data_state``
+  (world size and each rank's epoch / index) and ``data_counts`` (each rank's samples read and
+  skipped by reason in finished epochs). ``resume="auto"`` (the default) continues from
+  OUT/ckpt/last.pt when it exists, or, when it cannot be read, from the newest readable milestone
+  (said on stderr and logged as a ``resume_fallback`` event); under DDP, OUT must be on a
+  filesystem every rank sees.
+- Bad samples. The loader checks every sample with ``nbcore.data.SampleRule`` against stats.json
+  and this model's sizes (the rule ``python -m nbcore.data check DIR --preset P`` applies), skips a
+  bad one and counts it by reason; the counts, summed over ranks, are in every ``train`` log
+  record (``data_samples``, ``data_skipped``) and the summary. More skips than ``max_skips`` (a
+  fraction of the samples read, or a count) stop the run with ``TooManySkipsError``; ``strict``
+  stops at the first bad sample with its DataError (shard, key, reason).
 - Weight decay applies to matrices only (Linear / conv weights), not to biases, learned nulls or
   the learned patch-position table: decaying a null embedding would pull "no signal" towards 0.
 """

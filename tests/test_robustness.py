@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -236,9 +235,9 @@ def stand_in(mcfg, B=4, n_batches=4):
         g = torch.Generator().manual_seed(epoch * 10 + rank)
         for i in range(n_batches):
             yield {"latent": torch.randn(B, mcfg.in_channels, mcfg.input_size, mcfg.input_size, generator=g),
-                   "dinov3": torch.randn(B, mcfg.dino_dim, generator=g),
-                   "dinov3_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
-                   "t5": torch.randn(B, 8, mcfg.text_dim, generator=g), "t5_mask": torch.ones(B, 8, dtype=torch.bool),
+                   "dino_emb": torch.randn(B, mcfg.dino_dim, generator=g),
+                   "dino_patches": torch.randn(B, mcfg.num_patches, mcfg.dino_dim, generator=g),
+                   "text_emb": torch.randn(B, 8, mcfg.text_dim, generator=g), "text_mask": torch.ones(B, 8, dtype=torch.bool),
                    "txt": ["x"] * B, "key": [f"{epoch}-{i}-{j}" for j in range(B)]}
     return source
 
@@ -321,7 +320,7 @@ def test_non_checkpoint_warm_start_refused_in_one_line(tiny_shards, tmp_path):
     (["--out", "UNDER_A_FILE"], "cannot write there"),
     (["--max-skips", "2.5"], "max_skips must be"),
     (["--lr", "nan"], "lr must be"),
-    (["--preset", "huge"], "unknown preset"),
+    (["--preset", "huge"], "invalid choice"),
     (["--steps", "x"], "invalid int value"),
 ])
 def test_bad_train_arguments_one_line_exit_2(tiny_shards, tmp_path, capsys, extra, needle):
