@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcore.data import MEMBER_OF, DataError, Stats, compute_stats, make_loader, shard_list
+from nbcore.data import MEMBER_OF, DataError, SampleSpec, Stats, compute_stats, make_loader, shard_list
 from nbcore.model import prepare_text
 from nbcore.shapes import encode_sample_members
 
@@ -215,6 +215,38 @@ def test_truncated_between_samples_keeps_complete_sample(tmp_path):
     loader = make_loader(str(first), 8, shuffle=0, on_error="skip")
     assert keys_of(loader) == ["a0", "a1"]
     assert dict(loader.counts.skipped) == {"truncated_tar": 1}
+
+
+def test_pipe_url_reads_like_a_path_and_reports_a_cut(tmp_path):
+    """``pipe:`` shards (webdataset's gopen) give the same samples; a cut stream is a truncation too."""
+    shard = write_shard(tmp_path / "p.tar", [(f"k{i}", members(i)) for i in range(3)])
+    assert keys_of(make_loader(f"pipe:cat {shard}", 8, shuffle=0)) == ["k0", "k1", "k2"]
+    cut = len(shard.read_bytes()[:shard.read_bytes().index(b"k2.latent.npy")]) + 300    # inside k2's first header
+    loader = make_loader(f"pipe:head -c {cut} {shard}", 8, shuffle=0, on_error="skip")
+    assert keys_of(loader) == ["k0", "k1"] and dict(loader.counts.skipped) == {"truncated_tar": 1}
+
+
+def test_writer_records_each_shards_count(tiny_shards):
+    """make_dataset writes {split}.shards.json (webdataset's wids index) with every shard's count and size."""
+    index = json.loads((Path(tiny_shards) / "train.shards.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1"
+    assert [(e["url"], e["nsamples"]) for e in index["shardlist"]] == [(f"train-{i:06d}.tar", 16) for i in range(4)]
+    assert all(e["filesize"] == (Path(tiny_shards) / e["url"]).stat().st_size for e in index["shardlist"])
+
+
+def test_sample_spec_from_stats_and_model(tiny_shards):
+    """stats.json fixes C, Dd, Dt and P (row counts); a model that needs other sizes is a clear error."""
+    from nbcore.model import preset
+    st = Stats.load(Path(tiny_shards) / "stats.json")
+    cfg = preset("tiny")
+    data = SampleSpec.from_stats(st, "stats.json")
+    assert data.sizes() == {"C": cfg.in_channels, "Dd": cfg.dino_dim, "P": cfg.num_patches, "Dt": cfg.text_dim}
+    model = SampleSpec.from_model(cfg)
+    assert data.merge(model).multiple == cfg.patch_size
+    with pytest.raises(DataError, match=r"stats.json has Dt=64 but model needs Dt=32"):
+        data.merge(SampleSpec.from_model(preset("tiny", text_dim=32)))
+    with pytest.raises(DataError, match=r"Dt=64 but expect needs Dt=32"):
+        make_loader(shard_list(tiny_shards, "train"), 4, stats=st, expect={"Dt": 32})
 
 
 # --------------------------------------------------------------------------- buckets, shuffle, epochs

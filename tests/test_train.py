@@ -450,3 +450,18 @@ def test_hooks_come_from_the_caller(tmp_path, capsys):
     train(_cfg(tmp_path, out=str(tmp_path / "run2"), steps=6, val_every=2), data=stand_in_source(preset("tiny"), 4),
           val_fn=unavailable)
     assert calls == [2] and "val hook off: nothing to validate on" in capsys.readouterr().err
+
+
+def test_skip_allowance_and_model_override_checks():
+    from nbcore.train import check_model_config, skip_allowance
+    assert [skip_allowance(0.01, n) for n in (0, 1, 100, 101, 1000)] == [0, 1, 1, 2, 10]   # rounded up
+    assert skip_allowance(50, 10) == 50 and skip_allowance(0, 10 ** 6) == 0
+    base = preset("tiny")
+    assert check_model_config(base, {"depth": 2}).depth == 2
+    for ov, needle in [({"num_heads": 0}, "must be > 0"), ({"depth": "3"}, "must be int"), ({"depth": True}, "must be int"),
+                       ({"mlp_ratio": float("nan")}, "must be float"), ({"hidden_size": 30, "num_heads": 4}, "not divisible"),
+                       ({"input_size": 33}, "not divisible by patch_size"), ({"nope": 1}, "unknown ModelConfig field")]:
+        with pytest.raises(ValueError, match=needle):
+            check_model_config(base, ov)
+    with pytest.raises(ValueError, match="max_skips must be"):
+        TrainConfig(max_skips=2.5)
