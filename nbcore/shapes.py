@@ -52,7 +52,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import INDEX_SUFFIX, StatsAccumulator, write_shard_index
+from .data import StatsAccumulator, shard_records
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
@@ -536,16 +536,16 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
     world = ShapesWorld(WORLDS[preset] if cfg is None else cfg, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*" + INDEX_SUFFIX)):
-        old.unlink()   # a rerun must not leave stale shards (or their index) beside the new ones
+    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
+        old.unlink()   # a rerun must not leave stale shards beside the new ones
     n_val = int(round(n * val_fraction))
     counts = {"train": n - n_val, "val": n_val}
     acc = StatsAccumulator()
     bar = tqdm(total=n, desc=f"shapes world -> {out}", unit="sample", disable=not progress)
+    written: dict = {}   # shard file name -> samples, recorded so readers can tell a cut shard
     for split, count in counts.items():
         if count == 0:
             continue
-        written: dict = {}   # shard file name -> samples, recorded so readers can tell a cut shard
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
                              encoder=False, mtime=0) as sink:   # int mtime: no PAX headers
             for start in range(0, count, batch_size):
@@ -569,7 +569,6 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                                 dinov3_patches=patches16[j].float().numpy(),
                                 t5=t516[j, : lens[j]].float().numpy())
                 bar.update(len(idx))
-        write_shard_index(out, split, written)
     bar.close()
     stats = acc.result()
     stats.meta = {"source": "nbcore.shapes (stand-in encoders)", "preset": preset, "seed": seed,
@@ -578,7 +577,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                   # the codec the latents were made with (nbcore.codec.codec_from_stats rebuilds it)
                   "codec": {"kind": "pixel", "channels": world.codec.channels,
                             "shift": [float(v) for v in world.codec.shift[::4]], "scale": world.codec.scale,
-                            "seed": 777}}
+                            "seed": 777},
+                  "shards": shard_records(out, written)}   # samples per shard: readers tell a cut shard
     stats.save(out / "stats.json")
     return out
 

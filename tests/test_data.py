@@ -227,11 +227,11 @@ def test_pipe_url_reads_like_a_path_and_reports_a_cut(tmp_path):
 
 
 def test_writer_records_each_shards_count(tiny_shards):
-    """make_dataset writes {split}.shards.json (webdataset's wids index) with every shard's count and size."""
-    index = json.loads((Path(tiny_shards) / "train.shards.json").read_text())
-    assert index["__kind__"] == "wids-shard-index-v1"
-    assert [(e["url"], e["nsamples"]) for e in index["shardlist"]] == [(f"train-{i:06d}.tar", 16) for i in range(4)]
-    assert all(e["filesize"] == (Path(tiny_shards) / e["url"]).stat().st_size for e in index["shardlist"])
+    """make_dataset records every shard's sample count and size in stats.json (meta.shards)."""
+    shards = json.loads((Path(tiny_shards) / "stats.json").read_text())["meta"]["shards"]
+    assert {k: v["nsamples"] for k, v in shards.items()} == {**{f"train-{i:06d}.tar": 16 for i in range(4)},
+                                                             "val-000000.tar": 16}
+    assert all(v["filesize"] == (Path(tiny_shards) / k).stat().st_size for k, v in shards.items())
 
 
 def test_sample_spec_from_stats_and_model(tiny_shards):
