@@ -475,9 +475,9 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
 
 
 class _Tail:
-    """A byte stream that remembers the last ``keep`` bytes read with their offsets, so the end of
-    a tar can be inspected after tarfile has read past its last header (tarfile reads ahead by
-    at most 10 KiB)."""
+    """A non-seekable byte stream (a ``pipe:``, a URL) that remembers the last ``keep`` bytes read
+    with their offsets, so the end of a tar can be inspected after tarfile has read past its last
+    header (tarfile reads ahead by at most 10 KiB). Local files are seeked instead."""
 
     def __init__(self, f, keep: int = 1 << 16):
         self.f, self.keep, self.pos = f, keep, 0
@@ -494,20 +494,34 @@ class _Tail:
                 self.kept -= len(self.chunks.popleft()[1])
         return b
 
-    def end_problem(self, offset: int) -> str | None:
-        """Check that the stream from ``offset`` (where tarfile expected the next header) to its end
-        is a tar end-of-archive marker: >= 2 zero blocks, total length a multiple of 512. Returns
-        what is wrong, or None."""
+    def rest(self, offset: int) -> tuple[bytes | None, int]:
+        """(the bytes from ``offset`` to the end of the stream or None if not kept, stream length)."""
         while self.read(1 << 16):
             pass
         if not self.chunks or self.chunks[0][0] > offset:
-            return None    # not kept (tarfile reads ahead far less than ``keep``); the recorded count still applies
-        tail = b"".join(b for _, b in self.chunks)[offset - self.chunks[0][0]:]
-        if len(tail) < 2 * BLOCK or tail.count(0) != len(tail) or self.pos % BLOCK:
-            cut = "inside a header" if len(tail) % BLOCK or tail[:BLOCK].count(0) != BLOCK else "after a member"
-            return (f"no end-of-archive marker: the file ends {len(tail)} bytes after the last complete member "
-                    f"({cut}; tarfile reads this as a normal end)")
+            return None, self.pos
+        return b"".join(b for _, b in self.chunks)[offset - self.chunks[0][0]:], self.pos
+
+
+def _seek_rest(f, offset: int) -> tuple[bytes, int]:
+    """(the bytes of a seekable file from ``offset`` to its end, file length)."""
+    f.seek(offset)
+    tail = f.read()
+    return tail, offset + len(tail)
+
+
+def _end_problem(tail: bytes | None, size: int) -> str | None:
+    """What is wrong with the end of a tar, given ``tail`` (the bytes from where tarfile expected
+    the next header to the end) and the stream ``size``: it must be an end-of-archive marker,
+    >= 2 zero blocks, the length a multiple of 512. None when it is (or ``tail`` is unknown: the
+    recorded count still applies)."""
+    if tail is None:
         return None
+    if len(tail) < 2 * BLOCK or tail.count(0) != len(tail) or size % BLOCK:
+        cut = "inside a header" if len(tail) % BLOCK or tail[:BLOCK].count(0) != BLOCK else "after a member"
+        return (f"no end-of-archive marker: the file ends {len(tail)} bytes after the last complete member "
+                f"({cut}; tarfile reads this as a normal end)")
+    return None
 
 
 def read_tar(stream, url: str, recorded: dict | None = None):
@@ -523,8 +537,9 @@ def read_tar(stream, url: str, recorded: dict | None = None):
     reading = None        # key of the member whose data is being read
     n_read = 0
     expected = recorded.get("nsamples") if recorded else None
-    src = _Tail(stream)
-    problem = None
+    seekable = getattr(stream, "seekable", None) is not None and stream.seekable()
+    src = stream if seekable else _Tail(stream)
+    problem, size = None, None
     try:
         with tarfile.open(fileobj=src, mode="r|*") as tar:
             for info in tar:
@@ -549,7 +564,8 @@ def read_tar(stream, url: str, recorded: dict | None = None):
                 cur[member] = data
                 tar.members = []    # streaming: do not keep every TarInfo
             if tar.fileobj.comptype == "tar":      # compressed tars: offsets are not file offsets
-                problem = src.end_problem(tar.offset)
+                tail, size = _seek_rest(stream, tar.offset) if seekable else src.rest(tar.offset)
+                problem = _end_problem(tail, size)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         err = f"{type(e).__name__}: {e}"
         if cur is not None and reading is not None and reading != cur["__key__"]:
@@ -571,8 +587,8 @@ def read_tar(stream, url: str, recorded: dict | None = None):
         yield cur
     if expected is not None and n_read < expected:
         detail = f"{n_read} samples read, the writer recorded {expected}"
-        if recorded.get("filesize") is not None:
-            detail += f" ({src.pos} bytes, written {recorded['filesize']})"
+        if recorded.get("filesize") is not None and size is not None:
+            detail += f" ({size} bytes, written {recorded['filesize']})"
         if problem:
             detail += f"; {problem}"
         yield {"__key__": "<after the last complete sample>", "__url__": url,
