@@ -517,10 +517,13 @@ def _end_problem(tail: bytes | None, size: int) -> str | None:
     recorded count still applies)."""
     if tail is None:
         return None
-    if len(tail) < 2 * BLOCK or tail.count(0) != len(tail) or size % BLOCK:
-        cut = "inside a header" if len(tail) % BLOCK or tail[:BLOCK].count(0) != BLOCK else "after a member"
-        return (f"no end-of-archive marker: the file ends {len(tail)} bytes after the last complete member "
-                f"({cut}; tarfile reads this as a normal end)")
+    if not tail:
+        return "no end-of-archive marker: the file ends right after the last complete member"
+    if tail.count(0) != len(tail):
+        return (f"no end-of-archive marker: the {len(tail)} bytes after the last complete member are no "
+                "readable tar header (cut or corrupt; tarfile reads this as a normal end)")
+    if len(tail) < 2 * BLOCK or size % BLOCK:
+        return f"end-of-archive marker cut short ({len(tail)} zero bytes, a tar ends with >= {2 * BLOCK})"
     return None
 
 

@@ -164,6 +164,21 @@ def test_cut_at_every_offset_of_a_small_shard_is_reported(tmp_path):
         assert res["good"] < 3, off
 
 
+def test_corrupt_header_mid_shard_is_reported(tiny_shards, tmp_path):
+    """Found on the way: a corrupt header (one flipped byte) after the first member also reads as a
+    clean end in tarfile; the samples behind it were lost without a word."""
+    data_dir = copy_data(tiny_shards, tmp_path / "d")
+    shard = data_dir / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    keys = [r["__key__"] for r in shard_samples([{"url": str(shard)}])]
+    data[_header_offset(bytes(data), keys[12]) + 100] ^= 0xFF           # the mode field: checksum mismatch
+    shard.write_bytes(bytes(data))
+    res = check_shards(str(shard), progress=False)
+    assert res["good"] == 12 and res["skipped"] == {"truncated_tar": 4} and res["samples"] == 16
+    with pytest.raises(DataError, match="no readable tar header"):
+        check_shards(str(shard), progress=False, strict=True)
+
+
 # --------------------------------------------------------------------------- 3. check and training agree
 
 def _bad_shards(data_dir: Path) -> int:
