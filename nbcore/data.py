@@ -1033,6 +1033,10 @@ def main(argv=None) -> int:
     st.add_argument("--out", required=True, help="where to write stats.json")
     args = ap.parse_args(argv)
     try:
+        expand_shards(args.shards)
+    except FileNotFoundError as e:                  # a pattern that matches nothing: a bad argument
+        ap.error(str(e))
+    try:
         if args.cmd == "check":
             if args.checkpoint and not Path(args.checkpoint).is_file():
                 ap.error(f"--checkpoint {args.checkpoint}: no such file")
