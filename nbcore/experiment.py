@@ -103,6 +103,7 @@ class Profile:
     name: str
     preset: str = "micro"
     model_overrides: dict = field(default_factory=dict)
+    world: str = "easy"                  # shapes-world rules (nbcore.shapes.RULES)
     # data
     n_data: int = 8000
     val_fraction: float = 0.05
@@ -160,7 +161,7 @@ PROFILES["cpu-long"] = replace(PROFILES["cpu"], name="cpu-long", arms=HEADLINE_A
 # H100/H200, each call under 10 minutes; plumbing-checked on a CPU with
 # notebooks/profiles/gpu-plumbing-on-cpu.yaml. Not yet run on a GPU.
 PROFILES["gpu"] = replace(
-    PROFILES["cpu"], name="gpu", preset="production", n_data=4000, steps=1200, warm_from=600,
+    PROFILES["cpu"], name="gpu", preset="production", world="standard", n_data=4000, steps=1200, warm_from=600,
     milestone_every=200, lr=3e-4, warmup=60, workers=1, curve_scenes=64, final_scenes=256)
 
 
@@ -180,12 +181,12 @@ def profile(name: str, **over) -> Profile:
 def ensure_data(p: Profile, run_dir, seed: int = 0) -> Path:
     """The run's shapes-world shards (``RUN/data``), made when missing or made with other sizes."""
     d = Path(run_dir) / "data"
-    want = {"preset": p.preset, "model_overrides": p.model_overrides, "n": p.n_data, "seed": seed,
-            "val_fraction": p.val_fraction}
+    want = {"preset": p.preset, "model_overrides": p.model_overrides, "world": p.world, "n": p.n_data,
+            "seed": seed, "val_fraction": p.val_fraction}
     stamp = d / "made.json"
     if stamp.exists() and json.loads(stamp.read_text()) == want and any(d.glob("train-*.tar")):
         return d
-    make_dataset(d, p.n_data, seed=seed, val_fraction=p.val_fraction, cfg=p.model_config())
+    make_dataset(d, p.n_data, seed=seed, val_fraction=p.val_fraction, cfg=p.model_config(), rules=p.world)
     stamp.write_text(json.dumps(want))
     return d
 
@@ -349,7 +350,7 @@ class Evaluator:
         self.n = len(self.batch["txt"])
         self.scenes = [Scene.from_json(m) for m in self.batch["json"]]
         cfg = p.model_config()
-        self.world = ShapesWorld(cfg)
+        self.world = ShapesWorld(cfg, rules=p.world)
         self.noise = torch.randn(self.batch["latent"].shape, generator=torch.Generator().manual_seed(0))
         self.source = self.batch["png"]
         self.perm = torch.roll(torch.arange(self.n), -1)                               # DINO of scene i + 1
@@ -389,7 +390,7 @@ class Evaluator:
         torch.manual_seed(0)
         untrained = NanoDiT(replace(cfg, use_dino_patches=False)).eval()
         rng = np.random.default_rng(0)
-        blind = self.world.render_batch([shuffle_layout(s, rng) for s in self.scenes])
+        blind = self.world.render_batch([shuffle_layout(s, rng, margin=self.world.rules.margin) for s in self.scenes])
         codec = lambda x: self.world.codec.decode(self.world.codec.encode(x))
         return {"untrained": self.score(self.generate(untrained, "textonly", Guidance.off())),
                 "layout_blind": self.score(codec(blind)),

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .data import StatsAccumulator, shard_records
 
-__all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
+__all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Rules", "RULES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
            "shape_mask", "sample_scene", "shuffle_layout", "shift_scene", "shift_extent", "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
 
@@ -102,19 +102,55 @@ def _where(row: str, col: str) -> str:
 # --------------------------------------------------------------------------- scenes
 
 @dataclass(frozen=True)
+class Rules:
+    """What a world's scenes may hold: ``colours`` (names in COLOURS), ``sizes`` (size word ->
+    half-extent as a fraction of the image side), 1..``max_shapes`` shapes, ``margin`` kept between
+    shapes and to the border. ``RULES`` names them; a dataset records its rules in stats.json."""
+    colours: tuple = tuple(COLOURS)
+    sizes: tuple = tuple(SIZES.items())        # ((word, half-extent), ...)
+    max_shapes: int = 3
+    margin: float = _MARGIN
+
+    def __post_init__(self):
+        bad = [c for c in self.colours if c not in COLOURS]
+        if bad or not self.colours:
+            raise ValueError(f"colours must be a non-empty subset of {sorted(COLOURS)}, got {list(self.colours)}")
+        if not self.sizes or any(w not in ("small", "large") or not 0 < r < 0.5 for w, r in self.sizes):
+            raise ValueError(f"sizes must map small/large to half-extents in (0, 0.5), got {self.sizes}")
+        if self.max_shapes < 1 or not 0 <= self.margin < 0.5:
+            raise ValueError("max_shapes must be >= 1 and margin in [0, 0.5)")
+
+    def to_json(self) -> dict:
+        return {"colours": list(self.colours), "sizes": dict(self.sizes), "max_shapes": self.max_shapes,
+                "margin": self.margin}
+
+
+RULES: dict[str, Rules] = {
+    # 1-3 shapes of 6 colours, half-extent 0.10 / 0.17: the world of the tiny and production presets
+    "standard": Rules(),
+    # 1-2 shapes of 4 colours, half-extent 0.14 / 0.20, wider gaps (1.6 px at 32 px): what a small
+    # DiT learns to draw and place within the cpu profile's budget (README, research section)
+    "easy": Rules(colours=("red", "green", "blue", "yellow"), sizes=(("small", 0.14), ("large", 0.20)),
+                  max_shapes=2, margin=0.05),
+}
+
+
+@dataclass(frozen=True)
 class Shape:
     """One shape: kind in KINDS, colour in COLOURS, centre (cx, cy) in [0, 1] image coordinates
-    (x to the right, y down), size in SIZES ("small" / "large")."""
+    (x to the right, y down), size "small" / "large", half-extent ``r`` (None: the standard
+    ``SIZES[size]``)."""
     kind: str
     colour: str
     cx: float
     cy: float
     size: str
+    r: float | None = None
 
     @property
     def radius(self) -> float:
         """Half-extent as a fraction of the image side."""
-        return SIZES[self.size]
+        return SIZES[self.size] if self.r is None else self.r
 
     @property
     def region(self) -> tuple[str, str]:
@@ -156,43 +192,51 @@ class Scene:
 
     @classmethod
     def from_json(cls, d: dict) -> "Scene":
-        return cls([Shape(s["kind"], s["colour"], float(s["cx"]), float(s["cy"]), s["size"])
+        def r(s):   # a half-extent other than the standard one travels with the shape
+            v = float(s.get("radius", SIZES[s["size"]]))
+            return None if abs(v - SIZES[s["size"]]) < 1e-9 else v
+        return cls([Shape(s["kind"], s["colour"], float(s["cx"]), float(s["cy"]), s["size"], r(s))
                     for s in d["shapes"]])
 
 
-def _overlaps(a: Shape, b: Shape) -> bool:
-    gap = a.radius + b.radius + _MARGIN
+def _overlaps(a: Shape, b: Shape, margin: float = _MARGIN) -> bool:
+    gap = a.radius + b.radius + margin
     return abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap
 
 
-def _random_centre(rng: np.random.Generator, size: str) -> tuple[float, float]:
-    """The world's placement rule: a centre drawn uniformly where the whole shape plus ``_MARGIN``
+def _random_centre(rng: np.random.Generator, radius: float, margin: float = _MARGIN) -> tuple[float, float]:
+    """The world's placement rule: a centre drawn uniformly where the whole shape plus ``margin``
     stays inside the image, rounded to 4 decimals (one ``rng.uniform(size=2)`` draw)."""
-    r = SIZES[size] + _MARGIN
+    r = radius + margin
     cx, cy = (round(float(v), 4) for v in rng.uniform(r, 1 - r, size=2))
     return cx, cy
 
 
-def _fits(cand: Shape, placed: list[Shape]) -> bool:
-    return not any(_overlaps(cand, s) for s in placed)
+def _fits(cand: Shape, placed: list[Shape], margin: float = _MARGIN) -> bool:
+    return not any(_overlaps(cand, s, margin) for s in placed)
 
 
-def sample_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
-    """1..max_shapes shapes with random kind, colour, size and position, boxes not overlapping."""
-    n = int(rng.integers(1, max_shapes + 1))
+def sample_scene(rng: np.random.Generator, max_shapes: int | None = None, rules: Rules | None = None) -> Scene:
+    """1..max_shapes shapes with random kind, colour, size and position, boxes not overlapping
+    (``rules``: the standard world's when None; ``max_shapes`` overrides its count)."""
+    std = rules is None or rules == RULES["standard"]
+    rules = rules or RULES["standard"]
+    n = int(rng.integers(1, (max_shapes or rules.max_shapes) + 1))
+    sizes = dict(rules.sizes)
     shapes: list[Shape] = []
     for _ in range(n):
         for _try in range(50):
-            size = str(rng.choice(list(SIZES)))
-            cx, cy = _random_centre(rng, size)
-            cand = Shape(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), cx, cy, size)
-            if _fits(cand, shapes):
+            size = str(rng.choice(list(sizes)))
+            cx, cy = _random_centre(rng, sizes[size], rules.margin)
+            cand = Shape(str(rng.choice(KINDS)), str(rng.choice(list(rules.colours))), cx, cy, size,
+                         None if std else sizes[size])
+            if _fits(cand, shapes, rules.margin):
                 shapes.append(cand)
                 break
     return Scene(shapes)
 
 
-def shuffle_layout(scene: Scene, rng: np.random.Generator, tries: int = 200) -> Scene:
+def shuffle_layout(scene: Scene, rng: np.random.Generator, tries: int = 200, margin: float = _MARGIN) -> Scene:
     """The same shapes (kind, colour, size, in caption order) at new random positions drawn by the
     world's own placement rule (``_random_centre``, boxes not overlapping): right content, wrong
     places -- what "no layout" looks like. Each attempt places the shapes one by one (50 draws
@@ -202,8 +246,8 @@ def shuffle_layout(scene: Scene, rng: np.random.Generator, tries: int = 200) -> 
         placed: list[Shape] = []
         for s in scene.shapes:
             for _try in range(50):
-                cand = Shape(s.kind, s.colour, *_random_centre(rng, s.size), s.size)
-                if _fits(cand, placed):
+                cand = Shape(s.kind, s.colour, *_random_centre(rng, s.radius, margin), s.size, s.r)
+                if _fits(cand, placed, margin):
                     placed.append(cand)
                     break
             else:
@@ -220,7 +264,7 @@ def shift_scene(scene: Scene, dx: float, dy: float) -> Scene:
     room available in each direction."""
     (left, right), (up, down) = shift_extent(scene)
     dx, dy = min(max(dx, -left), right), min(max(dy, -up), down)
-    return Scene([Shape(s.kind, s.colour, round(s.cx + dx, 6), round(s.cy + dy, 6), s.size) for s in scene.shapes])
+    return Scene([Shape(s.kind, s.colour, round(s.cx + dx, 6), round(s.cy + dy, 6), s.size, s.r) for s in scene.shapes])
 
 
 def shift_extent(scene: Scene) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -441,11 +485,13 @@ class ShapesWorld:
 
     ``ShapesWorld(sizes, seed)``: ``sizes`` a ``WorldSizes``, or a model config (``WorldSizes.of``
     reads its sizes, so ``ShapesWorld(model.cfg)`` gives the world that model was trained on).
-    ``seed`` drives the scenes (``scene(i, split)``), never the stand-in encoders' weights.
+    ``seed`` drives the scenes (``scene(i, split)``), never the stand-in encoders' weights;
+    ``rules`` (a ``Rules`` or a name in ``RULES``) what they may hold.
     """
 
-    def __init__(self, sizes, seed: int = 0):
+    def __init__(self, sizes, seed: int = 0, rules: Rules | str = "standard"):
         self.sizes = sizes if isinstance(sizes, WorldSizes) else WorldSizes.of(sizes)
+        self.rules = RULES[rules] if isinstance(rules, str) else rules
         self.seed = seed
         self.image_size = self.sizes.image_size
         shift, std = _pixel_stats(self.image_size)
@@ -454,13 +500,13 @@ class ShapesWorld:
         self.text_encoder = StandInTextEncoder(self.sizes.text_dim, self.sizes.text_len)
 
     def sample_scene(self, rng: np.random.Generator) -> Scene:
-        return sample_scene(rng)
+        return sample_scene(rng, rules=self.rules)
 
     def scene(self, index: int, split: str = "train") -> Scene:
         """The index-th scene of a split: its own random stream (seed, split, index), so splits are
         reproducible one sample at a time and train / val never share a stream."""
         code = {"train": 0, "val": 1, "test": 2}[split]
-        return sample_scene(np.random.default_rng([self.seed, code, index]))
+        return sample_scene(np.random.default_rng([self.seed, code, index]), rules=self.rules)
 
     def render(self, scene: Scene) -> torch.Tensor:
         """(3, S, S) float32 in [0, 1]."""
@@ -520,7 +566,7 @@ def encode_sample_members(latent, dinov3, dinov3_patches, t5, txt: str, png=None
 
 def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fraction: float = 0.1,
                  shard_size: int = 1000, batch_size: int = 256, progress: bool = True,
-                 cfg=None) -> Path:
+                 cfg=None, rules: str = "standard") -> Path:
     """Write ``n`` shapes-world samples as WebDataset shards plus ``stats.json`` (train split
     statistics) under ``out_dir``: ``train-000000.tar ...`` and ``val-000000.tar ...``.
     ``round(n * val_fraction)`` samples go to val. Sizes: ``cfg`` (a ``WorldSizes`` or a model
@@ -533,7 +579,9 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if cfg is None and preset not in WORLDS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(WORLDS)} or pass cfg")
-    world = ShapesWorld(WORLDS[preset] if cfg is None else cfg, seed=seed)
+    if rules not in RULES:
+        raise ValueError(f"unknown rules {rules!r}; choose from {sorted(RULES)}")
+    world = ShapesWorld(WORLDS[preset] if cfg is None else cfg, seed=seed, rules=rules)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
@@ -573,6 +621,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
     stats = acc.result()
     stats.meta = {"source": "nbcore.shapes (stand-in encoders)", "preset": preset, "seed": seed,
                   "n_train": counts["train"], "n_val": counts["val"], "image_size": world.image_size,
+                  "rules": rules, "rules_spec": world.rules.to_json(),
                   "codec_shift": [float(v) for v in world.codec.shift[::4]], "codec_scale": world.codec.scale,
                   # the codec the latents were made with (nbcore.codec.codec_from_stats rebuilds it)
                   "codec": {"kind": "pixel", "channels": world.codec.channels,
@@ -593,6 +642,8 @@ def main(argv=None) -> int:
     mk.add_argument("--n", type=int, required=True, help="total samples (train + val)")
     mk.add_argument("--seed", type=int, default=0, help="world seed: the scenes (default 0)")
     mk.add_argument("--preset", default="tiny", choices=sorted(WORLDS), help="sizes of this model preset (default tiny)")
+    mk.add_argument("--rules", default="standard", choices=sorted(RULES),
+                    help="what scenes hold: standard (1-3 shapes, 6 colours) or easy (1-2 larger shapes, 4 colours)")
     mk.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in the val split (default 0.1)")
     mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     mk.add_argument("--batch-size", type=int, default=256, help="samples encoded together")
@@ -605,7 +656,7 @@ def main(argv=None) -> int:
         ap.error("--shard-size and --batch-size must be >= 1")
     try:
         out = make_dataset(args.out_dir, args.n, args.seed, args.preset, args.val_fraction,
-                           args.shard_size, args.batch_size)
+                           args.shard_size, args.batch_size, rules=args.rules)
     except OSError as e:
         raise SystemExit(f"error: cannot write {args.out_dir}: {e}")
     print(f"wrote {args.n} samples to {out}")
