@@ -202,11 +202,9 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
     """The arm's TrainConfig under the profile's schedule (module docstring)."""
     warm = arm.init == "warm"
     base = arm_dir(run_dir, BASELINE)
-    cfg = p.model_config(arm)
     return TrainConfig(
-        preset=p.preset, model_overrides=json.dumps({k: v for k, v in asdict(cfg).items()
-                                                     if getattr(model_preset(p.preset), k) != v}),
-        data=str(Path(run_dir) / "data"), out=str(arm_dir(run_dir, arm)),
+        preset=p.preset, model=p.model_config(arm), data=str(Path(run_dir) / "data"),
+        out=str(arm_dir(run_dir, arm)),
         steps=p.steps - p.warm_from if warm else p.steps, batch_size=p.batch_size, lr=p.lr,
         warmup=p.warmup, schedule="constant", ema_decay=p.ema_decay, log_every=max(1, p.milestone_every // 10),
         ckpt_every=p.milestone_every, milestone_every=p.milestone_every, device=device, seed=arm.seed,
@@ -215,6 +213,7 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
 
 
 def _key(cfg: TrainConfig) -> dict:
+    """What makes two trainings of an arm the same run, JSON-able (``asdict``: the ModelConfig nested)."""
     return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "device")}
 
 

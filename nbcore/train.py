@@ -6,8 +6,11 @@
     python -m nbcore.train --preset tiny --data DIR --out DIR [--steps N ...]      # one process
     torchrun --nproc_per_node=2 -m nbcore.train --preset tiny --data DIR --out DIR  # DDP
 
-Order of one optimiser step (nanoGPT's): lr (scheduler) -> forward/backward over ``grad_accum``
-micro-batches -> clip -> NaN/Inf guard -> AdamW step -> EMA -> log -> checkpoint / validation / samples.
+Reading order (nanoGPT's): ``Trainer.run`` is the loop — checkpoint / validation / samples when the
+step just reached is due -> ``train_step`` -> log; ``Trainer.train_step`` is one optimiser step — lr
+(scheduler) -> forward/backward over ``grad_accum`` micro-batches -> clip -> NaN/Inf guard -> AdamW
+step -> EMA. Metrics travel as dicts of named scalars and vectors; ``metrics_to_host`` (the step's one
+device->host copy) and ``reduce_metrics`` (the sum over DDP ranks) alone pack them into a tensor.
 
 Flow matching (DESIGN.md): ``x_t = (1 - t) x0 + t noise``, target ``v = noise - x0``, loss = MSE of the
 predicted velocity, averaged per sample then over the batch. ``t`` is logit-normal (default) or
@@ -53,7 +56,9 @@ Design notes (why, not what):
   A run that resumes ignores ``warm_start`` (its own checkpoint already holds the weights).
 - Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``): OUT/ckpt/last.pt
   every ``ckpt_every`` steps and at the end, OUT/ckpt/step_XXXXXX.pt every ``milestone_every``;
-  keys ``config`` (ModelConfig dict), ``train_config``, ``model``, ``ema``, ``optimizer``,
+  keys ``config`` (ModelConfig dict), ``train_config`` (``asdict(TrainConfig)``, its ``model`` a
+  dict too; ``TrainConfig.from_dict`` rebuilds it, older ``model_overrides`` JSON included),
+  ``model``, ``ema``, ``optimizer``,
   ``scheduler``, ``step``, ``n_updates``, ``skipped``, ``streak``, ``rng`` (torch, numpy, python
   as plain lists/tensors, cuda, and ``train``: each rank's generator state), ``data_state``
   (world size and each rank's epoch / index) and ``data_counts`` (each rank's samples read and
@@ -102,7 +107,8 @@ from nbcore.validate import sample_grid_hook, validation_hook
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
            "batch_to_device", "load_train_log", "NonFiniteLossError", "TooManySkipsError", "DROPOUT_CASES",
-           "check_model_config", "skip_allowance", "main"]
+           "check_model_config", "parse_model_overrides", "skip_allowance", "reduce_metrics", "metrics_to_host",
+           "main"]
 
 # The four per-sample conditioning cases, in the order of ``sample_dropout``'s probabilities.
 DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
@@ -120,12 +126,13 @@ class TooManySkipsError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run needs; stored whole in every checkpoint (``train_config``)."""
-    # model: a preset plus overrides (None = the preset's value)
+    """Everything a run needs; stored in every checkpoint as ``train_config`` (``asdict``: plain
+    dicts, ``model`` included; ``TrainConfig.from_dict`` rebuilds it)."""
+    # model: ``model`` (None = the preset's), then these two fields over it when set
     preset: str = "tiny"
+    model: ModelConfig | None = None     # the CLI builds it from --preset and --model-overrides JSON
     use_dino_patches: bool | None = None
     patch_pos_embed: str | None = None
-    model_overrides: str = ""            # JSON object of further ModelConfig fields, e.g. '{"depth": 2}'
     # data and output
     data: str = ""                       # folder with train-*.tar shards (+ stats.json)
     out: str = "outputs/train"
@@ -214,12 +221,23 @@ class TrainConfig:
         need(self.new_param_lr_scale > 0, f"new_param_lr_scale must be > 0, got {self.new_param_lr_scale}")
         need(self.warm_start_weights in ("model", "ema"),
              f"warm_start_weights must be model|ema, got {self.warm_start_weights!r}")
-        if self.model_overrides:
-            try:
-                ov = json.loads(self.model_overrides)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"model_overrides is not valid JSON: {e}") from None
-            need(isinstance(ov, dict), "model_overrides must be a JSON object")
+        need(self.model is None or isinstance(self.model, ModelConfig),
+             f"model must be a ModelConfig or None, got {type(self.model).__name__}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Rebuild from a checkpoint's ``train_config`` (``asdict`` of one). ``model`` comes back as a
+        ModelConfig; an older checkpoint's ``model_overrides`` JSON string (over ``preset``) too."""
+        d = dict(d)
+        if "model_overrides" in d:
+            d["model"] = parse_model_overrides(d.get("preset", cls.preset), d.pop("model_overrides") or "",
+                                               **{k: d.get(k) for k in ("use_dino_patches", "patch_pos_embed")})
+        elif d.get("model") is not None:
+            d["model"] = ModelConfig(**d["model"])
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"train_config has fields this version lacks: {sorted(unknown)}")
+        return cls(**d)
 
     @property
     def dropout_probs(self) -> tuple[float, float, float, float]:
@@ -228,16 +246,32 @@ class TrainConfig:
         return (self.p_drop_both, self.p_text_only, self.p_dino_only, max(keep, 0.0) if keep > -1e-9 else keep)
 
     def model_config(self) -> ModelConfig:
-        """The ModelConfig this run trains: ``preset`` with the overrides applied (checked by
-        ``check_model_config``: ValueError with one line for a wrong type, size or divisibility)."""
-        ov = json.loads(self.model_overrides) if self.model_overrides else {}
-        if self.use_dino_patches is not None:
-            ov["use_dino_patches"] = self.use_dino_patches
-        if self.patch_pos_embed is not None:
-            ov["patch_pos_embed"] = self.patch_pos_embed
+        """The ModelConfig this run trains: ``model`` (None: ``preset``'s) with ``use_dino_patches`` and
+        ``patch_pos_embed`` over it when set (checked by ``check_model_config``: ValueError, one line)."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        return check_model_config(PRESETS[self.preset], ov)
+        base = self.model if self.model is not None else PRESETS[self.preset]
+        ov = {k: getattr(self, k) for k in ("use_dino_patches", "patch_pos_embed") if getattr(self, k) is not None}
+        return check_model_config(base, ov)
+
+
+def parse_model_overrides(preset_name: str, text: str, **fields) -> ModelConfig | None:
+    """``--model-overrides JSON``: a JSON object of ModelConfig fields over the preset -> the
+    ModelConfig (checked by ``check_model_config``), or None for an empty string (the preset's).
+    ``fields`` (None = unset) join the JSON's, so that the CLI's ``--use-dino-patches`` and
+    ``--patch-pos-embed`` are checked together with it (a pair valid only together stays valid).
+    ValueError with one line for bad JSON, a non-object, or a field ``check_model_config`` refuses."""
+    if not text:
+        return None
+    try:
+        ov = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model_overrides is not valid JSON: {e}") from None
+    if not isinstance(ov, dict):
+        raise ValueError("model_overrides must be a JSON object")
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    return check_model_config(PRESETS[preset_name], {**ov, **{k: v for k, v in fields.items() if v is not None}})
 
 
 def check_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
@@ -557,6 +591,52 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+# --------------------------------------------------------------------------- named metrics
+# Metrics travel as dicts of named scalars (float) and vectors (list of floats, e.g. the loss by
+# t-bin). Only the two functions below pack them into one tensor, for the one device->host copy
+# of a step and for the one all_reduce of a log record, and unpack them back to their names.
+
+def _unpack(flat: list[float], sizes: dict[str, int | None]) -> dict:
+    """Values concatenated in ``sizes``' order -> {name: float (size None) or list of ``size`` floats}."""
+    out, at = {}, 0
+    for name, n in sizes.items():
+        out[name] = flat[at] if n is None else flat[at:at + n]
+        at += 1 if n is None else n
+    return out
+
+
+def metrics_to_host(metrics: dict[str, torch.Tensor]) -> dict:
+    """Named device tensors (0-d: a scalar, 1-d: a vector) -> host floats and lists of floats, with
+    one device->host copy of them all (packed into one float32 tensor)."""
+    sizes = {k: None if t.ndim == 0 else t.numel() for k, t in metrics.items()}
+    flat = torch.cat([t.detach().float().reshape(-1) for t in metrics.values()])    # (sum of sizes,)
+    return _unpack(flat.tolist(), sizes)
+
+
+def reduce_metrics(metrics: dict, world: int, device) -> dict:
+    """Sum named host values (floats, lists of floats) over the ``world`` DDP ranks: one all_reduce
+    of them packed into one tensor (float64 on CPU), unpacked back to their names. One process:
+    ``metrics`` unchanged. Collective: every rank calls it with the same names and sizes."""
+    if world == 1:
+        return metrics
+    sizes = {k: len(v) if isinstance(v, (list, tuple)) else None for k, v in metrics.items()}
+    flat = [x for v in metrics.values() for x in (v if isinstance(v, (list, tuple)) else [v])]
+    t = torch.tensor(flat, device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    dist.all_reduce(t)
+    return _unpack(t.tolist(), sizes)
+
+
+def _add(total: dict, part: dict) -> dict:
+    """``total[k] += part[k]`` for each name of ``part`` (lists elementwise); returns ``total``."""
+    for k, v in part.items():
+        total[k] = [a + b for a, b in zip(total[k], v)] if isinstance(v, list) else total[k] + v
+    return total
+
+
+def _bin_means(bin_sum: list[float], bin_count: list[float]) -> list[float | None]:
+    return [a / c if c else None for a, c in zip(bin_sum, bin_count)]
+
+
 _TRAIN_KEYS = ("config", "model", "ema", "optimizer", "scheduler", "step", "n_updates", "skipped", "streak",
                "rng", "data_state")
 
@@ -596,65 +676,61 @@ class Trainer:
 
     def _build(self, data, val_fn, sample_fn):
         cfg = self.cfg
-        self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "ckpt"
-        self.log_path = self.out / "log.jsonl"
-        if data is not None:
-            src = lambda epoch: data(epoch, self.rank, self.world)  # noqa: E731
-        else:
-            src = shard_source(cfg, self.model_cfg)  # checks the data folder before anything is written
+        self.out, self.ckpt_dir, self.log_path = Path(cfg.out), Path(cfg.out) / "ckpt", Path(cfg.out) / "log.jsonl"
+        src = self._data_source(data)      # checks the data folder before anything is written
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        seed_everything(cfg.seed)          # same init on every rank (DDP also broadcasts rank 0's weights)
         self.model = NanoDiT(self.model_cfg).to(self.device)
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed * 1_000_003 + 7919 * self.rank)
-
-        resume = self._find_resume()     # (path, checkpoint dict, fallback note) or None
-        resume_path = resume[0] if resume else None
-        self.warm_report = None
-        base_lr = cfg.lr
-        if cfg.warm_start:
-            base_lr = cfg.lr * cfg.warm_start_lr_scale
-            if resume_path is None:
-                self.warm_report = self._warm_start(cfg.warm_start)
+        resume = self._find_resume()       # (path, checkpoint dict, fallback note) or None
+        self.warm_report = self._warm_start(cfg.warm_start) if cfg.warm_start and resume is None else None
         self.ema = EMA(self.model, cfg.ema_decay)
-
-        kw = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg, base_lr), lr=base_lr,
-                                           betas=(0.9, 0.999), **kw)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
-
-        self.step = 0
-        self.n_updates = 0
-        self.skipped = 0
-        self.streak = 0
-        position = {"epoch": 0, "index": 0}
-        self.resumed_from = resume_path
-        self.resume_fallback = resume[2] if resume else None
-        if resume is not None:
-            position = self._resume(resume_path, resume[1])
-        elif self.is_main and self.log_path.exists():
-            old = self.log_path.with_name(f"log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-            os.replace(self.log_path, old)  # a fresh run starts a fresh log; the old one is kept aside
-            print(f"fresh run in {self.out}: previous log moved to {old.name}", file=sys.stderr)
+        self.optimizer, self.scheduler = self._optimizer()
+        self.step = self.n_updates = self.skipped = self.streak = 0
+        self.resumed_from, self.resume_fallback = (resume[0], resume[2]) if resume else (None, None)
+        position = self._resume(resume[0], resume[1]) if resume else self._fresh_start()
         self.stream = BatchStream(src, **position)
-
-        fwd = self.model
-        if cfg.compile:
-            fwd = torch.compile(fwd)
-        if self.world > 1:
-            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.fwd = fwd
+        self.fwd = self._forward_module()
         self.val_fn, self.sample_fn = val_fn, sample_fn   # the caller's (the CLI wires nbcore.validate's)
         for every, fn, name in ((cfg.val_every, val_fn, "val_fn"), (cfg.sample_every, sample_fn, "sample_fn")):
             if every and fn is None and self.is_main:
                 print(f"no {name} given: the hook every {every} steps only writes the checkpoint", file=sys.stderr)
-        self._bins_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
-        self._loss_recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
+        # the applied steps' metrics behind the summary's final_loss / loss_by_bin
+        self._recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
 
     # -- setup helpers
+    def _data_source(self, data) -> Callable[[int], Iterable[dict]]:
+        """Epoch -> this rank's batches: the caller's ``data(epoch, rank, world)``, else the shards."""
+        if data is not None:
+            return lambda epoch: data(epoch, self.rank, self.world)
+        return shard_source(self.cfg, self.model_cfg)
+
+    def _optimizer(self):
+        """AdamW over ``_param_groups`` and its LambdaLR schedule; a warm-started run (or its resume)
+        trains at ``lr * warm_start_lr_scale``."""
+        cfg = self.cfg
+        base_lr = cfg.lr * cfg.warm_start_lr_scale if cfg.warm_start else cfg.lr
+        kw = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(_param_groups(self.model, cfg, base_lr), lr=base_lr, betas=(0.9, 0.999), **kw)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+    def _fresh_start(self) -> dict:
+        """Data position of a run that does not resume; a previous log in OUT is moved aside."""
+        if self.is_main and self.log_path.exists():
+            old = self.log_path.with_name(f"log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self.log_path, old)  # a fresh run starts a fresh log; the old one is kept aside
+            print(f"fresh run in {self.out}: previous log moved to {old.name}", file=sys.stderr)
+        return {"epoch": 0, "index": 0}
+
+    def _forward_module(self) -> nn.Module:
+        """The module the loss calls: the model, compiled when asked, wrapped in DDP with several ranks."""
+        fwd = torch.compile(self.model) if self.cfg.compile else self.model
+        if self.world > 1:
+            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return fwd
+
     def _init_dist(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -802,63 +878,93 @@ class Trainer:
 
     # -- one optimiser step
     def train_step(self) -> dict:
-        """Forward/backward over ``grad_accum`` micro-batches, clip, guard, update. Returns the host
-        stats of the step (one device->host copy)."""
-        cfg, dev = self.cfg, self.device
-        self.model.train()
-        nb = cfg.loss_bins
-        acc = torch.zeros(4 + 2 * nb, device=dev)  # loss, v_pred_rms, v_target_rms, n_samples, bins
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-        for micro in range(cfg.grad_accum):
-            batch = batch_to_device(next(self.stream), dev, self.model_cfg.use_dino_patches)
-            sync = self.world > 1 and micro < cfg.grad_accum - 1
-            with (self.fwd.no_sync() if sync else nullcontext()):
-                with autocast:
-                    loss, aux = flow_matching_loss(
-                        self.fwd, batch, generator=self.gen, probs=cfg.dropout_probs,
-                        timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
-                        logit_std=cfg.logit_std, loss_bins=nb)
-                (loss / cfg.grad_accum).backward()
-            acc += torch.cat([torch.stack([loss.detach(), aux["v_pred_rms"], aux["v_target_rms"],
-                                           aux["bin_count"].sum()]),
-                              aux["bin_sum"], aux["bin_count"]])
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        patch_norm = torch.zeros((), device=dev)
-        if self.model_cfg.use_dino_patches:  # the patch projections: context (dino_patch_proj) and tie (dino_patch_tie)
-            g = [p.grad for n, p in self.model.named_parameters()
-                 if n.startswith(("dino_patch_proj.", "dino_patch_tie.")) and p.grad is not None]
-            if g:
-                patch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in g]))
-        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        ok = (torch.isfinite(acc[0]) & torch.isfinite(total_norm)).float()
-        if self.world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        host = torch.cat([ok.view(1), total_norm.float().view(1), patch_norm.float().view(1), acc]).tolist()  # the one sync
-        applied = host[0] > 0.5
+        """One optimiser step in nanoGPT's order: lr -> forward/backward over ``grad_accum``
+        micro-batches -> clip -> NaN/Inf guard -> AdamW step -> EMA. Returns the step's metrics on the
+        host (one device->host copy): ``applied``, ``loss``, ``v_pred_rms``, ``v_target_rms`` (means
+        over the micro-batches), ``samples``, ``bin_sum``, ``bin_count`` (loss_bins,), ``grad_norm``,
+        ``grad_norm_patch_proj`` (None without patches), ``lr``."""
         lr = self.scheduler.get_last_lr()[0]
+        sums = self._forward_backward()
+        norms = self._clip_gradients()
+        ok = self._finite(sums["loss"], norms["grad_norm"])
+        host = metrics_to_host({"ok": ok, **norms, **sums})                     # the one sync
+        applied = host["ok"] > 0.5
         if applied:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.n_updates += 1
-            self.ema.update(self.model, self.n_updates)
-            self.streak = 0
+            self._update()
         else:
             self.skipped += 1
             self.streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        a = host[3:]
-        k = cfg.grad_accum
-        stats = {"applied": applied, "grad_norm": host[1], "grad_norm_patch_proj": host[2] if self.model_cfg.use_dino_patches else None,
-                 "loss": a[0] / k, "v_pred_rms": a[1] / k, "v_target_rms": a[2] / k, "samples": a[3],
-                 "bin_sum": a[4:4 + nb], "bin_count": a[4 + nb:], "lr": lr}
-        if not applied and self.streak >= cfg.nan_max_consecutive:
-            msg = (f"non-finite loss or gradient in {self.streak} steps in a row (up to step {self.step}, "
-                   f"{self.skipped} skipped in all; last loss {stats['loss']}, grad norm {stats['grad_norm']}): "
-                   "stopping. Check the data (nbcore.data check), lower the lr, or raise grad clipping.")
-            self._log({"kind": "event", "step": self.step, "event": "nan_stop", "message": msg})
-            raise NonFiniteLossError(msg)
+        k = self.cfg.grad_accum
+        stats = {"applied": applied, "grad_norm": host["grad_norm"],
+                 "grad_norm_patch_proj": host["grad_norm_patch_proj"] if self.model_cfg.use_dino_patches else None,
+                 "loss": host["loss"] / k, "v_pred_rms": host["v_pred_rms"] / k,
+                 "v_target_rms": host["v_target_rms"] / k,
+                 "samples": host["samples"], "bin_sum": host["bin_sum"], "bin_count": host["bin_count"], "lr": lr}
+        if not applied and self.streak >= self.cfg.nan_max_consecutive:
+            self._stop_non_finite(stats)
         return stats
+
+    def _forward_backward(self) -> dict[str, torch.Tensor]:
+        """Loss and backward of each micro-batch (gradients summed, scaled by 1 / grad_accum; DDP
+        all-reduces them on the last micro-batch only). Returns device sums over the micro-batches
+        (no sync): ``loss``, ``v_pred_rms``, ``v_target_rms``, ``samples`` scalars, ``bin_sum``,
+        ``bin_count`` (loss_bins,)."""
+        cfg = self.cfg
+        self.model.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        sums = dict.fromkeys(("loss", "v_pred_rms", "v_target_rms", "samples", "bin_sum", "bin_count"), 0)
+        for micro in range(cfg.grad_accum):
+            batch = batch_to_device(next(self.stream), self.device, self.model_cfg.use_dino_patches)
+            no_sync = self.world > 1 and micro < cfg.grad_accum - 1
+            with (self.fwd.no_sync() if no_sync else nullcontext()):
+                with autocast:
+                    loss, aux = flow_matching_loss(
+                        self.fwd, batch, generator=self.gen, probs=cfg.dropout_probs,
+                        timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                        logit_std=cfg.logit_std, loss_bins=cfg.loss_bins)
+                (loss / cfg.grad_accum).backward()
+            _add(sums, {"loss": loss.detach(), "v_pred_rms": aux["v_pred_rms"], "v_target_rms": aux["v_target_rms"],
+                        "samples": aux["bin_count"].sum(), "bin_sum": aux["bin_sum"], "bin_count": aux["bin_count"]})
+        return sums
+
+    def _clip_gradients(self) -> dict[str, torch.Tensor]:
+        """Clip the total gradient norm to ``grad_clip`` (0: no clipping). Returns device scalars:
+        ``grad_norm`` (before clipping) and ``grad_norm_patch_proj``, the norm of the patch
+        projections' gradients (context ``dino_patch_proj`` and tie ``dino_patch_tie``; 0 without)."""
+        patch_norm = torch.zeros((), device=self.device)
+        if self.model_cfg.use_dino_patches:
+            g = [p.grad for n, p in self.model.named_parameters()
+                 if n.startswith(("dino_patch_proj.", "dino_patch_tie.")) and p.grad is not None]
+            if g:
+                patch_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in g]))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return {"grad_norm": torch.nn.utils.clip_grad_norm_(params, clip), "grad_norm_patch_proj": patch_norm}
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """1.0 when the loss and the gradient norm are finite on every rank (all-reduced MIN, so all
+        ranks skip together), else 0.0; a device scalar."""
+        ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return ok
+
+    def _update(self) -> None:
+        """Apply the step: AdamW, the lr schedule (it counts applied updates), then the EMA."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.n_updates += 1
+        self.ema.update(self.model, self.n_updates)
+        self.streak = 0
+
+    def _stop_non_finite(self, stats: dict) -> None:
+        msg = (f"non-finite loss or gradient in {self.streak} steps in a row (up to step {self.step}, "
+               f"{self.skipped} skipped in all; last loss {stats['loss']}, grad norm {stats['grad_norm']}): "
+               "stopping. Check the data (nbcore.data check), lower the lr, or raise grad clipping.")
+        self._log({"kind": "event", "step": self.step, "event": "nan_stop", "message": msg})
+        raise NonFiniteLossError(msg)
 
     def _data_counts(self) -> SkipCounter:
         """Samples read and skipped by reason so far, summed over ranks (collective in DDP)."""
@@ -888,16 +994,41 @@ class Trainer:
                    "data_samples": data.samples, "data_skipped": dict(data.skipped)})
         raise TooManySkipsError(msg)
 
-    def _reduce(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, device=self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
-        dist.all_reduce(t)
-        return t.tolist()
-
     # -- the loop
     def run(self) -> dict:
-        cfg, nb = self.cfg, self.cfg.loss_bins
+        """Train to ``cfg.steps``. Each pass: checkpoint / validation / samples when the step just
+        reached is due -> ``train_step`` (lr -> forward/backward -> clip -> step -> EMA) -> log.
+        Returns the summary (``train``'s docstring)."""
+        cfg = self.cfg
+        self._log_start()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True)
+        start_step, t0 = self.step, time.perf_counter()
+        window = self._new_window(t0)
+        try:
+            while True:
+                if self.step > start_step:
+                    self._checkpoint_and_hooks()
+                if self.step >= cfg.steps:
+                    break
+                s = self.train_step()
+                self._count(s, window)
+                bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    window = self._new_window(self._log_train(s, window, t0))
+            data = self._data_counts()
+            self._check_skips(data)
+            last_ckpt = self._checkpoint_once()
+        finally:
+            bar.close()
+        summary = self._summary(start_step, time.perf_counter() - t0, data, last_ckpt)
+        self._log({"kind": "event", "step": self.step, "event": "end", **summary})
+        return summary
+
+    def _log_start(self) -> None:
+        """Events of how this run starts: warm start, resume fallback, resume, start."""
+        cfg = self.cfg
         if self.warm_report is not None:
             self._log({"kind": "event", "step": self.step, "event": "warm_start", "path": cfg.warm_start,
                        "weights": cfg.warm_start_weights, "lr_scale": cfg.warm_start_lr_scale,
@@ -912,76 +1043,73 @@ class Trainer:
             self._log({"kind": "event", "step": self.step, "event": "start", "world_size": self.world,
                        "device": str(self.device), "params": self.model.num_params(),
                        "train_config": asdict(cfg), "model_config": self.model_cfg.to_dict()})
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
-                   dynamic_ncols=True)
-        win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
-        t0 = time.perf_counter()
-        t_win = t0
-        start_step = self.step
-        try:
-            while self.step < cfg.steps:
-                s = self.train_step()
-                if s["applied"]:
-                    win["loss"] += s["loss"]
-                    win["n"] += 1
-                    win["bins"] = [a + b for a, b in zip(win["bins"], s["bin_sum"] + s["bin_count"])]
-                    self._loss_recent.append(s["loss"])
-                    self._bins_recent.append(s["bin_sum"] + s["bin_count"])
-                else:
-                    win["skipped"] += 1
-                win["samples"] += s["samples"]
-                bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
-                bar.update(1)
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    now = time.perf_counter()
-                    red = self._reduce([s["loss"], s["v_pred_rms"], s["v_target_rms"], win["loss"], float(win["n"]),
-                                        win["samples"], *win["bins"]])
-                    w = self.world
-                    bsum, bcnt = red[6:6 + nb], red[6 + nb:]
-                    rec = {"kind": "train", "step": self.step, "loss": red[0] / w,
-                           "loss_avg": red[3] / red[4] if red[4] else None,
-                           "loss_bins": [a / c if c else None for a, c in zip(bsum, bcnt)],
-                           "v_pred_rms": red[1] / w, "v_target_rms": red[2] / w,
-                           "grad_norm": s["grad_norm"], "grad_norm_patch_proj": s["grad_norm_patch_proj"],
-                           "lr": s["lr"], "samples_per_s": red[5] / max(now - t_win, 1e-9),
-                           "skipped": self.skipped, "skipped_window": win["skipped"], "applied": s["applied"],
-                           "epoch": self.stream.epoch, "time_s": now - t0}
-                    data = self._data_counts()
-                    rec.update(data_samples=data.samples, data_skipped=dict(data.skipped))
-                    self._log(rec)
-                    self._check_skips(data)
-                    win = {"loss": 0.0, "n": 0, "bins": [0.0] * (2 * nb), "samples": 0.0, "skipped": 0}
-                    t_win = now
-                milestone = bool(cfg.milestone_every) and self.step % cfg.milestone_every == 0
-                if milestone or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
-                    self.checkpoint(milestone=milestone)
-                if cfg.val_every and self.step % cfg.val_every == 0:
-                    self._hook("val", self.val_fn)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self._hook("samples", self.sample_fn)
-            data = self._data_counts()
-            self._check_skips(data)
-            last_ckpt = self._checkpoint_once()
-        finally:
-            bar.close()
-        elapsed = time.perf_counter() - t0
-        bins = [0.0] * (2 * nb)
-        for b in self._bins_recent:
-            bins = [x + y for x, y in zip(bins, b)]
-        red = self._reduce([sum(self._loss_recent), float(len(self._loss_recent)), *bins])  # mean over ranks in DDP
-        bins = red[2:]
-        summary = {"steps": self.step, "steps_this_run": self.step - start_step, "time_s": elapsed,
-                   "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
-                   "final_loss": red[0] / red[1] if red[1] else None,
-                   "final_loss_window": len(self._loss_recent),
-                   "loss_by_bin": [a / c if c else None for a, c in zip(bins[:nb], bins[nb:])],
-                   "skipped": self.skipped, "data_samples": data.samples, "data_skipped": dict(data.skipped),
-                   "checkpoint": str(last_ckpt), "log": str(self.log_path),
-                   "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
-                   "warm_start": self.warm_report is not None}
-        self._log({"kind": "event", "step": self.step, "event": "end", **{k: v for k, v in summary.items()}})
-        return summary
+    def _checkpoint_and_hooks(self) -> None:
+        """What is due at the step just reached: last.pt (and a milestone), validation, sample grid."""
+        cfg, step = self.cfg, self.step
+        milestone = bool(cfg.milestone_every) and step % cfg.milestone_every == 0
+        if milestone or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            self.checkpoint(milestone=milestone)
+        if cfg.val_every and step % cfg.val_every == 0:
+            self._hook("val", self.val_fn)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self._hook("samples", self.sample_fn)
+
+    def _new_window(self, since: float) -> dict:
+        """Sums over the steps of one log record, started at time ``since``: the applied steps' loss,
+        count and loss by t-bin; samples; skipped steps."""
+        nb = self.cfg.loss_bins
+        return {"since": since, "loss": 0.0, "applied": 0, "bin_sum": [0.0] * nb, "bin_count": [0.0] * nb,
+                "samples": 0.0, "skipped": 0}
+
+    def _count(self, s: dict, window: dict) -> None:
+        """Add a step's metrics to the log window and, when applied, to the summary's recent steps."""
+        if s["applied"]:
+            applied = {"loss": s["loss"], "applied": 1, "bin_sum": s["bin_sum"], "bin_count": s["bin_count"]}
+            _add(window, applied)
+            self._recent.append(applied)
+        else:
+            window["skipped"] += 1
+        window["samples"] += s["samples"]
+
+    def _log_train(self, s: dict, window: dict, t0: float) -> float:
+        """Write a ``train`` record: step ``s``'s metrics and the window's, summed over ranks (the
+        step's means divided by the world size); TooManySkipsError past ``max_skips``. Returns the time."""
+        now, w = time.perf_counter(), self.world
+        red = reduce_metrics({"loss": s["loss"], "v_pred_rms": s["v_pred_rms"], "v_target_rms": s["v_target_rms"],
+                              "window_loss": window["loss"], "window_applied": float(window["applied"]),
+                              "samples": window["samples"], "bin_sum": window["bin_sum"],
+                              "bin_count": window["bin_count"]}, w, self.device)
+        rec = {"kind": "train", "step": self.step, "loss": red["loss"] / w,
+               "loss_avg": red["window_loss"] / red["window_applied"] if red["window_applied"] else None,
+               "loss_bins": _bin_means(red["bin_sum"], red["bin_count"]),
+               "v_pred_rms": red["v_pred_rms"] / w, "v_target_rms": red["v_target_rms"] / w,
+               "grad_norm": s["grad_norm"], "grad_norm_patch_proj": s["grad_norm_patch_proj"],
+               "lr": s["lr"], "samples_per_s": red["samples"] / max(now - window["since"], 1e-9),
+               "skipped": self.skipped, "skipped_window": window["skipped"], "applied": s["applied"],
+               "epoch": self.stream.epoch, "time_s": now - t0}
+        data = self._data_counts()
+        rec.update(data_samples=data.samples, data_skipped=dict(data.skipped))
+        self._log(rec)
+        self._check_skips(data)
+        return now
+
+    def _summary(self, start_step: int, elapsed: float, data: SkipCounter, last_ckpt: Path) -> dict:
+        """``train``'s summary; final_loss and loss_by_bin over the recent applied steps of every rank."""
+        nb = self.cfg.loss_bins
+        recent = {"loss": 0.0, "applied": 0.0, "bin_sum": [0.0] * nb, "bin_count": [0.0] * nb}
+        for r in self._recent:
+            _add(recent, r)
+        red = reduce_metrics(recent, self.world, self.device)
+        return {"steps": self.step, "steps_this_run": self.step - start_step, "time_s": elapsed,
+                "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+                "final_loss": red["loss"] / red["applied"] if red["applied"] else None,
+                "final_loss_window": len(self._recent),
+                "loss_by_bin": _bin_means(red["bin_sum"], red["bin_count"]),
+                "skipped": self.skipped, "data_samples": data.samples, "data_skipped": dict(data.skipped),
+                "checkpoint": str(last_ckpt), "log": str(self.log_path),
+                "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
+                "warm_start": self.warm_report is not None}
 
     def _hook(self, name: str, fn: Callable):
         """Run a periodic hook on rank 0 (after a checkpoint, which it may read); log what it returns."""
@@ -1026,7 +1154,7 @@ _FLAG_HELP = {
     "preset": "model preset (ModelConfig sizes)",
     "use_dino_patches": "condition on the DINO patch tokens (--no-use-dino-patches: the pre-patch model)",
     "patch_pos_embed": "position embedding of the patches in the context",
-    "model_overrides": "JSON object of further ModelConfig fields, e.g. '{\"depth\": 2}'",
+    "model": "JSON object of ModelConfig fields over the preset, e.g. '{\"depth\": 2}'",
     "data": "folder with train-*.tar shards (+ stats.json)",
     "out": "output folder: ckpt/, log.jsonl, val/, samples/",
     "shuffle": "shuffle buffer of the loader in samples (0 = off)",
@@ -1089,6 +1217,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="?", const="auto", default=default, help=f"{text} (default: auto)")
             p.add_argument("--no-resume", dest="resume", action="store_const", const="none", help="start fresh")
             continue
+        if f.name == "model":   # a ModelConfig: on the command line, JSON fields over the preset
+            p.add_argument("--model-overrides", dest="model_overrides", default="", metavar="JSON",
+                           help=f"{text} (default: none, the preset's)")
+            continue
         if f.name == "data":
             p.add_argument(flag, required=True, metavar="DIR", help=text)
             continue
@@ -1123,9 +1255,12 @@ def _check_args(cfg: TrainConfig) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = vars(_parser().parse_args(argv))
+    overrides = args.pop("model_overrides")
     try:
-        cfg = TrainConfig(**vars(args))
+        model = parse_model_overrides(args["preset"], overrides, use_dino_patches=args["use_dino_patches"],
+                                      patch_pos_embed=args["patch_pos_embed"])
+        cfg = TrainConfig(**args, model=model)
         _check_args(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise bad_arguments("nbcore.train", e) from None

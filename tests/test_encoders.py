@@ -241,7 +241,7 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     from nbcore.codec import codec_from_spec
     from nbcore.model import NanoDiT
     from nbcore.pretrained import from_pretrained, save_pretrained
-    from nbcore.train import TrainConfig, train
+    from nbcore.train import TrainConfig, parse_model_overrides, train
     from nbcore.utils import load_checkpoint
 
     imgs, out, fresh = tmp_path / "imgs", tmp_path / "shards", tmp_path / "fresh"
@@ -318,7 +318,8 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     over = dict(in_channels=4, input_size=16, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                 text_dim=16, text_len=64, dino_dim=32, dino_grid=14, patch_tie=True)
     run = train(TrainConfig(preset="tiny", data=str(out), out=str(tmp_path / "run"), steps=2, batch_size=2,
-                            shuffle=0, warmup=0, device="cpu", progress=False, model_overrides=json.dumps(over)))
+                            shuffle=0, warmup=0, device="cpu", progress=False,
+                            model=parse_model_overrides("tiny", json.dumps(over))))
     assert run["steps"] == 2
     model_dir = save_pretrained(run["checkpoint"], tmp_path / "model", metrics={"final_loss": run["final_loss"]})
     model, info = from_pretrained(model_dir, device="cpu")

@@ -25,11 +25,12 @@ import torch
 
 from nbcore.data import DataError, Stats, check_shards, make_loader, shard_list, shard_samples
 from nbcore.model import preset
-from nbcore.train import TooManySkipsError, TrainConfig, Trainer, load_train_log, train
+from nbcore.train import TooManySkipsError, TrainConfig, Trainer, load_train_log, parse_model_overrides, train
 from nbcore.utils import CheckpointError, atomic_save, load_checkpoint, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = '{"depth": 1, "hidden_size": 32, "num_heads": 2}'   # tiny preset sizes, a fast model
+SMALL_MODEL = parse_model_overrides("tiny", SMALL)
 
 
 def npy(a) -> bytes:
@@ -210,7 +211,7 @@ def test_check_and_training_agree_on_bad_shards(tiny_shards, tmp_path):
 
     # training: skipped and counted by reason (log and summary), one epoch = 64 good samples = 8 batches
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), steps=9, batch_size=8, log_every=1,
-                      shuffle=0, warmup=1, resume="none", progress=False, model_overrides=SMALL, max_skips=n_bad)
+                      shuffle=0, warmup=1, resume="none", progress=False, model=SMALL_MODEL, max_skips=n_bad)
     s = train(cfg)
     assert s["data_skipped"] == {"wrong_shape": n_bad}
     assert s["data_samples"] == 64 + 8                      # epoch 1, and the first batch of epoch 2
@@ -262,7 +263,7 @@ def stand_in(mcfg, B=4, n_batches=4):
 def test_resume_falls_back_to_the_newest_readable_milestone(tmp_path, capsys, damage):
     mcfg = preset("tiny", depth=1, hidden_size=32, num_heads=2)
     base = dict(out=str(tmp_path / "run"), batch_size=4, log_every=1, warmup=1, lr=1e-3, progress=False,
-                model_overrides=SMALL, ckpt_every=2, milestone_every=4)
+                model=SMALL_MODEL, ckpt_every=2, milestone_every=4)
     train(TrainConfig(**base, steps=6, resume="none"), data=stand_in(mcfg))
     first = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "run")}
     last = tmp_path / "run" / "ckpt" / "last.pt"
@@ -294,7 +295,7 @@ def test_resume_falls_back_to_the_newest_readable_milestone(tmp_path, capsys, da
 def test_resume_with_nothing_readable_says_so(tmp_path):
     mcfg = preset("tiny", depth=1, hidden_size=32, num_heads=2)
     base = dict(out=str(tmp_path / "run"), batch_size=4, log_every=1, warmup=1, progress=False,
-                model_overrides=SMALL, ckpt_every=2)
+                model=SMALL_MODEL, ckpt_every=2)
     train(TrainConfig(**base, steps=2, resume="none"), data=stand_in(mcfg))
     (tmp_path / "run" / "ckpt" / "last.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot resume: .*last.pt: not a readable checkpoint.*no readable milestone"):

@@ -17,7 +17,8 @@ import torch
 
 from nbcore.model import NanoDiT, preset
 from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
-                          flow_matching_loss, load_train_log, sample_dropout, sample_timesteps, train)
+                          flow_matching_loss, load_train_log, parse_model_overrides, sample_dropout, sample_timesteps,
+                          train)
 from nbcore.utils import load_checkpoint
 from nbcore.validate import sample_grid_hook, validation_hook
 
@@ -129,12 +130,14 @@ def test_lr_schedule_and_config_validation():
     assert _lr_lambda(TrainConfig(schedule="constant", warmup=0))(500) == 1.0
     assert TrainConfig().dropout_probs == pytest.approx((0.10, 0.30, 0.05, 0.55))
     for bad in [dict(schedule="linear"), dict(p_drop_both=0.9), dict(steps=0), dict(timestep_sampling="x"),
-                dict(model_overrides="{"), dict(warm_start_weights="both")]:
+                dict(warm_start_weights="both")]:
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+    with pytest.raises(ValueError):
+        parse_model_overrides("tiny", "{")
     with pytest.raises(ValueError, match="unknown ModelConfig"):
-        TrainConfig(model_overrides='{"nope": 1}').model_config()
-    mc = TrainConfig(use_dino_patches=False, model_overrides='{"depth": 2}').model_config()
+        parse_model_overrides("tiny", '{"nope": 1}')
+    mc = TrainConfig(use_dino_patches=False, model=parse_model_overrides("tiny", '{"depth": 2}')).model_config()
     assert mc.use_dino_patches is False and mc.depth == 2 and mc.hidden_size == preset("tiny").hidden_size
 
 
@@ -309,6 +312,43 @@ def test_new_param_lr_scale_groups(tmp_path):
     assert len(plain.optimizer.param_groups) == 2
     with pytest.raises(ValueError, match="new_param_lr_scale"):
         TrainConfig(new_param_lr_scale=0)
+
+
+def test_train_config_in_checkpoints_old_and_new(tmp_path):
+    """A checkpoint stores TrainConfig as plain dicts (its ModelConfig nested) and rebuilds it; a
+    checkpoint of the older layout (``model_overrides`` JSON over the preset) still rebuilds, resumes,
+    warm-starts and loads for sampling / validation."""
+    from nbcore.sample import load_model_with_info
+    from nbcore.utils import atomic_save
+    over = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+    mcfg = preset("tiny", **over)
+    cfg = _cfg(tmp_path, steps=2, model=mcfg, patch_pos_embed="sincos")
+    s = train(cfg, data=stand_in_source(mcfg, 4))
+    ck = load_checkpoint(s["checkpoint"])                                    # weights_only=True
+    assert ck["train_config"]["model"] == mcfg.to_dict()
+    assert TrainConfig.from_dict(ck["train_config"]) == cfg
+    assert ck["config"] == TrainConfig.from_dict(ck["train_config"]).model_config().to_dict()
+    assert ck["config"]["patch_pos_embed"] == "sincos" and ck["config"]["depth"] == 1
+
+    old = dict(ck, train_config={**{k: v for k, v in ck["train_config"].items() if k != "model"},
+                                 "model_overrides": json.dumps(over)})
+    old_path = atomic_save(old, tmp_path / "old.pt")
+    assert TrainConfig.from_dict(old["train_config"]).model_config() == cfg.model_config()
+    assert TrainConfig.from_dict({"preset": "tiny", "model_overrides": ""}).model is None
+    with pytest.raises(ValueError, match="lacks"):
+        TrainConfig.from_dict({"preset": "tiny", "warp_drive": 1})
+    # resume from it: step 2 -> 3, the same as resuming from the new layout
+    a = train(_cfg(tmp_path, out=str(tmp_path / "a"), steps=3, model=mcfg, patch_pos_embed="sincos",
+                   resume=str(old_path)), data=stand_in_source(mcfg, 4))
+    b = train(_cfg(tmp_path, out=str(tmp_path / "b"), steps=3, model=mcfg, patch_pos_embed="sincos",
+                   resume=s["checkpoint"]), data=stand_in_source(mcfg, 4))
+    assert a["steps_this_run"] == 1 and a["final_loss"] == b["final_loss"]
+    # warm start from it, and load it for sampling / validation
+    tr = Trainer(_cfg(tmp_path, out=str(tmp_path / "w"), steps=1, model=mcfg, patch_pos_embed="sincos",
+                      warm_start=str(old_path)), data=stand_in_source(mcfg, 4))
+    assert tr.warm_report["new"] == [] and set(tr.warm_report["loaded"]) == set(ck["model"])
+    model, info = load_model_with_info(old_path, device="cpu")
+    assert model.cfg.to_dict() == ck["config"] and info["step"] == 2
 
 
 # --------------------------------------------------------------------------- crash + resume
