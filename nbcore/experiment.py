@@ -374,10 +374,13 @@ class Evaluator:
         out["psnr"] = (psnr(images, self.source).numpy(), np.ones(self.n, bool))
         return out
 
-    def score_modes(self, model: NanoDiT, guidance: Guidance) -> dict:
-        """{mode: scores} for recon, textonly, and the swap scored against the DINO source's scene
-        (``swap_dino``: low = the layout follows the DINO) and against the text's (``swap_text``)."""
+    def score_modes(self, model: NanoDiT, guidance: Guidance, swap: bool = True) -> dict:
+        """{mode: scores} for recon, textonly, and (``swap``) the swap scored against the DINO
+        source's scene (``swap_dino``: low = the layout follows the DINO) and against the text's
+        (``swap_text``)."""
         out = {m: self.score(self.generate(model, m, guidance)) for m in ("recon", "textonly")}
+        if not swap:
+            return out
         swap = self.generate(model, "swap", guidance)
         out["swap_dino"] = self.score(swap, [self.scenes[i] for i in self.perm.tolist()])
         out["swap_text"] = self.score(swap)
@@ -437,9 +440,32 @@ def plateau(curve: list[dict], mode: str = "recon", metric: str = "layout_error"
             "intervals": [[a["lo"], a["hi"]], [b["lo"], b["hi"]]]}
 
 
+def _pool(p: Profile, device: str):
+    """Worker processes for independent jobs: ``p.workers`` one-thread processes on a CPU, one
+    process on a GPU."""
+    n = p.workers if str(device) == "cpu" or not torch.cuda.is_available() else 1
+    return ProcessPoolExecutor(max(1, n), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))
+
+
+def _score_arm(p: Profile, run_dir, arm: Arm, device: str) -> dict:
+    """Per-scene scores of an arm's last checkpoint: guidance off (recon, text-only) and on (recon,
+    text-only, swap), on ``final_scenes`` scenes (a worker-process job of ``evaluate``)."""
+    ev = Evaluator(p, run_dir, p.final_scenes, device)
+    model, info = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
+    return {"off": ev.score_modes(model, Guidance.off(), swap=False), "on": ev.score_modes(model, p.guidance),
+            "weights": info["weights"]}
+
+
+def _score_rows(p: Profile, run_dir, device: str) -> dict:
+    return Evaluator(p, run_dir, p.final_scenes, device).rows()
+
+
 def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
-    """Final evaluation (module docstring), cached in ``RUN/eval.json``. Returns
-    {"rows": {row: {mode/guidance: {metric: ci}}}, "per_scene": ..., "diffs": ..., "settings": ...}."""
+    """Final evaluation (module docstring), arms scored in parallel worker processes, cached in
+    ``RUN/eval.json``. Returns {"rows": {row: {"off" | "on": {mode: {metric: ci}}}}, "diffs":
+    {arm: paired (arm - baseline) intervals}, "weights": {arm: which weights}, "settings"}. The
+    unguided swap is not sampled (the swap is a guided probe): its row entries are None."""
     cache = Path(run_dir) / "eval.json"
     settings = {"n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
                 "arms": [a.run for a in arms], "ckpts": {a.run: str(checkpoints(run_dir, a)[-1][1]) for a in arms}}
@@ -448,22 +474,20 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
         if old.get("settings") == settings:
             return old
     say = Progress(run_dir)
-    ev = Evaluator(p, run_dir, p.final_scenes, device)
-    per_scene: dict = {row: {"off": s, "on": s} for row, s in ev.rows().items()}
-    for arm in arms:
-        say(f"evaluating {arm.run} on {ev.n} scenes")
-        model, info = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
-        per_scene[arm.run] = {}
-        for g, guidance in (("off", Guidance.off()), ("on", p.guidance)):
-            per_scene[arm.run][g] = ev.score_modes(model, guidance)
-        per_scene[arm.run]["weights"] = info["weights"]
-    res = {"settings": settings, "rows": {}, "diffs": {}}
+    say(f"evaluating {len(arms)} arms and the calibration rows on {p.final_scenes} scenes")
+    t0 = time.time()
+    with _pool(p, device) as pool:
+        rows_job = pool.submit(_score_rows, p, run_dir, device)
+        jobs = {a.run: pool.submit(_score_arm, p, run_dir, a, device) for a in arms}
+        per_scene: dict = {row: {"off": sc, "on": sc} for row, sc in rows_job.result().items()}
+        for run, job in jobs.items():
+            per_scene[run] = job.result()
+            say(f"evaluated {run} ({time.time() - t0:.0f} s)")
+    res = {"settings": settings, "rows": {}, "diffs": {}, "weights": {}}
     for row, sc in per_scene.items():
-        res["rows"][row] = {}
-        for g in ("off", "on"):
-            s = sc[g]
-            modes = s if "recon" in s else {m: s for m in MODES}
-            res["rows"][row][g] = {m: _summary(v, p.n_boot) for m, v in modes.items()}
+        res["rows"][row] = {g: {m: _summary(sc[g][m], p.n_boot) if m in sc[g] else None for m in MODES}
+                            for g in ("off", "on")}
+        res["weights"][row] = sc.get("weights", "n/a")
     base = per_scene.get("baseline")
     for arm in arms:
         if arm.run == "baseline" or base is None:
@@ -491,8 +515,10 @@ def results_table(res: dict, metric: str = "layout_error") -> list[dict]:
 
 
 def curves(p: Profile, run_dir, arms, device: str = "cpu") -> dict:
-    """{arm run: milestone records} for every arm (computed and cached by ``milestones``)."""
-    return {a.run: milestones(p, run_dir, a, device) for a in arms}
+    """{arm run: milestone records} for every arm (``milestones``, arms in parallel worker processes)."""
+    with _pool(p, device) as pool:
+        jobs = {a.run: pool.submit(milestones, p, run_dir, a, device) for a in arms}
+        return {run: job.result() for run, job in jobs.items()}
 
 
 def loss_curves(p: Profile, run_dir, arms) -> dict:
