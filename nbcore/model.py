@@ -503,6 +503,11 @@ PRESETS: dict[str, ModelConfig] = {
     # (context 32 + 1 + 16 = 49); each patch covers 2x2 image tokens.
     "micro": ModelConfig(in_channels=12, input_size=16, patch_size=2, hidden_size=96, depth=3,
                          num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=4),
+    # The cpu profile's world: 24 px images -> 12x12x12 latents, patch 2 (6x6 = 36 image tokens of
+    # 48 values), a 6x6 DINO grid of 4 px patches (one patch per image token; context 32 + 1 + 36).
+    # A step costs 0.6x micro's and learns about as much per step (README, research section).
+    "nano": ModelConfig(in_channels=12, input_size=12, patch_size=2, hidden_size=96, depth=3,
+                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=6),
 }
 
 

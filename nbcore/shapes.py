@@ -21,6 +21,7 @@ made with different world seeds share one embedding space. Sizes (``WorldSizes``
 the caller, so the data side does not import the model: ``WorldSizes.of(model_cfg)`` reads them
 off a model config, and ``WORLDS`` names the worlds of the model presets (a test keeps the two equal):
 
+    nano        24 px images, 12x12x12 latents, 6x6 patch grid of 4 px patches, Dd 64, Dt 64, L <= 32
     micro       32 px images, 12x16x16 latents, 4x4 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
     tiny        64 px images, 12x32x32 latents, 8x8 patch grid of 8 px patches, Dd 64, Dt 64, L <= 32
     production  128 px images, 16x64x64 latents, 14x14 grid (a 224 px view, 16 px patches),
@@ -473,6 +474,7 @@ class WorldSizes:
 # The worlds of the model presets by name (``make_dataset(preset=...)``, the CLI's --preset);
 # tests/test_shapes.py checks each equals WorldSizes.of(nbcore.model.PRESETS[name]).
 WORLDS: dict[str, WorldSizes] = {
+    "nano": WorldSizes(image_size=24, latent_channels=12, dino_grid=6, dino_dim=64, text_dim=64, text_len=32),
     "micro": WorldSizes(image_size=32, latent_channels=12, dino_grid=4, dino_dim=64, text_dim=64, text_len=32),
     "tiny": WorldSizes(image_size=64, latent_channels=12, dino_grid=8, dino_dim=64, text_dim=64, text_len=32),
     "production": WorldSizes(image_size=128, latent_channels=16, dino_grid=14, dino_dim=1024, text_dim=4096,

@@ -306,15 +306,17 @@ ctx.metrics["eval"] = res
 ctx.check(res["rows"]["oracle"]["on"]["recon"]["layout_error"]["mean"] < 0.02, "oracle row is near 0 (the metric's ceiling)")
 ctx.check(res["rows"]["layout_blind"]["on"]["recon"]["layout_error"]["mean"] > 0.2, "layout-blind row is far from 0")'''),
     new_markdown_cell("## Seeds\nThe baseline and the best patch arm repeated with other seeds: the spread beside the intervals."),
-    new_code_cell('''for a in arms:
+    new_code_cell('''best = ex.best_patch_arm(p, ctx.run_dir)
+print(f"best patch arm now: {best.run}; repeated with more seeds: {p.repeat_arm or best.run}")
+ctx.metrics["best_patch_arm"] = best.run
+for a in arms:
     if a.seed or any(b.name == a.name and b.seed for b in arms):
         r = res["rows"][a.run]
         print(f"{a.run:26s} recon {ex._ci(r['off']['recon']['layout_error'])}  text-only {ex._ci(r['on']['textonly']['layout_error'])}")'''),
     new_markdown_cell("## Separate patch guidance scale (open question 3)\nNested guidance with the CLS-only "
                       "branch: `v_u + s_d (v_cls - v_u) + s_p (v_dino - v_cls) + s_t (v_full - v_dino)`. Caveat: "
                       "(real CLS, null patches) never occurs in training with the default dropout."),
-    new_code_cell('''best = ex.best_patch_arm(p, ctx.run_dir)
-if "patches" in p.model_config(best).context_order or p.model_config(best).patch_tie:
+    new_code_cell('''if "patches" in p.model_config(best).context_order or p.model_config(best).patch_tie:
     sweep = ex.patch_scale_sweep(p, ctx.run_dir, best, ctx.device)
     for r in sweep:
         print(f"{best.run} patch scale {r['patch_scale']:.1f}: layout error {ex._ci(r['layout_error'])}, recall {ex._ci(r['shape_recall'])}")
