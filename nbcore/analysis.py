@@ -111,6 +111,21 @@ def cls_use(checkpoints: list, cond: dict, device, t_values=(0.25, 0.5, 0.75)) -
     return out
 
 
+def locality_over_training(checkpoints: list, cond: dict, steps: int, device, seed: int = 0) -> list[dict]:
+    """Does an image token attend to its co-located patch, and since when? For each milestone
+    ``(step, path)``: ``patch_locality`` of the patch maps captured along a sampling trajectory
+    (EMA weights, the same batch and noise for every milestone) -> records {step, ratio,
+    colocated_share, mean_distance, ...} (ratio 1 = position-blind)."""
+    out = []
+    for step, path in checkpoints:
+        model = load_model(path, use_ema=True, device=device)
+        c = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+        _, rec = capture_sampling(model, c, steps=steps, seed=seed)
+        h = model.cfg.input_size // model.cfg.patch_size
+        out.append({"step": int(step), **patch_locality(rec.patch_maps, (h, h), model.cfg.dino_grid)})
+    return out
+
+
 def risk5_answer(over: list[dict], tables: dict, locality: dict, mean_context: float) -> tuple[str, float]:
     """Seed risk 5 (is CLS attended?) in one sentence, from ``cls_use`` records ``over``, the
     ``routing_tables`` of the sampling capture, ``patch_locality``'s result and the mean context

@@ -248,9 +248,11 @@ class Progress:
             f.write(line + "\n")
 
 
-def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: float = 20.0) -> dict:
-    """Train every arm of the profile (and the seed repeats) into ``RUN/train/``; reuse finished runs
-    with the same settings, resume unfinished ones. Returns {run name: summary}."""
+def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: float = 20.0, seed: int = 0) -> dict:
+    """Train every arm of the profile (and the seed repeats) into ``RUN/train/``, on the run's data
+    (``ensure_data``, world ``seed``); reuse finished runs with the same settings, resume unfinished
+    ones. Returns {run name: summary}."""
+    ensure_data(p, run_dir, seed)
     arms = list(arms or p.arms)
     say = Progress(run_dir)
     done: dict = {}
@@ -279,8 +281,9 @@ def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: flo
         rec["summary"] = summary
         stamp.write_text(json.dumps(rec, indent=1))
         done[arm.run] = {**summary, "reused": False}
-        say(f"{arm.run}: done, {summary['steps_this_run']} steps at {summary['steps_per_s']:.1f} steps/s, "
-            f"final loss {summary['final_loss']:.4f}")
+        loss = summary.get("final_loss")   # None when a resumed run had no step left to take
+        say(f"{arm.run}: done, {summary['steps_this_run']} steps this run at {summary['steps_per_s'] or 0:.1f} "
+            f"steps/s, final loss {'n/a' if loss is None else f'{loss:.4f}'}")
 
     def run_all(batch: list[Arm], after: dict[str, list[Arm]]):
         """Run ``batch``; when an arm in ``after`` finishes, its dependants are queued."""

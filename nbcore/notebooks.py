@@ -102,3 +102,10 @@ def load_val_batch(data_dir, n: int, device=None) -> dict:
     if device is not None:
         batch = {k: (v.to(device) if torch.is_tensor(v) and k != "png" else v) for k, v in batch.items()}
     return batch
+
+
+if __name__ == "__main__":   # DESIGN.md's entry point `python -m nbcore.notebooks run ...`: the runner's CLI
+    import sys
+
+    from .runner import main
+    sys.exit(main())

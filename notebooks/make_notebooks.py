@@ -180,7 +180,7 @@ ctx.save(viz.image_grid({textwrap.fill(c, 24): val["png"][i:i + 1] for i, c in e
          "shapes_world.png")
 print(data_dir, *val["txt"], sep="\\n")'''),
     new_markdown_cell("## Every arm, equal steps"),
-    new_code_cell('''summaries = ex.train_arms(p, ctx.run_dir, ctx.device)
+    new_code_cell('''summaries = ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
 arms = list(p.arms) + ex.repeats(p, ctx.run_dir)
 for a in arms:
     sm = summaries[a.run]
@@ -188,7 +188,8 @@ for a in arms:
           f"{sm['steps_per_s']:.1f} steps/s  skipped {sm['skipped']}  reused {sm['reused']}")
     ctx.metrics[f"{a.run}_final_loss"] = sm["final_loss"]
     ctx.metrics[f"{a.run}_steps_per_s"] = sm["steps_per_s"]
-    ctx.check(sm["final_loss"] is not None and sm["skipped"] == 0, f"{a.run}: finite loss, no non-finite step skipped")
+    ctx.check((sm["final_loss"] is not None or sm["steps_this_run"] == 0) and sm["skipped"] == 0,
+              f"{a.run}: finite loss, no non-finite step skipped")
     total = sm["steps"] + (p.warm_from if a.init == "warm" else 0)
     ctx.check(total == p.steps, f"{a.run}: {p.steps} optimiser steps in all", total=total)
 warm = [a for a in arms if a.init == "warm"]
@@ -215,7 +216,7 @@ NB04 = nb([
     *header("04_attention_routing", "routing_samples = None\nrouting_steps = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 from nbcore.sample import load_model
-ex.train_arms(p, ctx.run_dir, ctx.device)
+ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
 best = ex.best_patch_arm(p, ctx.run_dir)
 ckpts = ex.checkpoints(ctx.run_dir, best)
 model = load_model(ckpts[-1][1], use_ema=True, device=ctx.device)
@@ -250,6 +251,11 @@ if has_maps:
     ctx.save(viz.plot_curves({src: [{"step": r["step"], "mass": r[src]} for r in over] for src in ("text", "cls", "patches")},
                              ["mass"]), "mass_over_training.png")
     ctx.metrics["mass_over_training"] = over
+    loc_over = analysis.locality_over_training(ckpts, batch, p.routing_steps, ctx.device, seed=ctx.seed)
+    ctx.save(viz.plot_curves({"co-located patch share / uniform": [{"step": r["step"], "ratio": r["ratio"]} for r in loc_over]},
+                             ["ratio"]), "locality_over_training.png")
+    print("co-located share / uniform over training:", [(r["step"], round(r["ratio"], 2)) for r in loc_over])
+    ctx.metrics["locality_over_training"] = loc_over
     M = batch["text_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
     answer, share = analysis.risk5_answer(over, tabs, loc, M)
     print(answer)
@@ -275,7 +281,7 @@ NB05 = nb([
     *header("05_milestones", "curve_scenes = None\nfinal_scenes = None\nsample_steps = None\ntext_scale = None\n"
             "dino_scale = None\npatch_scales = None\n", train=True),
     new_code_cell('''from nbcore import analysis
-ex.train_arms(p, ctx.run_dir, ctx.device)
+ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
 arms = list(p.arms) + ex.repeats(p, ctx.run_dir)
 print("arms:", [a.run for a in arms])'''),
     new_markdown_cell("## Curves: layout error against total optimiser steps\nGuidance off, `curve_scenes` "
@@ -348,7 +354,7 @@ NB06 = nb([
             train=True),
     new_code_cell('''from nbcore.demo import Demo, swap_figure, build_widget
 if ckpt is None:
-    ex.train_arms(p, ctx.run_dir, ctx.device)
+    ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
     best = ex.best_patch_arm(p, ctx.run_dir)
     ckpt = ex.checkpoints(ctx.run_dir, best)[-1][1]
 demo = Demo.load(ckpt, device=ctx.device, n_scenes=max(8, 2 * p.demo_grid), world_seed=ctx.seed)
