@@ -180,12 +180,13 @@ ctx.save(viz.image_grid({textwrap.fill(c, 24): val["png"][i:i + 1] for i, c in e
          "shapes_world.png")
 print(data_dir, *val["txt"], sep="\\n")'''),
     new_markdown_cell("## Every arm, equal steps"),
-    new_code_cell('''summaries = ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
+    new_code_cell('''from nbcore.analysis import fmt
+summaries = ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
 arms = list(p.arms) + ex.repeats(p, ctx.run_dir)
 for a in arms:
     sm = summaries[a.run]
-    print(f"{a.run:24s} {a.init:8s} steps {sm['steps']:5d}  final loss {sm['final_loss']:.4f}  "
-          f"{sm['steps_per_s']:.1f} steps/s  skipped {sm['skipped']}  reused {sm['reused']}")
+    print(f"{a.run:24s} {a.init:8s} steps {sm['steps']:5d}  final loss {fmt(sm['final_loss'], 4)}  "
+          f"{fmt(sm['steps_per_s'], 1)} steps/s  skipped {sm['skipped']}  reused {sm['reused']}")
     ctx.metrics[f"{a.run}_final_loss"] = sm["final_loss"]
     ctx.metrics[f"{a.run}_steps_per_s"] = sm["steps_per_s"]
     ctx.check((sm["final_loss"] is not None or sm["steps_this_run"] == 0) and sm["skipped"] == 0,
