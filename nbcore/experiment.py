@@ -108,9 +108,9 @@ class Profile:
     n_data: int = 8000
     val_fraction: float = 0.05
     # schedule (module docstring)
-    steps: int = 2800
-    warm_from: int = 1400
-    milestone_every: int = 350
+    steps: int = 2400
+    warm_from: int = 1200
+    milestone_every: int = 300
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
