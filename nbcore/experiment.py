@@ -480,7 +480,7 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
     {arm: paired (arm - baseline) intervals}, "weights": {arm: which weights}, "settings"}. The
     unguided swap is not sampled (the swap is a guided probe): its row entries are None."""
     cache = Path(run_dir) / "eval.json"
-    settings = {"n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
+    settings = {"format": 2, "n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
                 "arms": [a.run for a in arms], "ckpts": {a.run: str(checkpoints(run_dir, a)[-1][1]) for a in arms}}
     if cache.exists():
         old = json.loads(cache.read_text())
@@ -492,7 +492,9 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
     with _pool(p, device) as pool:
         rows_job = pool.submit(_score_rows, p, run_dir, device)
         jobs = {a.run: pool.submit(_score_arm, p, run_dir, a, device) for a in arms}
-        per_scene: dict = {row: {"off": sc, "on": sc} for row, sc in rows_job.result().items()}
+        # a calibration row is the same images for every mode and guidance setting
+        per_scene: dict = {row: {g: {m: sc for m in MODES} for g in ("off", "on")}
+                           for row, sc in rows_job.result().items()}
         for run, job in jobs.items():
             per_scene[run] = job.result()
             say(f"evaluated {run} ({time.time() - t0:.0f} s)")
