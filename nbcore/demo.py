@@ -131,8 +131,9 @@ class Demo:
     def load(cls, ckpt=None, run_dir=None, device: str = "auto", n_scenes: int = 8, world_seed: int = 0,
              **kw) -> "Demo":
         model, info = get_demo_model(ckpt, run_dir=run_dir, device=device, **kw)
-        world = ShapesWorld(model.cfg, seed=world_seed)
         stats = _stats_for(Path(info["path"]))
+        # scenes drawn by the rules the model was trained on (recorded in its data's stats.json)
+        world = ShapesWorld(model.cfg, seed=world_seed, rules=stats.meta.get("rules", "standard"))
         scenes = [world.scene(i, "val") for i in range(n_scenes)]
         return cls(model, info, world, stats, scenes)
 
