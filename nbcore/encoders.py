@@ -45,6 +45,10 @@ turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the DESIGN.md da
   settings; each finished shard is written to ``NAME.tar.tmp`` then renamed, and listed with its keys
   in ``OUT_DIR/precompute.json``. A rerun with the same settings keeps the listed shards and
   continues; an unfinished run with other settings is an error unless ``--restart``.
+- Scene metadata: a ``name.json`` beside an image is stored as the sample's ``json`` member (the
+  shapes world's scene, written by ``nbcore.shapes.write_image_folder``), so the shapes-world layout
+  metrics also run on real-encoded shapes images. Its coordinates are the image's: valid for square
+  images (any resize), not after a crop of a non-square one.
 - ``stats.json`` meta records the codec spec (``nbcore.codec``), the encoder folders and dtypes,
   the image size and the buckets.
 
@@ -76,7 +80,7 @@ from .shapes import encode_sample_members
 from .utils import resolve_device, write_json
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
-           "choose_bucket", "precompute", "MANIFEST", "main"]
+           "choose_bucket", "precompute", "tiny_random_encoders", "MANIFEST", "main"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -276,7 +280,61 @@ def find_pairs(images_dir) -> tuple[list[tuple[str, Path, str]], list[Path]]:
     return pairs, missing
 
 
+# --------------------------------------------------------------------------- plumbing stand-ins
+
+def tiny_random_encoders(root, seed: int = 0, vocab=None) -> dict:
+    """PLUMBING STAND-INS, not encoders: tiny randomly initialised models of the real classes
+    (``DINOv3ViTModel`` hidden 32, 16 px patches, 2 registers; ``T5EncoderModel`` d_model 16 with a
+    word-level fast tokenizer; ``AutoencoderKL`` with 4 latent channels and 2x downsampling) saved
+    under ``root/{dino,t5,vae}``, for tests and the headless run of notebook 07. Their features mean
+    nothing; they exercise every real-data code path without a download. ``vocab``: the tokenizer's
+    words (default: the shapes world's, plus ``</s>``). Returns {"dino", "t5", "vae"}: folder paths.
+    Rewrites nothing that is already there with the same seed (``root/tiny.json``)."""
+    import transformers
+    import diffusers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from .shapes import VOCAB
+
+    root = Path(root)
+    dirs = {k: root / k for k in ("dino", "t5", "vae")}
+    stamp = root / "tiny.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == {"seed": seed} and all(d.is_dir() for d in dirs.values()):
+        return dirs
+    words = list(vocab) if vocab is not None else [w for w in VOCAB if w not in ("<pad>", "<unk>")]
+    words = ["<pad>", "</s>", "<unk>"] + [w for w in words if w not in ("<pad>", "</s>", "<unk>")]
+    torch.manual_seed(seed)
+    transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
+        image_size=224, num_register_tokens=2)).eval().save_pretrained(dirs["dino"])
+    transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval().save_pretrained(dirs["t5"])
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(dirs["t5"])
+    diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.5,
+        shift_factor=0.1).eval().save_pretrained(dirs["vae"])
+    write_json({"seed": seed}, stamp)
+    return dirs
+
+
 # --------------------------------------------------------------------------- precompute
+
+def _sidecar_meta(image_path: Path) -> dict | None:
+    """``name.json`` beside an image (a shapes-world scene, ``nbcore.shapes.write_image_folder``),
+    stored as the sample's ``json`` member as it is; None when there is none."""
+    p = image_path.with_suffix(".json")
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+
 
 def _encoder_info(enc, what: str) -> dict:
     """What identifies an encoder in the manifest and stats meta: its folder and dtype."""
@@ -398,7 +456,8 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
         hw = f"{images.shape[2]}x{images.shape[3]}"
         for j, (key, _, cap) in enumerate(items):
             state["writer"].write({"__key__": key, **encode_sample_members(
-                lat[j], cls[j], patches[j], texts[j], cap, images[j] if write_png else None)})
+                lat[j], cls[j], patches[j], texts[j], cap, images[j] if write_png else None,
+                _sidecar_meta(items[j][1]))})
             rec["keys"].append(key)
         rec["buckets"][hw] = rec["buckets"].get(hw, 0) + len(items)
         info.update(latent_channels=int(lat.shape[1]), dino_patches=list(patches.shape[1:]), text_dim=int(texts[0].shape[-1]))

@@ -57,7 +57,7 @@ from .data import StatsAccumulator, shard_records
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Rules", "RULES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
-           "shape_mask", "sample_scene", "shuffle_layout", "shift_scene", "shift_extent", "region_of", "make_dataset", "encode_sample_members", "VOCAB"]
+           "shape_mask", "sample_scene", "shuffle_layout", "shift_scene", "shift_extent", "region_of", "make_dataset", "write_image_folder", "encode_sample_members", "VOCAB"]
 
 # Colours are multiples of 1/255 so a PNG round trip is exact. Pairwise RGB distance >= 0.5.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -631,6 +631,28 @@ def make_dataset(out_dir, n: int, seed: int = 0, preset: str = "tiny", val_fract
                             "seed": 777},
                   "shards": shard_records(out, written)}   # samples per shard: readers tell a cut shard
     stats.save(out / "stats.json")
+    return out
+
+
+def write_image_folder(out_dir, n: int, image_size: int = 64, seed: int = 0, rules: str = "standard",
+                       split: str = "train") -> Path:
+    """``n`` shapes-world scenes as a folder a user would bring: ``scene_NNNNNN.png`` (``image_size``
+    px, square), its caption ``scene_NNNNNN.txt`` and its scene ``scene_NNNNNN.json`` (which
+    ``nbcore.encoders.precompute`` stores as the ``json`` member, so layout ground truth survives
+    the real encoders). The input of the real-data path's tests and of notebook 07's headless run."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if rules not in RULES:
+        raise ValueError(f"unknown rules {rules!r}; choose from {sorted(RULES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    code = {"train": 0, "val": 1, "test": 2}[split]
+    for i in range(n):   # the stream of ShapesWorld(seed=seed).scene(i, split): the same scenes
+        scene = sample_scene(np.random.default_rng([seed, code, i]), rules=RULES[rules])
+        stem = out / f"scene_{i:06d}"
+        (stem.with_suffix(".png")).write_bytes(_png(render(scene, image_size)))
+        stem.with_suffix(".txt").write_text(scene.caption(), encoding="utf-8")
+        stem.with_suffix(".json").write_text(json.dumps(scene.to_json()), encoding="utf-8")
     return out
 
 

@@ -3,8 +3,9 @@ local folders; no downloads), the precompute CLI's contract shapes, aspect-ratio
 after an interrupted run, and the real-data path end to end (precompute -> shard check -> train ->
 save_pretrained / from_pretrained).
 
-The T5 tokenizer is a real ``transformers`` fast tokenizer built offline from a ``tokenizers``
-WordLevel model (SentencePiece is not available offline), saved and reloaded through AutoTokenizer.
+The encoder folders are ``nbcore.encoders.tiny_random_encoders``' plumbing stand-ins (conftest
+``real_encoder_dirs``); their T5 tokenizer is a real ``transformers`` fast tokenizer built offline
+from a ``tokenizers`` WordLevel model (SentencePiece is not available offline).
 """
 from __future__ import annotations
 
@@ -21,45 +22,27 @@ from nbcore.data import check_shards, make_loader, shard_list, Stats
 from nbcore.encoders import (MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket,
                              main, precompute)
 
-WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left",
-         "right", "bottom", "and", "small", "large"]
-
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+WORDS = ["a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left", "right", "bottom", "and",
+         "small", "large"]   # caption words of the generated folders: all in the stand-in tokenizer's vocabulary
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    # Building and saving the tiny models takes several seconds on 2 cores: every test using them is slow.
-    transformers = pytest.importorskip("transformers")
-    diffusers = pytest.importorskip("diffusers")
+def model_dirs(real_encoder_dirs, tmp_path_factory):
+    """The session's stand-in encoder folders (conftest ``real_encoder_dirs``), a DINOv2-with-registers
+    folder beside them, and the reference modules loaded straight from those folders."""
+    import transformers
+    import diffusers
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
-        image_size=224, num_register_tokens=2)).eval()
-    dino.save_pretrained(root / "dino")
     reg = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
         image_size=224, num_register_tokens=4)).eval()
     reg.save_pretrained(root / "dinov2reg")
-    t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
-    t5.save_pretrained(root / "t5")
-    build_tokenizer().save_pretrained(root / "t5")
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.5, shift_factor=0.1).eval()
-    vae.save_pretrained(root / "vae")
-    return {"dino": root / "dino", "dinov2reg": root / "dinov2reg", "t5": root / "t5", "vae": root / "vae",
-            "models": {"dino": dino, "dinov2reg": reg, "t5": t5, "vae": vae}}
+    d = real_encoder_dirs
+    models = {"dino": transformers.DINOv3ViTModel.from_pretrained(d["dino"]).eval(), "dinov2reg": reg,
+              "t5": transformers.T5EncoderModel.from_pretrained(d["t5"]).eval(),
+              "vae": diffusers.AutoencoderKL.from_pretrained(d["vae"]).eval()}
+    return {**d, "dinov2reg": root / "dinov2reg", "models": models}
 
 
 @pytest.mark.slow
@@ -88,7 +71,7 @@ def test_t5_hidden_states_and_mask(model_dirs):
     assert emb.shape == (2, 512, 16) and mask.shape == (2, 512) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [8, 4]                                     # words + </s>
     assert not emb[~mask].any()
-    ids = torch.tensor([[WORDS.index(w) for w in caps[1].split()] + [1]])
+    ids = torch.tensor([enc.tokenizer.convert_tokens_to_ids(caps[1].split() + ["</s>"])])
     with torch.no_grad():
         ref = model_dirs["models"]["t5"](input_ids=ids).last_hidden_state
     torch.testing.assert_close(emb[1, :4], ref[0])                            # padding does not leak in
@@ -222,7 +205,7 @@ def _write_folder(folder):
     g = np.random.default_rng(1)
     sizes = {"sq": (40, 40), "land": (64, 36), "port": (30, 56)}
     kinds = ["sq", "land", "port", "sq", "land", "port", "sq", "land", "port", "sq", "land", "port", "sq", "sq"]
-    words = WORDS[3:]
+    words = WORDS
     for i, kind in enumerate(kinds):
         w, h = sizes[kind]
         Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
@@ -381,3 +364,33 @@ def test_precompute_val_split_and_finished_rerun(model_dirs, tmp_path):
     # a finished run with other settings is replaced, as a fresh run would be
     other = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, progress=False)
     assert (other["train"], other["val"], other["shards_written"]) == (5, 0, 1) and not (out / "val-000000.tar").exists()
+
+
+@pytest.mark.slow
+def test_shapes_folder_keeps_its_scenes_through_precompute(real_encoder_dirs, shapes_image_folder, tmp_path):
+    """A shapes-world image folder (``write_image_folder``) holds ShapesWorld's own scenes; precompute
+    stores each ``name.json`` as the sample's ``json`` member, and the stored png is the rendered scene."""
+    from nbcore.shapes import WORLDS, Scene, ShapesWorld, render
+    world = ShapesWorld(WORLDS["nano"], seed=0, rules="easy")
+    first = json.loads((shapes_image_folder / "scene_000003.json").read_text())
+    assert first == world.scene(3, "train").to_json()
+    d = real_encoder_dirs
+    precompute(shapes_image_folder, tmp_path / "shards", d["dino"], d["t5"], d["vae"], image_size=32,
+               batch_size=8, progress=False, device="cpu")
+    seen = 0
+    for batch in make_loader(tmp_path / "shards", 8, shuffle=0):
+        for key, meta, png, txt in zip(batch["key"], batch["json"], batch["png"], batch["txt"]):
+            i = int(key.removeprefix("scene_"))
+            scene = world.scene(i, "train")
+            assert meta == scene.to_json() and txt == scene.caption()
+            assert torch.allclose(png, render(Scene.from_json(meta), 32), atol=1 / 255)
+            seen += 1
+    assert seen == 24
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for ext in (".png", ".txt"):
+        (bad / f"x{ext}").write_bytes((shapes_image_folder / f"scene_000000{ext}").read_bytes())
+    (bad / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"x\.json: not valid JSON"):
+        precompute(bad, tmp_path / "bad_shards", d["dino"], d["t5"], d["vae"], image_size=32, progress=False,
+                   device="cpu")
