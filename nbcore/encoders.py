@@ -65,7 +65,9 @@ import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,7 +82,7 @@ from .shapes import encode_sample_members
 from .utils import resolve_device, write_json
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
-           "choose_bucket", "precompute", "tiny_random_encoders", "MANIFEST", "main"]
+           "choose_bucket", "precompute", "tiny_random_encoders", "DataEncoders", "data_encoders", "MANIFEST", "main"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,6 +184,84 @@ class T5TextEncoder:
         """Each caption's real-token hidden states: a list of (L_i, Dt) float32."""
         emb, mask = self(captions, padding="longest")                                   # (B, L, Dt), (B, L)
         return [emb[i, : int(n)] for i, n in enumerate(mask.sum(1).tolist())]
+
+
+# --------------------------------------------------------------------------- the encoders of a dataset
+
+@dataclass
+class DataEncoders:
+    """What turns images and captions into a model's conditions, as the data was made: the shapes
+    world's stand-ins (``kind="shapes"``) or the real DINOv3 / T5 / VAE (``kind="real"``).
+
+    ``dino(images (B, 3, Sh, Sw) in [0, 1]) -> (cls (B, Dd), patches (B, P, Dd))``;
+    ``text(captions) -> (emb (B, L, Dt), mask (B, L) bool)``, L = the longest caption;
+    ``codec``: ``nbcore.codec.Codec`` (images <-> latents); ``stats``: the data's ``Stats``;
+    ``image_size``: the square side the data's images were made at (``load`` crops a file to it).
+    ``condition(images, captions)`` gives the normalised conditioning a batch of the data would hold.
+    """
+    kind: str
+    dino: Callable
+    text: Callable
+    codec: object
+    stats: object
+    image_size: int
+
+    def load(self, paths) -> torch.Tensor:
+        """Image files -> (B, 3, S, S) in [0, 1], short side resized and centre-cropped to ``image_size``."""
+        return torch.stack([load_image(p, self.image_size) for p in paths])
+
+    @torch.no_grad()
+    def condition(self, images: torch.Tensor, captions: list[str]) -> dict:
+        """-> dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt), text_mask (B, L), all
+        normalised with ``stats`` as the loader does, plus png (the images) and txt."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        cls, patches = self.dino(images)
+        emb, mask = self.text(list(captions))
+        cond = self.stats.normalise_condition({"dino_emb": cls, "dino_patches": patches, "text_emb": emb,
+                                               "text_mask": mask})
+        return {**cond, "png": images, "txt": list(captions)}
+
+
+def _recorded(meta: dict, what: str, given):
+    """The encoder folder to load: ``given`` (a CLI flag) or the one stats.json recorded; a clear error when neither exists."""
+    if given is not None:
+        return given
+    path = ((meta.get("encoders") or {}).get(what) or {}).get("path")
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"the data was encoded with the {what} at {path!r}, which is not a folder on this "
+                                f"machine: pass --{what} DIR ({what}=DIR), a local folder of that model")
+    return path
+
+
+def data_encoders(stats, model_cfg=None, dino=None, t5=None, vae=None, device: str = "cpu") -> DataEncoders:
+    """The encoders the data behind ``stats`` (Stats or a stats.json path) was made with.
+
+    Shapes-world data (stats meta ``source`` from ``nbcore.shapes``): the world's stand-in encoders
+    at ``model_cfg``'s sizes (else the recorded preset's) and its pixel codec. Real data
+    (``nbcore.encoders.precompute``): DINOv3 / T5 / VAE from the given folders, else from the folders
+    stats.json recorded (an error naming the flag when they are not on this machine)."""
+    from .codec import codec_from_stats
+    from .data import Stats
+    from .shapes import WORLDS, ShapesWorld, WorldSizes
+
+    st = stats if isinstance(stats, Stats) else Stats.load(stats)
+    meta = st.meta or {}
+    if str(meta.get("source", "")).startswith("nbcore.shapes"):
+        sizes = WorldSizes.of(model_cfg) if model_cfg is not None else WORLDS[meta.get("preset", "tiny")]
+        world = ShapesWorld(sizes, rules=meta.get("rules", "standard"))
+        text = lambda caps: world.text_encoder(list(caps))
+        return DataEncoders("shapes", world.patch_encoder, text, codec_from_stats(st), st, sizes.image_size)
+    if meta.get("source") != "nbcore.encoders.precompute":
+        raise ValueError(f"stats.json does not say how its data was made (meta source {meta.get('source')!r}): "
+                         "expected shapes-world data (nbcore.shapes) or nbcore.encoders.precompute output")
+    enc = meta.get("encoders") or {}
+    d = DinoV3Encoder(_recorded(meta, "dino", dino), device, (enc.get("dino") or {}).get("dtype") or "float32")
+    t = T5TextEncoder(_recorded(meta, "t5", t5), device, (enc.get("t5") or {}).get("dtype") or "float32",
+                      max_len=(enc.get("t5") or {}).get("max_len") or 512)
+    codec = codec_from_stats(st, vae_dir=vae, device=device)
+    return DataEncoders("real", d, lambda caps: t(list(caps), padding="longest"), codec, st,
+                        int(meta.get("image_size") or 512))
 
 
 # --------------------------------------------------------------------------- images

@@ -394,3 +394,33 @@ def test_shapes_folder_keeps_its_scenes_through_precompute(real_encoder_dirs, sh
     with pytest.raises(ValueError, match=r"x\.json: not valid JSON"):
         precompute(bad, tmp_path / "bad_shards", d["dino"], d["t5"], d["vae"], image_size=32, progress=False,
                    device="cpu")
+
+
+@pytest.mark.slow
+def test_data_encoders_rebuild_what_the_shards_hold(real_encoder_dirs, shapes_image_folder, tmp_path, tiny_shards):
+    """``data_encoders(stats)`` re-encodes a sample's image and caption into the normalised
+    conditions its shard holds: real encoders from the folders stats.json records, and the shapes
+    world's stand-ins; a recorded folder that is gone names the flag."""
+    from nbcore.encoders import data_encoders
+    from nbcore.model import CONDITION_KEYS
+    d = real_encoder_dirs
+    out = tmp_path / "shards"
+    precompute(shapes_image_folder, out, d["dino"], d["t5"], d["vae"], image_size=32, progress=False, device="cpu")
+    for folder, tol in ((out, 2e-2), (tiny_shards, 2e-2)):
+        enc = data_encoders(folder / "stats.json")
+        assert enc.kind == ("real" if folder == out else "shapes")
+        split = "train" if folder == out else "val"
+        batch = next(iter(make_loader(shard_list(folder, split), 4, stats=folder / "stats.json", shuffle=0)))
+        cond = enc.condition(batch["png"], batch["txt"])
+        L = cond["text_mask"].shape[1]                  # the loader may pad text further: padding is masked
+        assert not batch["text_mask"][:, L:].any()
+        for k in CONDITION_KEYS:
+            ref = batch[k][:, :L] if k.startswith("text") else batch[k]
+            assert cond[k].shape == ref.shape, k
+            torch.testing.assert_close(cond[k].float(), ref.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(enc.codec.encode(batch["png"]), batch["latent"], atol=2e-2, rtol=2e-2)
+    st = Stats.load(out / "stats.json")
+    st.meta["encoders"]["dino"]["path"] = str(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="pass --dino DIR"):
+        data_encoders(st)
+    assert data_encoders(st, dino=d["dino"]).kind == "real"
