@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .codec import codec_from_stats
 from .metrics import bootstrap_ci, paired_bootstrap_diff, shape_layout_per_sample, psnr
 from .model import NanoDiT, ModelConfig, preset as model_preset
 from .sample import Guidance, load_model_with_info, sample
@@ -135,6 +136,10 @@ class Profile:
     routing_steps: int = 10
     demo_steps: int = 12
     demo_grid: int = 4
+    # notebook 07 (the real-data path): without encoder folders it runs on plumbing stand-ins
+    real_images: int = 64                # generated shapes-world images when no image folder is given
+    real_image_size: int = 32            # square side the images are encoded at
+    real_steps: int = 60                 # training steps of the real-data run
 
     def __post_init__(self):
         if not 0 < self.warm_from < self.steps:
@@ -158,7 +163,8 @@ PROFILES["cpu"] = Profile("cpu", repeat_arm="tied+context")
 PROFILES["smoke"] = replace(
     PROFILES["cpu"], name="smoke", repeat_arm=None, n_data=160, val_fraction=0.2, steps=8, warm_from=4, milestone_every=4,
     batch_size=8, warmup=2, arms=HEADLINE_ARMS[:2] + HEADLINE_ARMS[4:], curve_scenes=8, final_scenes=16,
-    sample_steps=2, patch_scales=(0.0, 2.0), n_boot=50, routing_samples=2, routing_steps=2, demo_steps=2, demo_grid=2)
+    sample_steps=2, patch_scales=(0.0, 2.0), n_boot=50, routing_samples=2, routing_steps=2, demo_steps=2, demo_grid=2,
+    real_images=12, real_steps=2)
 # The secondary ablations (CLS position, tied only) beside the headline arms, on 2 cores.
 PROFILES["cpu-long"] = replace(PROFILES["cpu"], name="cpu-long", arms=HEADLINE_ARMS + SECONDARY_ARMS)
 # Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
@@ -362,7 +368,8 @@ class Evaluator:
         self.n = len(self.batch["txt"])
         self.scenes = [Scene.from_json(m) for m in self.batch["json"]]
         cfg = p.model_config()
-        self.world = ShapesWorld(cfg, rules=p.world)
+        self.world = ShapesWorld(cfg, rules=p.world)                                    # scenes of the layout-blind row
+        self.codec = codec_from_stats(Path(run_dir) / "data" / "stats.json")            # the data's own codec
         self.noise = torch.randn(self.batch["latent"].shape, generator=torch.Generator().manual_seed(0))
         self.source = self.batch["png"]
         self.perm = torch.roll(torch.arange(self.n), -1)                               # DINO of scene i + 1
@@ -378,7 +385,7 @@ class Evaluator:
                         dino_patches=b["dino_patches"][idx] if model.cfg.use_dino_patches else None)
         z = sample(model, noise=self.noise, steps=self.p.sample_steps, guidance=guidance, device=self.device,
                    **{k: (v.to(self.device) if v is not None else None) for k, v in cond.items()})
-        return self.world.codec.decode(z.cpu())
+        return self.codec.decode(z.cpu())
 
     def score(self, images: torch.Tensor, scenes=None) -> dict:
         """Per-scene tensors (n,) of the layout metrics and PSNR against the source, with validity."""
@@ -406,7 +413,7 @@ class Evaluator:
         untrained = NanoDiT(replace(cfg, use_dino_patches=False)).eval()
         rng = np.random.default_rng(0)
         blind = self.world.render_batch([shuffle_layout(s, rng, margin=self.world.rules.margin) for s in self.scenes])
-        codec = lambda x: self.world.codec.decode(self.world.codec.encode(x))
+        codec = lambda x: self.codec.decode(self.codec.encode(x))
         return {"untrained": self.score(self.generate(untrained, "textonly", Guidance.off())),
                 "layout_blind": self.score(codec(blind)),
                 "oracle": self.score(codec(self.source))}
