@@ -227,11 +227,6 @@ def _key(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "device")}
 
 
-def _train_one(cfg: TrainConfig) -> dict:
-    torch.set_num_threads(1)
-    return train(cfg)
-
-
 def _status(run_dir, arm: Arm, total: int) -> str:
     recs = load_train_log(arm_dir(run_dir, arm)) if (arm_dir(run_dir, arm) / "log.jsonl").exists() else []
     if not recs:
@@ -262,8 +257,6 @@ def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: flo
     arms = list(arms or p.arms)
     say = Progress(run_dir)
     done: dict = {}
-    ctx = mp.get_context("spawn")
-    n_workers = max(1, p.workers if str(device) == "cpu" or not torch.cuda.is_available() else 1)
 
     def todo(arm: Arm):
         cfg = train_config(p, arm, run_dir, device)
@@ -294,17 +287,17 @@ def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: flo
     def run_all(batch: list[Arm], after: dict[str, list[Arm]]):
         """Run ``batch``; when an arm in ``after`` finishes, its dependants are queued."""
         queue = list(batch)
-        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+        with _pool(p, device) as pool:
             running = {}
             while queue or running:
-                while queue and len(running) < n_workers:
+                while queue and len(running) < _workers(p, device):
                     arm = queue.pop(0)
                     cfg = todo(arm)
                     if cfg is None:
                         queue[:0] = after.pop(arm.run, [])
                         continue
                     say(f"{arm.run}: training {cfg.steps} steps ({arm.init})")
-                    running[pool.submit(_train_one, cfg)] = (arm, cfg.steps)
+                    running[pool.submit(train, cfg)] = (arm, cfg.steps)
                 fin, _ = wait(running, timeout=poll_s, return_when=FIRST_COMPLETED)
                 for f in fin:
                     arm, _ = running.pop(f)
@@ -460,12 +453,16 @@ def plateau(curve: list[dict], mode: str = "recon", metric: str = "layout_error"
             "intervals": [[a["lo"], a["hi"]], [b["lo"], b["hi"]]]}
 
 
+def _workers(p: Profile, device: str) -> int:
+    """Processes at a time: ``p.workers`` on a CPU (one thread each), one on a GPU."""
+    return max(1, p.workers if str(device) == "cpu" or not torch.cuda.is_available() else 1)
+
+
 def _pool(p: Profile, device: str):
-    """Worker processes for independent jobs: ``p.workers`` one-thread processes on a CPU, one
-    process on a GPU."""
-    n = p.workers if str(device) == "cpu" or not torch.cuda.is_available() else 1
-    return ProcessPoolExecutor(max(1, n), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(1,))
+    """Worker processes for independent jobs (training arms, scoring arms): ``_workers`` spawned
+    one-thread processes."""
+    return ProcessPoolExecutor(_workers(p, device), mp_context=mp.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _score_arm(p: Profile, run_dir, arm: Arm, device: str) -> dict:

@@ -384,8 +384,79 @@ panel'''),
 ])
 
 
+# --------------------------------------------------------------------------- 07 real data
+
+NB07 = nb([
+    new_markdown_cell("# 07 · Real data: a folder of images and captions, end to end\n\n"
+                      "Images + captions → `nbcore.encoders.precompute` (DINOv3, T5, VAE from local folders) → a short "
+                      "training run (condition sizes read from the shards' `stats.json`) → validation decoded with the "
+                      "data's VAE (PSNR, LPIPS when its weights are there, the DINO-space layout score) → a DINO swap "
+                      "from two image files and a typed caption → a shareable model folder (`save_pretrained`).\n\n"
+                      "**Left at their defaults (None), the encoder folders are PLUMBING STAND-INS**: tiny randomly "
+                      "initialised models of the real classes (`nbcore.encoders.tiny_random_encoders`), and the images "
+                      "are generated shapes-world scenes. That run checks that the path works; its numbers mean "
+                      "nothing. Point `dino_dir`, `t5_dir`, `vae_dir` and `images_dir` at real folders for a real run."),
+    *header("07_real_data",
+            "dino_dir = None      # local DINOv3 ViT folder (transformers); None: plumbing stand-ins for all three\n"
+            "t5_dir = None        # local T5 encoder + tokenizer folder\n"
+            "vae_dir = None       # local AutoencoderKL folder (diffusers)\n"
+            "images_dir = None    # name.jpg|png|webp + name.txt captions; None: generated shapes-world scenes\n"
+            "real_preset = \"tiny\"   # model preset: hidden size, depth, heads (sizes of the conditions come from the data)\n"
+            "real_images = None\nreal_image_size = None\nreal_steps = None\n"
+            "swap_caption = None  # typed caption for the swap (None: the first validation caption)\n"),
+    new_code_cell('''from pathlib import Path
+from nbcore import encoders, shapes
+real = ctx.out
+plumbing = dino_dir is None
+if plumbing:
+    dirs = encoders.tiny_random_encoders(real / "encoders")
+    dino_dir, t5_dir, vae_dir = dirs["dino"], dirs["t5"], dirs["vae"]
+    print("PLUMBING STAND-INS: tiny random DINOv3 / T5 / VAE in", real / "encoders", "- numbers below mean nothing")
+elif t5_dir is None or vae_dir is None:
+    raise ValueError("give all three encoder folders (dino_dir, t5_dir, vae_dir) or none")
+if images_dir is None:
+    images_dir = shapes.write_image_folder(real / "images", p.real_images, image_size=p.real_image_size, rules=p.world)
+ctx.metrics["plumbing"] = plumbing'''),
+    new_markdown_cell("## Precompute\nResumable: a rerun keeps the finished shards."),
+    new_code_cell('''shards = real / "shards"
+pre = encoders.precompute(images_dir, shards, dino_dir, t5_dir, vae_dir, image_size=p.real_image_size,
+                          batch_size=16, shard_size=64, val_fraction=0.25, seed=ctx.seed, device=ctx.device)
+print({k: v for k, v in pre.items() if k != "unreadable_files"})
+ctx.metrics["precompute"] = {k: pre[k] for k in ("train", "val", "unreadable", "skipped_no_caption", "images_per_s")}
+ctx.check(pre["train"] > 0 and pre["val"] > 0, "precompute wrote train and val samples", train=pre["train"], val=pre["val"])'''),
+    new_markdown_cell("## Train\nThe latent, text and DINO sizes come from `stats.json`; the preset gives the rest."),
+    new_code_cell('''from nbcore.train import TrainConfig, train, load_train_log
+run = train(TrainConfig(preset=real_preset, data=str(shards), out=str(real / "train"), steps=p.real_steps,
+                        batch_size=min(p.batch_size, pre["train"]), lr=p.lr, warmup=min(p.warmup, p.real_steps // 5),
+                        schedule="constant", ema_decay=p.ema_decay, device=ctx.device, seed=ctx.seed,
+                        log_every=max(1, p.real_steps // 20), ckpt_every=p.real_steps))
+ckpt = run["checkpoint"]
+log = load_train_log(real / "train" / "log.jsonl")
+ctx.save(viz.plot_curves({"real data": log}, ["loss"]), "loss.png")
+ctx.metrics["train"] = {"steps": run["steps"], "final_loss": run["final_loss"]}
+ctx.check(run["steps"] == p.real_steps, "trained the planned steps", steps=run["steps"])'''),
+    new_markdown_cell("## A shareable model\n`save_pretrained`: config.json, EMA weights as model.safetensors, the data "
+                      "statistics and a model card; `from_pretrained` gives back the same outputs."),
+    new_code_cell('''import torch
+from nbcore.pretrained import save_pretrained, from_pretrained
+from nbcore.sample import load_model
+model_dir = save_pretrained(ckpt, real / "model", metrics=ctx.metrics["train"])
+shared, info = from_pretrained(model_dir, device=ctx.device)
+ref = load_model(ckpt, device=ctx.device)
+batch = suite.load_val_batch(shards, 4, device=ctx.device)
+cond = {k: batch[k] for k in ("dino_emb", "dino_patches", "text_emb", "text_mask")}
+t = torch.full((len(batch["txt"]),), 0.5, device=ctx.device)
+with torch.no_grad():
+    same = torch.equal(shared(batch["latent"], t, **cond), ref(batch["latent"], t, **cond))
+ctx.check(same, "from_pretrained gives the checkpoint's EMA outputs")
+print((model_dir / "README.md").read_text())'''),
+    new_code_cell("ctx.finish()"),
+])
+
+
 BOOKS = {"01_architecture": NB01, "02_checks": NB02, "03_training": NB03, "04_attention_routing": NB04,
-         "05_milestones": NB05, "06_dino_swap_demo": NB06}
+         "05_milestones": NB05, "06_dino_swap_demo": NB06,
+         "07_real_data": NB07}
 
 
 def main() -> None:

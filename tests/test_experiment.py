@@ -81,8 +81,8 @@ def test_unfinished_arm_is_resumed_not_deleted(tmp_path, monkeypatch):
         return {"steps": cfg.steps, "steps_this_run": cfg.steps, "steps_per_s": 1.0, "final_loss": 0.5,
                 "skipped": 0}
 
-    monkeypatch.setattr(ex, "_train_one", fake_train)
-    monkeypatch.setattr(ex, "ProcessPoolExecutor", _InlineExecutor)
+    monkeypatch.setattr(ex, "train", fake_train)
+    monkeypatch.setattr(ex, "_pool", lambda p, device: _InlineExecutor())
     d = ex.arm_dir(tmp_path, ex.BASELINE)
     d.mkdir(parents=True)
     cfg = ex.train_config(p, ex.BASELINE, tmp_path, "cpu")
