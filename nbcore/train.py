@@ -66,6 +66,12 @@ Design notes (why, not what):
   OUT/ckpt/last.pt when it exists, or, when it cannot be read, from the newest readable milestone
   (said on stderr and logged as a ``resume_fallback`` event); under DDP, OUT must be on a
   filesystem every rank sees.
+- Model sizes from the data. With ``model=None`` (the CLI without ``--model-overrides``) the model is
+  the preset with the sizes the data's stats.json fixes (``model_config_for_data``: latent channels
+  and side, text dim, DINO dim and grid); the preset supplies the architecture (hidden size, depth,
+  heads, patch size, text_len, ...). Sizes pinned by ``--model-overrides`` or an explicit ``model``
+  win, and one that contradicts the data is a ValueError naming both (``check_fits_data``); so is
+  resuming a checkpoint whose sizes differ from the data's.
 - Bad samples. The loader checks every sample with ``nbcore.data.SampleRule`` against stats.json
   and this model's sizes (the rule ``python -m nbcore.data check DIR --preset P`` applies), skips a
   bad one and counts it by reason; the counts, summed over ranks, are in every ``train`` log
@@ -99,7 +105,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.data import SampleSpec, SkipCounter, make_loader, shard_list
+from nbcore.codec import ShapesPixelCodec, codec_spec_from_stats
+from nbcore.data import SampleSpec, SkipCounter, Stats, make_loader, shard_list
 from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
 from nbcore.utils import (ArgParser, CheckpointError, HookUnavailable, atomic_save, bad_arguments,
                           check_checkpoint_file, check_writable, load_checkpoint, resolve_device, seed_everything)
@@ -108,7 +115,7 @@ from nbcore.validate import sample_grid_hook, validation_hook
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
            "batch_to_device", "load_train_log", "NonFiniteLossError", "TooManySkipsError", "DROPOUT_CASES",
            "check_model_config", "parse_model_overrides", "skip_allowance", "reduce_metrics", "metrics_to_host",
-           "main"]
+           "DATA_SIZES", "data_stats", "data_sizes", "model_config_for_data", "check_fits_data", "main"]
 
 # The four per-sample conditioning cases, in the order of ``sample_dropout``'s probabilities.
 DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
@@ -128,9 +135,9 @@ class TooManySkipsError(RuntimeError):
 class TrainConfig:
     """Everything a run needs; stored in every checkpoint as ``train_config`` (``asdict``: plain
     dicts, ``model`` included; ``TrainConfig.from_dict`` rebuilds it)."""
-    # model: ``model`` (None = the preset's), then these two fields over it when set
+    # model: ``model`` (None = the preset's with the data's sizes), then these two fields over it when set
     preset: str = "tiny"
-    model: ModelConfig | None = None     # the CLI builds it from --preset and --model-overrides JSON
+    model: ModelConfig | None = None     # the CLI builds it from --preset, the data and --model-overrides JSON
     use_dino_patches: bool | None = None
     patch_pos_embed: str | None = None
     # data and output
@@ -245,22 +252,35 @@ class TrainConfig:
         keep = 1.0 - self.p_drop_both - self.p_text_only - self.p_dino_only
         return (self.p_drop_both, self.p_text_only, self.p_dino_only, max(keep, 0.0) if keep > -1e-9 else keep)
 
-    def model_config(self) -> ModelConfig:
-        """The ModelConfig this run trains: ``model`` (None: ``preset``'s) with ``use_dino_patches`` and
-        ``patch_pos_embed`` over it when set (checked by ``check_model_config``: ValueError, one line)."""
+    def model_config(self, stats: Stats | None = None) -> ModelConfig:
+        """The ModelConfig this run trains: ``model``, or with None the ``preset``'s with the sizes of
+        ``stats`` (the data's, ``model_config_for_data``) over it; then ``use_dino_patches`` and
+        ``patch_pos_embed`` when set (checked by ``check_model_config``). An explicit ``model`` that
+        contradicts ``stats`` is a ValueError naming both sizes (``check_fits_data``), one line."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         base = self.model if self.model is not None else PRESETS[self.preset]
+        if self.model is None and stats is not None:
+            base = model_config_for_data(base, stats)
         ov = {k: getattr(self, k) for k in ("use_dino_patches", "patch_pos_embed") if getattr(self, k) is not None}
-        return check_model_config(base, ov)
+        cfg = check_model_config(base, ov)
+        if stats is not None:
+            check_fits_data(cfg, stats, "TrainConfig.model" if self.model is not None else f"preset {self.preset}",
+                            where=str(Path(self.data) / "stats.json") if self.data else "stats.json")
+        return cfg
 
 
-def parse_model_overrides(preset_name: str, text: str, **fields) -> ModelConfig | None:
+def parse_model_overrides(preset_name: str, text: str, stats: Stats | None = None, where: str = "stats.json",
+                          **fields) -> ModelConfig | None:
     """``--model-overrides JSON``: a JSON object of ModelConfig fields over the preset -> the
-    ModelConfig (checked by ``check_model_config``), or None for an empty string (the preset's).
-    ``fields`` (None = unset) join the JSON's, so that the CLI's ``--use-dino-patches`` and
-    ``--patch-pos-embed`` are checked together with it (a pair valid only together stays valid).
-    ValueError with one line for bad JSON, a non-object, or a field ``check_model_config`` refuses."""
+    ModelConfig (checked by ``check_model_config``), or None for an empty string (the preset's, to
+    which the trainer gives the data's sizes). ``stats`` (the data's, read from ``where``): the
+    preset takes the data's sizes first (``model_config_for_data``), so the JSON need only name
+    architecture; a size it pins that contradicts the data is a ValueError naming both
+    (``check_fits_data``). ``fields`` (None = unset) join the JSON's, so that the CLI's
+    ``--use-dino-patches`` and ``--patch-pos-embed`` are checked together with it (a pair valid only
+    together stays valid). ValueError with one line for bad JSON, a non-object, or a field
+    ``check_model_config`` refuses."""
     if not text:
         return None
     try:
@@ -271,7 +291,11 @@ def parse_model_overrides(preset_name: str, text: str, **fields) -> ModelConfig 
         raise ValueError("model_overrides must be a JSON object")
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
-    return check_model_config(PRESETS[preset_name], {**ov, **{k: v for k, v in fields.items() if v is not None}})
+    base = PRESETS[preset_name] if stats is None else model_config_for_data(PRESETS[preset_name], stats)
+    cfg = check_model_config(base, {**ov, **{k: v for k, v in fields.items() if v is not None}})
+    if stats is not None:
+        check_fits_data(cfg, stats, "--model-overrides", where)
+    return cfg
 
 
 def check_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
@@ -295,6 +319,53 @@ def check_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
     if cfg.input_size % cfg.patch_size:
         raise ValueError(f"input_size {cfg.input_size} not divisible by patch_size {cfg.patch_size}")
     return cfg
+
+
+# The ModelConfig sizes a dataset fixes (``data_sizes``); the preset supplies the rest.
+DATA_SIZES = ("in_channels", "input_size", "text_dim", "dino_dim", "dino_grid")
+
+
+def data_stats(folder) -> Stats | None:
+    """The statistics of a data folder (FOLDER/stats.json, ``Stats.load``'s checks), or None when
+    the folder has none (or ``folder`` is empty)."""
+    path = Path(folder) / "stats.json" if folder else None
+    return Stats.load(path) if path is not None and path.is_file() else None
+
+
+def data_sizes(stats: Stats) -> dict[str, int]:
+    """The model sizes a dataset's statistics fix, by ModelConfig field (DATA_SIZES order):
+    ``in_channels`` = C (the ``latent`` entry's length), ``input_size`` = meta ``image_size`` // the
+    codec's downsampling (the square bucket's latent side; the pixel codec's is 2), ``text_dim`` =
+    Dt (``t5``), ``dino_dim`` = Dd (``dinov3``), ``dino_grid`` = sqrt(P), P the patch rows per CLS row
+    in the entries' counts (``SampleSpec.from_stats``). A size the statistics do not record (older
+    data: no latent entry, no image size or codec; P not a square) is left out."""
+    spec = SampleSpec.from_stats(stats).sizes()                      # C, Dd, Dt; P from the counts
+    grid = math.isqrt(spec.get("P", 0))
+    meta = stats.meta or {}
+    codec = codec_spec_from_stats(stats) or {}
+    down = codec.get("downsample", ShapesPixelCodec.downsample if codec.get("kind") == "pixel" else None)
+    side = meta["image_size"] // int(down) if isinstance(meta.get("image_size"), int) and down else None
+    got = {"in_channels": spec.get("C"), "input_size": side, "text_dim": spec["Dt"], "dino_dim": spec["Dd"],
+           "dino_grid": grid if grid and grid * grid == spec.get("P") else None}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def model_config_for_data(base: ModelConfig, stats: Stats) -> ModelConfig:
+    """``base`` (a preset: the architecture) with the sizes the data fixes (``data_sizes``); checked
+    by ``check_model_config`` (ValueError, one line, e.g. a latent side the patch size does not
+    divide). Shapes-world data made at a preset gives exactly that preset."""
+    return check_model_config(base, data_sizes(stats))
+
+
+def check_fits_data(cfg: ModelConfig, stats: Stats, what: str, where: str = "stats.json") -> None:
+    """ValueError, one line naming both, when ``cfg`` (from ``what``: "--model-overrides", a preset,
+    a checkpoint) has a size other than the data's (``data_sizes``, from ``where``); the DINO grid
+    counts only for a model that reads the patches."""
+    data = data_sizes(stats)
+    bad = [k for k, v in data.items() if getattr(cfg, k) != v and (k != "dino_grid" or cfg.use_dino_patches)]
+    if bad:
+        raise ValueError(f"data has {', '.join(f'{k} {data[k]}' for k in bad)} ({where}), "
+                         f"the model {', '.join(f'{k} {getattr(cfg, k)}' for k in bad)} ({what})")
 
 
 def skip_allowance(max_skips: float, read: int) -> int:
@@ -637,6 +708,14 @@ def _bin_means(bin_sum: list[float], bin_count: list[float]) -> list[float | Non
     return [a / c if c else None for a, c in zip(bin_sum, bin_count)]
 
 
+def _differences(a: dict, b: dict, keys: Sequence[str] | None = None) -> tuple[str, str]:
+    """The fields (of ``keys``, default all of ``b``) where two config dicts differ, as two texts
+    ("dino_dim 1024, text_dim 4096", "dino_dim 32, text_dim 16"; a field one lacks shows None);
+    empty texts when none differ."""
+    diff = [k for k in (keys or b) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k} {a.get(k)}" for k in diff), ", ".join(f"{k} {b.get(k)}" for k in diff)
+
+
 _TRAIN_KEYS = ("config", "model", "ema", "optimizer", "scheduler", "step", "n_updates", "skipped", "streak",
                "rng", "data_state")
 
@@ -666,7 +745,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Callable[[int, int, int], Iterable[dict]] | None = None,
                  val_fn: Callable | None = None, sample_fn: Callable | None = None):
         self.cfg = cfg
-        self.model_cfg = cfg.model_config()
+        # the shards' statistics (None with the caller's batches): the model's sizes come from them
+        self.data_stats = data_stats(cfg.data) if data is None else None
+        self.model_cfg = cfg.model_config(self.data_stats)
         self._init_dist()
         try:
             self._build(data, val_fn, sample_fn)
@@ -789,8 +870,10 @@ class Trainer:
             raise KeyError(f"warm-start checkpoint {path} has no {key!r} weights (keys: {sorted(ck)})")
         report = load_warm_start(self.model, ck[key])
         if report["mismatched"]:
-            raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} "
-                             "(different preset or sizes?)")
+            sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
+            theirs, ours = _differences(ck["config"], self.model_cfg.to_dict(), sizes) if "config" in ck else ("", "")
+            why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
+            raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
         if not report["loaded"]:
             raise ValueError(f"warm start from {path}: no tensor matched this model")
         if self.is_main:
@@ -800,9 +883,12 @@ class Trainer:
         return report
 
     def _resume(self, path, ck: dict) -> dict:
+        """Load a checkpoint's state into this run; returns the data position to continue from."""
         if ck["config"] != self.model_cfg.to_dict():
-            diff = {k: (ck["config"].get(k), v) for k, v in self.model_cfg.to_dict().items() if ck["config"].get(k) != v}
-            raise ValueError(f"cannot resume from {path}: model config differs (checkpoint, now): {diff}")
+            theirs, ours = _differences(ck["config"], self.model_cfg.to_dict())
+            src = (f" (sizes from {Path(self.cfg.data) / 'stats.json'})"
+                   if self.data_stats is not None and self.cfg.model is None else "")
+            raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -1151,11 +1237,12 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
 # One help line per TrainConfig field (tests/test_cli.py checks every flag has one); choices where
 # the config accepts a fixed set.
 _FLAG_HELP = {
-    "preset": "model preset (ModelConfig sizes)",
+    "preset": "model preset: the architecture (hidden size, depth, heads, patch, text_len); sizes from the data",
     "use_dino_patches": "condition on the DINO patch tokens (--no-use-dino-patches: the pre-patch model)",
     "patch_pos_embed": "position embedding of the patches in the context",
-    "model": "JSON object of ModelConfig fields over the preset, e.g. '{\"depth\": 2}'",
-    "data": "folder with train-*.tar shards (+ stats.json)",
+    "model": "JSON object of ModelConfig fields over the preset, e.g. '{\"depth\": 2}'; the sizes (in_channels, "
+             "input_size, text_dim, dino_dim, dino_grid) come from the data's stats.json, a pinned one must agree",
+    "data": "folder with train-*.tar shards (+ stats.json, which gives the model its sizes)",
     "out": "output folder: ckpt/, log.jsonl, val/, samples/",
     "shuffle": "shuffle buffer of the loader in samples (0 = off)",
     "num_workers": "DataLoader worker processes per rank",
@@ -1219,7 +1306,7 @@ def _parser() -> argparse.ArgumentParser:
             continue
         if f.name == "model":   # a ModelConfig: on the command line, JSON fields over the preset
             p.add_argument("--model-overrides", dest="model_overrides", default="", metavar="JSON",
-                           help=f"{text} (default: none, the preset's)")
+                           help=f"{text} (default: none: the preset with the data's sizes)")
             continue
         if f.name == "data":
             p.add_argument(flag, required=True, metavar="DIR", help=text)
@@ -1240,12 +1327,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(cfg: TrainConfig) -> None:
     """Everything that can be checked before a run starts; ValueError with one line."""
-    cfg.model_config()
     if not cfg.data:
         raise ValueError("--data DIR is required (a folder of train-*.tar shards)")
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data {cfg.data}: folder does not exist")
     shard_list(cfg.data, "train")                       # FileNotFoundError: no train shards
+    cfg.model_config(data_stats(cfg.data))              # sizes from the data; pinned ones must agree
     resolve_device(cfg.device)                          # a typo, or CUDA missing
     if cfg.warm_start:
         check_checkpoint_file(cfg.warm_start, "--warm-start")
@@ -1258,8 +1345,9 @@ def main(argv=None) -> int:
     args = vars(_parser().parse_args(argv))
     overrides = args.pop("model_overrides")
     try:
-        model = parse_model_overrides(args["preset"], overrides, use_dino_patches=args["use_dino_patches"],
-                                      patch_pos_embed=args["patch_pos_embed"])
+        model = parse_model_overrides(args["preset"], overrides, stats=data_stats(args["data"]),
+                                      where=str(Path(args["data"]) / "stats.json"),
+                                      use_dino_patches=args["use_dino_patches"], patch_pos_embed=args["patch_pos_embed"])
         cfg = TrainConfig(**args, model=model)
         _check_args(cfg)
     except (ValueError, FileNotFoundError) as e:

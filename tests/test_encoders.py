@@ -298,11 +298,11 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
         assert batch["text_mask"].sum(1).tolist() == [len(caps[k].split()) + 1 for k in batch["key"]]
     assert shapes == {(32, 32): 6, (24, 40): 4, (40, 24): 4}
     # 6. two training steps on these shards, then a shareable model that gives the same outputs
-    over = dict(in_channels=4, input_size=16, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                text_dim=16, text_len=64, dino_dim=32, dino_grid=14, patch_tie=True)
+    # sizes (4 latent channels at 16x16, T5 16, DINO 32 with a 14x14 grid) come from stats.json
+    over = dict(hidden_size=32, depth=1, num_heads=2, patch_tie=True)
     run = train(TrainConfig(preset="tiny", data=str(out), out=str(tmp_path / "run"), steps=2, batch_size=2,
                             shuffle=0, warmup=0, device="cpu", progress=False,
-                            model=parse_model_overrides("tiny", json.dumps(over))))
+                            model=parse_model_overrides("tiny", json.dumps(over), stats=st)))
     assert run["steps"] == 2
     model_dir = save_pretrained(run["checkpoint"], tmp_path / "model", metrics={"final_loss": run["final_loss"]})
     model, info = from_pretrained(model_dir, device="cpu")

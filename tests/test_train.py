@@ -1,24 +1,29 @@
 """Training: loss and dropout pieces against explicit references, loss falls on the shapes world,
-SIGKILL + resume equals an uninterrupted run, warm start, 2-process DDP (gloo), NaN guard, CLI."""
+SIGKILL + resume equals an uninterrupted run, warm start, 2-process DDP (gloo), NaN guard, CLI;
+model sizes from the data's stats.json, checkpoints carrying stats and codec, lean milestones."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from nbcore.data import Stats
 from nbcore.model import NanoDiT, preset
 from nbcore.train import (DROPOUT_CASES, NonFiniteLossError, TrainConfig, Trainer, _lr_lambda, batch_to_device,
-                          flow_matching_loss, load_train_log, parse_model_overrides, sample_dropout, sample_timesteps,
-                          train)
+                          check_fits_data, data_sizes, data_stats, flow_matching_loss, load_train_log,
+                          model_config_for_data, parse_model_overrides, sample_dropout, sample_timesteps, train)
 from nbcore.utils import load_checkpoint
 from nbcore.validate import sample_grid_hook, validation_hook
 
@@ -505,3 +510,112 @@ def test_skip_allowance_and_model_override_checks():
             check_model_config(base, ov)
     with pytest.raises(ValueError, match="max_skips must be"):
         TrainConfig(max_skips=2.5)
+
+
+# --------------------------------------------------------------------------- model sizes from the data
+
+def _real_like_stats(image_size=32, n=14) -> Stats:
+    """Statistics laid out as ``nbcore.encoders.precompute`` writes them: 4-channel VAE latents
+    (downsample 2), 32-d DINO with 196 patches per image, 16-d T5, aspect buckets."""
+    entries = {name: {"mean": [0.0] * d, "std": [1.0] * d, "count": n * rows}
+               for name, d, rows in (("dinov3", 32, 1), ("dinov3_patches", 32, 196), ("t5", 16, 9), ("latent", 4, 256))}
+    vae = {"kind": "vae", "path": "/models/vae", "scaling_factor": 0.13, "shift_factor": 0.0, "channels": 4,
+           "downsample": 2, "dtype": "float32"}
+    return Stats(entries, {"image_size": image_size, "buckets": [[40, 24], [32, 32], [24, 40]], "codec": vae})
+
+
+def test_model_config_for_data_takes_the_sizes_of_the_stats():
+    st = _real_like_stats()
+    assert data_sizes(st) == {"in_channels": 4, "input_size": 16, "text_dim": 16, "dino_dim": 32, "dino_grid": 14}
+    tiny = preset("tiny")
+    cfg = model_config_for_data(tiny, st)
+    assert cfg == replace(tiny, in_channels=4, input_size=16, text_dim=16, dino_dim=32, dino_grid=14)
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.text_len) == (96, 3, 4, 2, 32)  # the preset's
+    # older data records less (no latent entry, no image size or codec; P not a square): those stay the preset's
+    old = Stats({**{k: v for k, v in st.entries.items() if k != "latent"},
+                 "dinov3_patches": {"mean": [0.0] * 32, "std": [1.0] * 32, "count": 14 * 200}}, {})
+    assert data_sizes(old) == {"text_dim": 16, "dino_dim": 32}
+    assert model_config_for_data(tiny, old) == replace(tiny, text_dim=16, dino_dim=32)
+    with pytest.raises(ValueError, match="input_size 15 not divisible by patch_size 2"):
+        model_config_for_data(tiny, _real_like_stats(image_size=30))
+    # sizes that contradict the data: one line naming both; the grid counts only with patches
+    with pytest.raises(ValueError) as e:
+        check_fits_data(replace(cfg, dino_dim=1024, text_dim=4096), st, "preset production", "DATA/stats.json")
+    assert str(e.value) == ("data has text_dim 16, dino_dim 32 (DATA/stats.json), "
+                            "the model text_dim 4096, dino_dim 1024 (preset production)")
+    check_fits_data(replace(cfg, use_dino_patches=False, dino_grid=8), st, "a pre-patch model")
+    # --model-overrides: architecture over the data's sizes; a pinned size must agree with the data
+    over = parse_model_overrides("tiny", '{"hidden_size": 32, "num_heads": 2, "patch_tie": true}', stats=st)
+    assert over == replace(cfg, hidden_size=32, num_heads=2, patch_tie=True)
+    assert parse_model_overrides("tiny", '{"dino_dim": 32}', stats=st) == cfg
+    with pytest.raises(ValueError, match=r"^data has dino_dim 32 \(stats.json\), the model dino_dim 1024 \(--model-overrides\)$"):
+        parse_model_overrides("tiny", '{"dino_dim": 1024}', stats=st)
+    # TrainConfig: model None takes the data's sizes; an explicit model is checked against them
+    assert TrainConfig(preset="tiny").model_config(st) == cfg
+    assert TrainConfig(preset="tiny", use_dino_patches=False).model_config(st) == replace(cfg, use_dino_patches=False)
+    with pytest.raises(ValueError, match=r"the model in_channels 12, input_size 32, text_dim 64, dino_dim 64, "
+                                         r"dino_grid 8 \(TrainConfig.model\)$"):
+        TrainConfig(preset="tiny", model=tiny).model_config(st)
+
+
+def test_shapes_world_data_gives_its_presets_config(tmp_path, tiny_shards):
+    """Shapes-world data at its own preset, and the experiment's data at its profile's model, give
+    exactly the ModelConfig they gave before sizes came from the data."""
+    from nbcore import experiment as ex
+    from nbcore.shapes import make_dataset
+    assert model_config_for_data(preset("tiny"), data_stats(tiny_shards)) == preset("tiny")
+    assert TrainConfig(preset="tiny", data=str(tiny_shards)).model_config(data_stats(tiny_shards)) == preset("tiny")
+    p = ex.PROFILES["cpu"]
+    run = tmp_path / "exp"
+    make_dataset(run / "data", 12, seed=0, val_fraction=0.2, cfg=p.model_config(), rules=p.world, progress=False)
+    st = data_stats(run / "data")
+    for arm in p.arms + ex.SECONDARY_ARMS:
+        assert ex.train_config(p, arm, run).model_config(st) == p.model_config(arm), arm
+        assert model_config_for_data(p.model_config(arm), st) == p.model_config(arm), arm
+
+
+@pytest.fixture(scope="module")
+def micro_shards(tmp_path_factory):
+    """Shapes-world data at the micro preset's sizes (16x16 latents, a 4x4 DINO grid): 16 train samples."""
+    from nbcore.shapes import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("micro_shards"), n=20, seed=0, preset="micro", val_fraction=0.2,
+                        shard_size=8, progress=False)
+
+
+def test_training_takes_the_datas_sizes(tmp_path, micro_shards, tiny_shards, capsys):
+    from nbcore.train import main
+    data = tmp_path / "data"
+    shutil.copytree(micro_shards, data)
+    stats_json = json.loads((data / "stats.json").read_text())
+    cfg = TrainConfig(preset="tiny", model=preset("tiny", depth=1), data=str(data), out=str(tmp_path / "run"),
+                      steps=2, batch_size=4, warmup=1, ckpt_every=2, milestone_every=2, resume="none", progress=False)
+    # an explicit model that does not fit the data: one line naming both sizes
+    with pytest.raises(ValueError, match="^" + re.escape(f"data has input_size 16, dino_grid 4 ({data / 'stats.json'}), "
+                                                         "the model input_size 32, dino_grid 8 (TrainConfig.model)") + "$"):
+        Trainer(cfg)
+    # the preset alone (model None): the tiny architecture at the micro data's sizes
+    cfg = replace(cfg, model=None)
+    tr = Trainer(cfg)
+    assert tr.model_cfg == replace(preset("tiny"), input_size=16, dino_grid=4)
+    s = tr.run()
+    tr.close()
+    last = load_checkpoint(s["checkpoint"])                                           # weights_only=True
+    assert last["config"] == tr.model_cfg.to_dict() and last["train_config"]["model"] is None
+    data.rename(tmp_path / "moved")
+    # resuming this run on data of other sizes names both
+    other = replace(cfg, data=str(tiny_shards), resume="auto", steps=3)
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot resume from {tmp_path / 'run' / 'ckpt' / 'last.pt'}: the checkpoint has input_size 16, dino_grid 4, "
+            f"this run input_size 32, dino_grid 8 (sizes from {tiny_shards / 'stats.json'})")):
+        Trainer(other)
+    # the CLI: sizes from the data, pinned architecture over them; a pinned size against the data refused
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path / "moved"), "--out", str(tmp_path / "cli"), "--model-overrides", '{"dino_dim": 1024}'])
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code != 0 and msg.endswith(f"data has dino_dim 64 ({tmp_path / 'moved' / 'stats.json'}), "
+                                              "the model dino_dim 1024 (--model-overrides)"), msg
+    assert main(["--data", str(tmp_path / "moved"), "--out", str(tmp_path / "cli"), "--steps", "1", "--batch-size", "4",
+                 "--no-progress", "--model-overrides", '{"depth": 1, "hidden_size": 32, "num_heads": 2}']) == 0
+    assert load_checkpoint(tmp_path / "cli" / "ckpt" / "last.pt")["config"] == replace(
+        preset("tiny"), input_size=16, dino_grid=4, depth=1, hidden_size=32, num_heads=2).to_dict()
