@@ -54,18 +54,21 @@ Design notes (why, not what):
   scales the learning rate by ``warm_start_lr_scale`` (0.5). Optimiser state is not carried over.
   ``new_param_lr_scale`` multiplies the lr of the parameters the pre-patch model lacks.
   A run that resumes ignores ``warm_start`` (its own checkpoint already holds the weights).
-- Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``): OUT/ckpt/last.pt
-  every ``ckpt_every`` steps and at the end, OUT/ckpt/step_XXXXXX.pt every ``milestone_every``;
-  keys ``config`` (ModelConfig dict), ``train_config`` (``asdict(TrainConfig)``, its ``model`` a
-  dict too; ``TrainConfig.from_dict`` rebuilds it, older ``model_overrides`` JSON included),
-  ``model``, ``ema``, ``optimizer``,
-  ``scheduler``, ``step``, ``n_updates``, ``skipped``, ``streak``, ``rng`` (torch, numpy, python
-  as plain lists/tensors, cuda, and ``train``: each rank's generator state), ``data_state``
-  (world size and each rank's epoch / index) and ``data_counts`` (each rank's samples read and
-  skipped by reason in finished epochs). ``resume="auto"`` (the default) continues from
-  OUT/ckpt/last.pt when it exists, or, when it cannot be read, from the newest readable milestone
-  (said on stderr and logged as a ``resume_fallback`` event); under DDP, OUT must be on a
-  filesystem every rank sees.
+- Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``: plain dicts,
+  lists, numbers, strings and tensors): OUT/ckpt/last.pt every ``ckpt_every`` steps and at the end,
+  OUT/ckpt/step_XXXXXX.pt every ``milestone_every``; keys ``config`` (ModelConfig dict: the model
+  trained), ``train_config`` (``asdict(TrainConfig)``, its ``model`` a dict too or None for the
+  preset with the data's sizes; ``TrainConfig.from_dict`` rebuilds it, older ``model_overrides``
+  JSON included), ``model``, ``ema``, ``optimizer``, ``scheduler``, ``step``, ``n_updates``,
+  ``skipped``, ``streak``, ``rng`` (torch, numpy, python as plain lists/tensors, cuda, and ``train``:
+  each rank's generator state), ``data_state`` (world size and each rank's epoch / index),
+  ``data_counts`` (each rank's samples read and skipped by reason in finished epochs), ``stats`` (the
+  data's stats.json as ``Stats.save`` writes it: entries + ``meta``; None without one) and ``codec``
+  (the codec spec the latents were made with, ``nbcore.codec.codec_spec_from_stats``, or None), so a
+  checkpoint alone says how to normalise its conditions and decode its latents (``nbcore.pretrained``
+  exports both). ``resume="auto"`` (the default) continues from OUT/ckpt/last.pt when it exists, or,
+  when it cannot be read, from the newest readable milestone (said on stderr and logged as a
+  ``resume_fallback`` event); under DDP, OUT must be on a filesystem every rank sees.
 - Model sizes from the data. With ``model=None`` (the CLI without ``--model-overrides``) the model is
   the preset with the sizes the data's stats.json fixes (``model_config_for_data``: latent channels
   and side, text dim, DINO dim and grid); the preset supplies the architecture (hidden size, depth,
@@ -745,7 +748,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Callable[[int, int, int], Iterable[dict]] | None = None,
                  val_fn: Callable | None = None, sample_fn: Callable | None = None):
         self.cfg = cfg
-        # the shards' statistics (None with the caller's batches): the model's sizes come from them
+        # the data's stats.json (None with the caller's batches): the model's sizes; carried in checkpoints
         self.data_stats = data_stats(cfg.data) if data is None else None
         self.model_cfg = cfg.model_config(self.data_stats)
         self._init_dist()
@@ -930,7 +933,8 @@ class Trainer:
                 f.write(json.dumps(_finite_or_none(rec)) + "\n")
 
     def checkpoint(self, milestone: bool = False) -> Path:
-        """Write OUT/ckpt/last.pt (and step_XXXXXX.pt when ``milestone``) atomically; collective in DDP."""
+        """Write OUT/ckpt/last.pt (and step_XXXXXX.pt when ``milestone``) atomically; collective in DDP.
+        Keys: the module docstring's."""
         pos, gen, done = self.stream.position(), self.gen.get_state(), self.stream.done.to_dict()
         if self.world > 1:
             gathered = [None] * self.world
@@ -942,12 +946,15 @@ class Trainer:
         if self.is_main:
             rng = _rng_state()
             rng["train"] = gens
+            st = self.data_stats
             obj = {"config": self.model_cfg.to_dict(), "train_config": asdict(self.cfg),
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "step": self.step, "n_updates": self.n_updates, "skipped": self.skipped, "streak": self.streak,
                    "rng": rng, "data_state": {"world_size": self.world, "ranks": positions},
-                   "data_counts": dones}   # per rank: samples / skips of the finished epochs
+                   "data_counts": dones,   # per rank: samples / skips of the finished epochs
+                   "stats": None if st is None else {**st.entries, "meta": st.meta},   # stats.json's layout
+                   "codec": None if st is None else codec_spec_from_stats(st)}
             atomic_save(obj, path)
             if milestone:
                 atomic_save(obj, self.ckpt_dir / f"step_{self.step:06d}.pt")

@@ -178,6 +178,7 @@ def test_checkpoint_contents_and_nan_guard(tmp_path):
     assert ck["data_state"] == {"world_size": 1, "ranks": [{"epoch": 1, "index": 3}]}
     assert isinstance(ck["rng"]["python"]["state"], list) and ck["rng"]["numpy"]["keys"].shape == (624,)
     assert set(ck["model"]) == set(tr.model.state_dict())
+    assert ck["stats"] is None and ck["codec"] is None                                # stand-in batches: no stats.json
 
     # K in a row raises with a clear message
     src = stand_in_source(mcfg, 4, nan_batches=(1, 2, 3, 4, 5))
@@ -582,7 +583,10 @@ def micro_shards(tmp_path_factory):
                         shard_size=8, progress=False)
 
 
-def test_training_takes_the_datas_sizes(tmp_path, micro_shards, tiny_shards, capsys):
+def test_training_takes_the_datas_sizes_and_checkpoints_carry_stats_and_codec(tmp_path, micro_shards, tiny_shards,
+                                                                               capsys):
+    from nbcore.codec import codec_from_spec
+    from nbcore.pretrained import from_pretrained, save_pretrained
     from nbcore.train import main
     data = tmp_path / "data"
     shutil.copytree(micro_shards, data)
@@ -600,8 +604,16 @@ def test_training_takes_the_datas_sizes(tmp_path, micro_shards, tiny_shards, cap
     s = tr.run()
     tr.close()
     last = load_checkpoint(s["checkpoint"])                                           # weights_only=True
-    assert last["config"] == tr.model_cfg.to_dict() and last["train_config"]["model"] is None
+    assert last["stats"] == stats_json and last["codec"] == stats_json["meta"]["codec"]
+    assert last["codec"]["kind"] == "pixel" and last["config"] == tr.model_cfg.to_dict()
+    assert last["train_config"]["model"] is None
+    # the checkpoint alone says how to normalise and decode: export with the data folder gone
     data.rename(tmp_path / "moved")
+    model, info = from_pretrained(save_pretrained(s["checkpoint"], tmp_path / "model"), device="cpu")
+    assert model.cfg == tr.model_cfg and info["codec"] == stats_json["meta"]["codec"]
+    assert info["stats"].entries == Stats.load(tmp_path / "moved" / "stats.json").entries
+    assert info["stats"].meta == stats_json["meta"] and info["training"]["step"] == 2
+    assert codec_from_spec(info["codec"]).channels == 12
     # resuming this run on data of other sizes names both
     other = replace(cfg, data=str(tiny_shards), resume="auto", steps=3)
     with pytest.raises(ValueError, match=re.escape(
