@@ -55,20 +55,26 @@ Design notes (why, not what):
   ``new_param_lr_scale`` multiplies the lr of the parameters the pre-patch model lacks.
   A run that resumes ignores ``warm_start`` (its own checkpoint already holds the weights).
 - Checkpoints (``nbcore.utils.atomic_save``, loadable with ``weights_only=True``: plain dicts,
-  lists, numbers, strings and tensors): OUT/ckpt/last.pt every ``ckpt_every`` steps and at the end,
-  OUT/ckpt/step_XXXXXX.pt every ``milestone_every``; keys ``config`` (ModelConfig dict: the model
-  trained), ``train_config`` (``asdict(TrainConfig)``, its ``model`` a dict too or None for the
-  preset with the data's sizes; ``TrainConfig.from_dict`` rebuilds it, older ``model_overrides``
-  JSON included), ``model``, ``ema``, ``optimizer``, ``scheduler``, ``step``, ``n_updates``,
-  ``skipped``, ``streak``, ``rng`` (torch, numpy, python as plain lists/tensors, cuda, and ``train``:
-  each rank's generator state), ``data_state`` (world size and each rank's epoch / index),
-  ``data_counts`` (each rank's samples read and skipped by reason in finished epochs), ``stats`` (the
-  data's stats.json as ``Stats.save`` writes it: entries + ``meta``; None without one) and ``codec``
-  (the codec spec the latents were made with, ``nbcore.codec.codec_spec_from_stats``, or None), so a
-  checkpoint alone says how to normalise its conditions and decode its latents (``nbcore.pretrained``
-  exports both). ``resume="auto"`` (the default) continues from OUT/ckpt/last.pt when it exists, or,
-  when it cannot be read, from the newest readable milestone (said on stderr and logged as a
-  ``resume_fallback`` event); under DDP, OUT must be on a filesystem every rank sees.
+  lists, numbers, strings and tensors). OUT/ckpt/last.pt, every ``ckpt_every`` steps and at the end,
+  is the resumable one; keys ``config`` (ModelConfig dict: the model trained), ``train_config``
+  (``asdict(TrainConfig)``, its ``model`` a dict too or None for the preset with the data's sizes;
+  ``TrainConfig.from_dict`` rebuilds it, older ``model_overrides`` JSON included), ``model``,
+  ``ema``, ``optimizer``, ``scheduler``, ``step``, ``n_updates``, ``skipped``, ``streak``, ``rng``
+  (torch, numpy, python as plain lists/tensors, cuda, and ``train``: each rank's generator state),
+  ``data_state`` (world size and each rank's epoch / index), ``data_counts`` (each rank's samples
+  read and skipped by reason in finished epochs), ``stats`` (the data's stats.json as
+  ``Stats.save`` writes it: entries + ``meta``; None without one) and ``codec`` (the codec spec the
+  latents were made with, ``nbcore.codec.codec_spec_from_stats``, or None), so a checkpoint alone
+  says how to normalise its conditions and decode its latents (``nbcore.pretrained`` exports both).
+  OUT/ckpt/step_XXXXXX.pt, every ``milestone_every``, is lean: everything but ``optimizer`` and
+  ``scheduler`` (AdamW's two moments would double its size; milestones are for curves, warm starts
+  and exports, which read ``model`` / ``ema``). ``resume="auto"`` (the default) continues from
+  OUT/ckpt/last.pt when it exists, or, when it cannot be read, from the newest readable milestone
+  (said on stderr and logged as a ``resume_fallback`` event). Resuming from a milestone restores the
+  weights, EMA, step, RNG and data position, and restarts the optimiser: fresh AdamW moments, the lr
+  schedule at the milestone's ``n_updates`` (said on stderr, ``"optimizer": "restarted"`` in the
+  event), so the step after it computes the uninterrupted run's loss but the updates then differ.
+  Under DDP, OUT must be on a filesystem every rank sees.
 - Model sizes from the data. With ``model=None`` (the CLI without ``--model-overrides``) the model is
   the preset with the sizes the data's stats.json fixes (``model_config_for_data``: latent channels
   and side, text dim, DINO dim and grid); the preset supplies the architecture (hidden size, depth,
@@ -719,12 +725,14 @@ def _differences(a: dict, b: dict, keys: Sequence[str] | None = None) -> tuple[s
     return ", ".join(f"{k} {a.get(k)}" for k in diff), ", ".join(f"{k} {b.get(k)}" for k in diff)
 
 
-_TRAIN_KEYS = ("config", "model", "ema", "optimizer", "scheduler", "step", "n_updates", "skipped", "streak",
-               "rng", "data_state")
+# What every checkpoint ``Trainer.checkpoint`` writes holds; last.pt adds these two (milestones are lean).
+_TRAIN_KEYS = ("config", "model", "ema", "step", "n_updates", "skipped", "streak", "rng", "data_state")
+_RESUME_ONLY = ("optimizer", "scheduler")
 
 
 def _training_checkpoint(path) -> dict:
-    """A checkpoint this trainer wrote (every key ``checkpoint`` writes), or CheckpointError."""
+    """A checkpoint this trainer wrote (last.pt or a lean milestone: every key of ``_TRAIN_KEYS``),
+    or CheckpointError."""
     ck = load_checkpoint(path)
     missing = [k for k in _TRAIN_KEYS if k not in ck]
     if missing:
@@ -773,6 +781,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         self.optimizer, self.scheduler = self._optimizer()
         self.step = self.n_updates = self.skipped = self.streak = 0
+        self.optimizer_restarted = False   # a resume from a lean milestone sets it
         self.resumed_from, self.resume_fallback = (resume[0], resume[2]) if resume else (None, None)
         position = self._resume(resume[0], resume[1]) if resume else self._fresh_start()
         self.stream = BatchStream(src, **position)
@@ -859,10 +868,12 @@ class Trainer:
                 ck = _training_checkpoint(m)
             except CheckpointError:
                 continue
+            restarted = "optimizer" not in ck     # a lean milestone: weights, EMA and position only
             if self.is_main:
-                print(f"resume: {problem}; falling back to the newest readable milestone {m} (step {ck['step']})",
-                      file=sys.stderr)
-            return m, ck, {"unreadable": str(last), "reason": problem, "path": str(m)}
+                print(f"resume: {problem}; falling back to the newest readable milestone {m} (step {ck['step']})"
+                      + ("; optimiser state restarted" if restarted else ""), file=sys.stderr)
+            return m, ck, {"unreadable": str(last), "reason": problem, "path": str(m),
+                           "optimizer": "restarted" if restarted else "restored"}
         raise CheckpointError(f"cannot resume: {problem}; and no readable milestone step_*.pt beside it "
                               "(start fresh with --no-resume)")
 
@@ -886,17 +897,23 @@ class Trainer:
         return report
 
     def _resume(self, path, ck: dict) -> dict:
-        """Load a checkpoint's state into this run; returns the data position to continue from."""
+        """Load a checkpoint's state into this run; returns the data position to continue from. A
+        lean milestone (no optimiser state) restarts AdamW's moments, the schedule at its n_updates."""
         if ck["config"] != self.model_cfg.to_dict():
             theirs, ours = _differences(ck["config"], self.model_cfg.to_dict())
             src = (f" (sizes from {Path(self.cfg.data) / 'stats.json'})"
                    if self.data_stats is not None and self.cfg.model is None else "")
             raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
         self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
         self.ema.load_state_dict(ck["ema"])
         self.step, self.n_updates = int(ck["step"]), int(ck["n_updates"])
+        self.optimizer_restarted = "optimizer" not in ck
+        if self.optimizer_restarted:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg),
+                                                               last_epoch=self.n_updates - 1)  # lands at n_updates
+        else:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
         self.skipped, self.streak = int(ck["skipped"]), int(ck["streak"])
         _set_rng_state(ck["rng"])
         ds = ck["data_state"]
@@ -911,7 +928,9 @@ class Trainer:
                   "data order and noise are not the uninterrupted run's", file=sys.stderr)
             position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
         if self.is_main:
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            print(f"resumed from {path} at step {self.step}" + (
+                f"; optimiser state restarted (fresh AdamW moments, lr schedule at update {self.n_updates})"
+                if self.optimizer_restarted else ""), file=sys.stderr)
             self._truncate_log(self.step)
             for tmp in self.ckpt_dir.glob("*.tmp"):  # a write torn by a kill
                 tmp.unlink()
@@ -933,8 +952,8 @@ class Trainer:
                 f.write(json.dumps(_finite_or_none(rec)) + "\n")
 
     def checkpoint(self, milestone: bool = False) -> Path:
-        """Write OUT/ckpt/last.pt (and step_XXXXXX.pt when ``milestone``) atomically; collective in DDP.
-        Keys: the module docstring's."""
+        """Write OUT/ckpt/last.pt (and the lean step_XXXXXX.pt, without optimiser and scheduler, when
+        ``milestone``) atomically; collective in DDP. Keys: the module docstring's."""
         pos, gen, done = self.stream.position(), self.gen.get_state(), self.stream.done.to_dict()
         if self.world > 1:
             gathered = [None] * self.world
@@ -957,7 +976,8 @@ class Trainer:
                    "codec": None if st is None else codec_spec_from_stats(st)}
             atomic_save(obj, path)
             if milestone:
-                atomic_save(obj, self.ckpt_dir / f"step_{self.step:06d}.pt")
+                lean = {k: v for k, v in obj.items() if k not in _RESUME_ONLY}
+                atomic_save(lean, self.ckpt_dir / f"step_{self.step:06d}.pt")
         self._ckpt_step = self.step
         if self.world > 1:
             dist.barrier()
@@ -1130,7 +1150,8 @@ class Trainer:
         if self.resume_fallback is not None:
             self._log({"kind": "event", "step": self.step, "event": "resume_fallback", **self.resume_fallback})
         if self.resumed_from is not None:
-            self._log({"kind": "event", "step": self.step, "event": "resume", "path": str(self.resumed_from)})
+            self._log({"kind": "event", "step": self.step, "event": "resume", "path": str(self.resumed_from),
+                       "optimizer": "restarted" if self.optimizer_restarted else "restored"})
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._log({"kind": "event", "step": self.step, "event": "start", "world_size": self.world,
@@ -1276,7 +1297,7 @@ _FLAG_HELP = {
     "progress": "show a progress bar",
     "log_every": "steps between log records",
     "ckpt_every": "steps between OUT/ckpt/last.pt writes (0 = only at the end)",
-    "milestone_every": "steps between kept OUT/ckpt/step_XXXXXX.pt copies (0 = none)",
+    "milestone_every": "steps between kept OUT/ckpt/step_XXXXXX.pt copies: model + EMA, no optimiser state (0 = none)",
     "val_every": "steps between validation runs on the val shards (0 = off)",
     "sample_every": "steps between sample grids in OUT/samples (0 = off)",
     "val_n": "samples scored by each validation run",
@@ -1286,7 +1307,8 @@ _FLAG_HELP = {
     "warm_start_lr_scale": "learning-rate factor when warm-starting",
     "new_param_lr_scale": "extra learning-rate factor of the parameters the pre-patch model lacks",
     "warm_start_weights": "which weights of the warm-start checkpoint",
-    "resume": "auto (OUT/ckpt/last.pt if present, else the newest readable milestone), none, or a checkpoint PATH",
+    "resume": "auto (OUT/ckpt/last.pt if present, else the newest readable milestone, its optimiser restarted), "
+              "none, or a checkpoint PATH",
     "max_skips": "bad samples skipped before the run stops: a fraction of the samples read (< 1, rounded up) "
                  "or a count (>= 1)",
     "strict": "stop at the first bad sample instead of skipping and counting it",

@@ -25,7 +25,7 @@ import torch
 
 from nbcore.data import DataError, Stats, check_shards, make_loader, shard_list, shard_samples
 from nbcore.model import preset
-from nbcore.train import TooManySkipsError, TrainConfig, Trainer, load_train_log, parse_model_overrides, train
+from nbcore.train import TooManySkipsError, TrainConfig, Trainer, _lr_lambda, load_train_log, parse_model_overrides, train
 from nbcore.utils import CheckpointError, atomic_save, load_checkpoint, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,18 +272,30 @@ def test_resume_falls_back_to_the_newest_readable_milestone(tmp_path, capsys, da
     last.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"")
 
     capsys.readouterr()
-    s = train(TrainConfig(**base, steps=8, resume="auto"), data=stand_in(mcfg))
-    err = capsys.readouterr().err
+    tr = Trainer(TrainConfig(**base, steps=8, resume="auto"), data=stand_in(mcfg))
     milestone = tmp_path / "run" / "ckpt" / "step_000004.pt"
+    # a milestone keeps model + EMA only: the optimiser restarts (fresh moments, the schedule at update 4)
+    assert tr.step == tr.n_updates == 4 and tr.optimizer.state == {} and tr.scheduler.last_epoch == 4
+    ms = load_checkpoint(milestone)
+    assert all(torch.equal(tr.model.state_dict()[n], ms["model"][n]) for n in ms["model"])
+    assert all(torch.equal(tr.ema.state_dict()[n], ms["ema"][n]) for n in ms["ema"])
+    lr5 = 1e-3 * _lr_lambda(tr.cfg)(4)
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(lr5)
+    s = tr.run()
+    tr.close()
+    err = capsys.readouterr().err
     assert f"resume: {last}: " in err and f"falling back to the newest readable milestone {milestone} (step 4)" in err
-    assert "weights_only=False" not in err
+    assert "optimiser state restarted" in err and "weights_only=False" not in err
     ev = {e["event"]: e for e in load_train_log(tmp_path / "run", kind="event")}
     assert ev["resume_fallback"]["path"] == str(milestone) and ev["resume_fallback"]["unreadable"] == str(last)
+    assert ev["resume_fallback"]["optimizer"] == "restarted" == ev["resume"]["optimizer"]
     assert ev["resume"]["path"] == str(milestone) and ev["resume"]["step"] == 4
     assert s["steps"] == 8 and s["steps_this_run"] == 4
-    after = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "run")}
-    assert sorted(after) == list(range(1, 9))                   # log cut back to step 4, then continued
-    assert after[5] == first[5] and after[6] == first[6]        # it continued exactly where the milestone was
+    recs = {r["step"]: r for r in load_train_log(tmp_path / "run")}
+    assert sorted(recs) == list(range(1, 9))                    # log cut back to step 4, then continued
+    assert recs[5]["loss"] == first[5]                          # weights, RNG and data position: the milestone's
+    assert recs[5]["lr"] == pytest.approx(lr5)                  # the schedule at update 4 of this 8-step run
+    assert recs[6]["loss"] != first[6]                          # fresh AdamW moments: the updates differ
 
     # an unreadable checkpoint named explicitly: one line naming the file and what is wrong
     last.write_bytes(raw[: len(raw) // 2])

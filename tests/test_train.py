@@ -275,10 +275,12 @@ def test_loss_falls_on_shapes_world(tmp_path, tiny_shards):
 @pytest.mark.slow
 def test_warm_start_from_baseline(tmp_path):
     base_cfg = preset("tiny", use_dino_patches=False)
-    s = train(_cfg(tmp_path, out=str(tmp_path / "base"), steps=3, use_dino_patches=False),
+    s = train(_cfg(tmp_path, out=str(tmp_path / "base"), steps=3, use_dino_patches=False, milestone_every=3),
               data=stand_in_source(base_cfg, 4))
     base = load_checkpoint(s["checkpoint"])
-    cfg = _cfg(tmp_path, out=str(tmp_path / "patch"), steps=3, use_dino_patches=True, warm_start=s["checkpoint"],
+    milestone = tmp_path / "base" / "ckpt" / "step_000003.pt"      # lean, as nbcore.experiment's warm arms read it
+    assert "optimizer" not in load_checkpoint(milestone)
+    cfg = _cfg(tmp_path, out=str(tmp_path / "patch"), steps=3, use_dino_patches=True, warm_start=str(milestone),
                lr=1e-3, warm_start_lr_scale=0.5)
     tr = Trainer(cfg, data=stand_in_source(preset("tiny"), 4))
     rep = tr.warm_report
@@ -586,7 +588,7 @@ def micro_shards(tmp_path_factory):
 def test_training_takes_the_datas_sizes_and_checkpoints_carry_stats_and_codec(tmp_path, micro_shards, tiny_shards,
                                                                                capsys):
     from nbcore.codec import codec_from_spec
-    from nbcore.pretrained import from_pretrained, save_pretrained
+    from nbcore.pretrained import checkpoint_step, from_pretrained, save_pretrained
     from nbcore.train import main
     data = tmp_path / "data"
     shutil.copytree(micro_shards, data)
@@ -607,6 +609,14 @@ def test_training_takes_the_datas_sizes_and_checkpoints_carry_stats_and_codec(tm
     assert last["stats"] == stats_json and last["codec"] == stats_json["meta"]["codec"]
     assert last["codec"]["kind"] == "pixel" and last["config"] == tr.model_cfg.to_dict()
     assert last["train_config"]["model"] is None
+    # the milestone is lean: model + EMA and the small state, no optimiser or scheduler
+    ms_path = tmp_path / "run" / "ckpt" / "step_000002.pt"
+    ms = load_checkpoint(ms_path)
+    assert set(last) - set(ms) == {"optimizer", "scheduler"} and "optimizer" not in ms
+    assert ms["stats"] == stats_json and ms["codec"] == last["codec"] and ms["data_state"] == last["data_state"]
+    assert all(torch.equal(ms["ema"][n], last["ema"][n]) for n in last["ema"])
+    assert ms_path.stat().st_size < 0.6 * Path(s["checkpoint"]).stat().st_size   # AdamW's moments: 2 x the weights
+    assert checkpoint_step(ms_path) == 2
     # the checkpoint alone says how to normalise and decode: export with the data folder gone
     data.rename(tmp_path / "moved")
     model, info = from_pretrained(save_pretrained(s["checkpoint"], tmp_path / "model"), device="cpu")
