@@ -44,7 +44,7 @@ from .utils import repo_root, write_json
 __all__ = ["NOTEBOOKS", "run_suite", "main"]
 
 NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routing", "05_milestones",
-             "06_dino_swap_demo")
+             "06_dino_swap_demo", "07_real_data")
 
 
 class _Echo(threading.Thread):
