@@ -22,10 +22,11 @@ as a training batch holds them; ``encoders.codec`` decodes the samples.
 
 One function, ``Demo.swap``, serves the headless run (a grid, papermill) and the widgets, so what
 the widgets show is what the batch run measures. Its metric is ``nbcore.metrics.shape_layout`` of
-the swap against the text source's scene and against the DINO source's scene, where the source
-shows a shapes-world scene (the default scenes; a user image with a shapes-world ``name.json``
-beside it, as ``nbcore.shapes.write_image_folder`` writes). A typed caption or a photo has no
-scene: its side is not scored, and the result says why.
+the swap against the scene the text source's caption describes and the scene the DINO source's
+image shows, where they are known (the default scenes; a user image with a shapes-world
+``name.json`` beside it, as ``nbcore.shapes.write_image_folder`` writes, and that scene's own
+caption). Other typed text or a photo has no known scene: its side is not scored, and the result
+says why.
 
 Shape legend: B pairs, S image side, C H W latent, L text tokens, Dt text dim, P patches, Dd DINO dim.
 """
@@ -176,9 +177,9 @@ def _check_fits(cfg, enc: DataEncoders) -> None:
 @dataclass(eq=False)
 class Source:
     """One side of a swap. ``image``: a file path, or a (3, S, S) tensor in [0, 1] at the data's image
-    size; ``caption``: typed text; ``scene``: the shapes-world scene the image shows (a ``Scene`` or
-    its json), when known, for the layout metric; ``name``: a label (default: the caption or the
-    file name). A text source needs only a caption, a DINO source only an image."""
+    size; ``caption``: typed text; ``scene``: the shapes-world scene the source shows (a ``Scene`` or
+    its json), when known, for the layout metric; ``name``: a label (default: from the file name and
+    the caption). A text source needs only a caption, a DINO source only an image."""
     image: str | Path | torch.Tensor | None = None
     caption: str | None = None
     scene: Scene | dict | None = None
@@ -190,13 +191,28 @@ class Source:
         if isinstance(self.scene, dict):
             self.scene = Scene.from_json(self.scene)
 
+    def text_scene(self) -> Scene | None:
+        """The scene the caption describes: ``scene`` when the caption is that scene's own caption
+        (other typed text over a scene's image describes no known scene)."""
+        ok = self.scene is not None and (self.caption or "").strip() == self.scene.caption()
+        return self.scene if ok else None
+
+    def image_scene(self) -> Scene | None:
+        """The scene the image shows: ``scene`` when the source has an image."""
+        return self.scene if self.image is not None else None
+
+    @property
+    def image_label(self) -> str | None:
+        """What names the image: ``name``, else the file name ("image" for a tensor); None without one."""
+        if self.image is None:
+            return None
+        return self.name or (Path(self.image).name if isinstance(self.image, (str, Path)) else "image")
+
     @property
     def label(self) -> str:
-        if self.name:
-            return self.name
-        if (self.caption or "").strip():
-            return self.caption
-        return Path(self.image).name if isinstance(self.image, (str, Path)) else "image"
+        """``name``, else "file.png: caption", the file name or the caption."""
+        parts = [self.image_label, (self.caption or "").strip()]
+        return self.name or ": ".join(p for p in parts if p)
 
 
 def val_scenes(n: int, seed: int = 0, rules: str = "standard") -> list[Scene]:
@@ -228,13 +244,14 @@ def _sidecar_scene(path: Path) -> Scene | None:
 
 def swap_layout(swap: torch.Tensor, text_scenes: list, dino_scenes: list) -> dict:
     """Whose layout the swap images (B, 3, S, S) follow: ``nbcore.metrics.shape_layout`` against the
-    text sources' scenes and against the DINO sources' scenes (B each; None for a source with none).
+    scenes the text sources' captions describe and the scenes the DINO sources' images show (B each;
+    None for a source with no known scene).
 
     Returns ``layout_error_vs_text_scene``, ``layout_error_vs_dino_scene``, ``shape_recall_vs_text_scene``,
     ``shape_recall_vs_dino_scene``: means over the pairs whose side has a scene (None when none has);
     ``follows_dino_rate``, ``follows_text_rate``, ``tie_rate`` over the ``pairs`` scored on both sides (a
     pair follows the side it has the smaller layout error against); ``unscored``: None when every pair
-    was scored on both sides, else the reason (a typed caption or a user image has no scene)."""
+    was scored on both sides, else the reason (typed text or a user image has no known scene)."""
     B = swap.shape[0]
     if len(text_scenes) != B or len(dino_scenes) != B:
         raise ValueError(f"{len(text_scenes)} text and {len(dino_scenes)} DINO scenes for {B} images")
@@ -253,10 +270,9 @@ def swap_layout(swap: torch.Tensor, text_scenes: list, dino_scenes: list) -> dic
     a, b = err["text"][both], err["dino"][both]
     rate = lambda m: int(m.sum()) / n if n else None                                   # exact fractions
     out.update(pairs=n, follows_dino_rate=rate(b < a), follows_text_rate=rate(a < b), tie_rate=rate(a == b))
-    why = [f"{k} {side} source{'s' if k > 1 else ''} without a scene ({what})"
-           for side, scenes, what in (("text", text_scenes, "a typed caption or a user image"),
-                                      ("DINO", dino_scenes, "a user image"))
-           if (k := sum(s is None for s in scenes))]
+    why = [f"{side}: {k} of {B} {what}" for side, scenes, what in (
+               ("text", text_scenes, "captions describe no known scene (typed text)"),
+               ("DINO", dino_scenes, "images show no known scene (a user image)")) if (k := sum(s is None for s in scenes))]
     out["unscored"] = ("layout is scored against shapes-world scenes only: " + "; ".join(why)) if why else None
     return out
 
@@ -394,7 +410,8 @@ class Demo:
         Returns ``images``: text_source (a blank tile for a typed caption), dino_source, swap
         (B, 3, S, S) in [0, 1], and with ``references`` also text_only and dino_only samples from
         the same noise (the same ``seed`` gives the same images); ``condition``: the normalised
-        conditions sampled from (``condition``); ``text`` / ``dino_text``: the sources' labels;
+        conditions sampled from (``condition``); ``text``: the captions sampled from; ``dino_image``:
+        what names each DINO image (``Source.image_label``);
         ``metrics``: ``swap_layout`` (whose layout the swap follows; None where a side has no scene)."""
         A, B = self._resolve(text_source, "text"), self._resolve(dino_source, "DINO")
         if len(A) != len(B):
@@ -412,9 +429,9 @@ class Demo:
         if references:
             images["text_only"] = decode(sample(self.model, **text, **common))
             images["dino_only"] = decode(sample(self.model, **dino, **common))
-        return {"images": images, "condition": {**text, **dino}, "text": [s.label for s in A],
-                "dino_text": [s.label for s in B],
-                "metrics": swap_layout(images["swap"], [s.scene for s in A], [s.scene for s in B]),
+        return {"images": images, "condition": {**text, **dino}, "text": [s.caption for s in A],
+                "dino_image": [s.image_label for s in B],
+                "metrics": swap_layout(images["swap"], [s.text_scene() for s in A], [s.image_scene() for s in B]),
                 "settings": {"text_scale": float(text_scale), "dino_scale": float(dino_scale), "steps": int(steps),
                              "seed": int(seed), "formula": formula}}
 
@@ -426,7 +443,7 @@ class Demo:
 
 def swap_figure(result: dict):
     """``viz.image_grid`` of a ``Demo.swap`` result: one row per pair, titled with both sources."""
-    titles = [f"T: {a}\nD: {b}" for a, b in zip(result["text"], result["dino_text"])]
+    titles = [f"T: {a}\nD: {b}" for a, b in zip(result["text"], result["dino_image"])]
     names = {"text_source": "text source", "dino_source": "DINO source", "swap": "swap (text + DINO)",
              "text_only": "text only", "dino_only": "DINO only"}
     return image_grid({names[k]: v for k, v in result["images"].items()}, titles=titles, size=1.6)

@@ -70,8 +70,8 @@ def test_swap_layout_scores_each_side_against_its_scene():
     m = swap_layout(imgs, [None, a], [b, None])
     assert m["pairs"] == 0 and m["follows_dino_rate"] is None and m["tie_rate"] is None
     assert m["layout_error_vs_dino_scene"] == 0.0 and m["layout_error_vs_text_scene"] == 0.0
-    assert m["unscored"] == ("layout is scored against shapes-world scenes only: 1 text source without a scene "
-                             "(a typed caption or a user image); 1 DINO source without a scene (a user image)")
+    assert m["unscored"] == ("layout is scored against shapes-world scenes only: text: 1 of 2 captions describe "
+                             "no known scene (typed text); DINO: 1 of 2 images show no known scene (a user image)")
     m = swap_layout(imgs, [None, None], [None, None])
     assert m["layout_error_vs_text_scene"] is None and m["shape_recall_vs_dino_scene"] is None
     with pytest.raises(ValueError, match="1 text and 2 DINO scenes for 2 images"):
@@ -88,7 +88,15 @@ def test_source_needs_something_and_reads_a_scene_dict():
         Source(caption="  ")
     s = Source(caption="x", scene=val_scenes(1)[0].to_json())
     assert s.scene.to_json() == val_scenes(1)[0].to_json() and s.label == "x"
-    assert Source(image="dir/cat.png").label == "cat.png"
+    assert Source(image="dir/cat.png").label == "cat.png" == Source(image="dir/cat.png").image_label
+    assert Source(image="dir/cat.png", caption="a cat").label == "cat.png: a cat"
+    assert Source(caption="a cat").image_label is None
+    scene = val_scenes(1)[0]
+    own = Source(image="a.png", caption=scene.caption(), scene=scene)
+    assert own.text_scene() is scene and own.image_scene() is scene
+    typed = Source(image="a.png", caption="a cat", scene=scene)                       # typed text over a scene image
+    assert typed.text_scene() is None and typed.image_scene() is scene
+    assert Source(caption=scene.caption(), scene=scene).image_scene() is None
 
 
 # --------------------------------------------------------------------------- the shapes world (default)
@@ -159,7 +167,7 @@ def test_widget_renders_and_takes_a_typed_caption(shapes_model_dir, tmp_path):
     first = panel.image.value
     assert len(first) > 1000 and "layout error vs text scene" in panel.status.value
     panel.controls["typed caption"].value = "a large red circle at the top left"     # re-renders
-    assert panel.image.value != first and "1 text source without a scene" in panel.status.value
+    assert panel.image.value != first and "text: 1 of 1 captions describe no known scene" in panel.status.value
     panel.controls["DINO image file"].value = str(tmp_path / "missing.png")
     assert "error: FileNotFoundError: source image not found" in panel.status.value
 
@@ -191,9 +199,9 @@ def test_real_encoders_swap_from_two_image_files_and_a_typed_caption(real_model_
         assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1, name
     assert torch.equal(res["images"]["text_source"][0], torch.ones(3, 32, 32))         # a typed caption: no image
     torch.testing.assert_close(res["images"]["text_source"][1], enc.load([files[0]])[0])
-    assert res["text"] == [typed, caption] and res["dino_text"] == [files[1].name] * 2
+    assert res["text"] == [typed, caption] and res["dino_image"] == [files[1].name] * 2
     m = res["metrics"]
-    assert m["pairs"] == 1 and m["unscored"].endswith("1 text source without a scene (a typed caption or a user image)")
+    assert m["pairs"] == 1 and m["unscored"].endswith("text: 1 of 2 captions describe no known scene (typed text)")
     assert 0 <= m["layout_error_vs_dino_scene"] <= MISS_PENALTY + 1e-6
     again = demo.swap([Source(caption=typed), i], [j, j], steps=2, seed=0)
     assert all(torch.equal(res["images"][k], again["images"][k]) for k in res["images"])
