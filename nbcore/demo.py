@@ -270,9 +270,9 @@ def swap_layout(swap: torch.Tensor, text_scenes: list, dino_scenes: list) -> dic
     a, b = err["text"][both], err["dino"][both]
     rate = lambda m: int(m.sum()) / n if n else None                                   # exact fractions
     out.update(pairs=n, follows_dino_rate=rate(b < a), follows_text_rate=rate(a < b), tie_rate=rate(a == b))
-    why = [f"{side}: {k} of {B} {what}" for side, scenes, what in (
-               ("text", text_scenes, "captions describe no known scene (typed text)"),
-               ("DINO", dino_scenes, "images show no known scene (a user image)")) if (k := sum(s is None for s in scenes))]
+    missing = {"text": sum(s is None for s in text_scenes), "DINO": sum(s is None for s in dino_scenes)}
+    what = {"text": "captions describe no known scene", "DINO": "images show no known scene"}
+    why = [f"{side}: {k} of {B} {what[side]}" for side, k in missing.items() if k]
     out["unscored"] = ("layout is scored against shapes-world scenes only: " + "; ".join(why)) if why else None
     return out
 
