@@ -344,12 +344,22 @@ ctx.check(len(sentences) >= 1, "the notebook states what the numbers support")''
 # --------------------------------------------------------------------------- 06 demo
 
 NB06 = nb([
-    new_markdown_cell("# 06 · DINO-swap demo\n\nText from one scene, DINO (CLS + patches) from another: whose "
-                      "layout and colours does the image follow? The widgets below call the same function "
-                      "(`nbcore.demo.Demo.swap`) as the headless grid. The checkpoint defaults to this run's best "
-                      "patch arm (trained by notebook 03)."),
+    new_markdown_cell("# 06 · DINO-swap demo\n\nText from one source, DINO (CLS + patches) from another: whose "
+                      "layout does the image follow? The widgets below call the same function "
+                      "(`nbcore.demo.Demo.swap`) as the headless grid. The model defaults to this run's best "
+                      "patch arm (trained by notebook 03); `ckpt` takes a training checkpoint or a "
+                      "`save_pretrained` folder.\n\n"
+                      "Sources are shapes-world scenes, plus your own material: `images` (files, DINO sources) "
+                      "and `captions` (typed text, text sources), encoded by the encoders the model's data was "
+                      "made with: the shapes world's stand-ins, or the real DINOv3 / T5 / VAE from the folders "
+                      "its stats.json records (`dino_dir`, `t5_dir`, `vae_dir` override them). The layout "
+                      "metric needs a scene: a typed caption or a photo is not scored."),
     *header("06_dino_swap_demo",
-            "ckpt = None          # a checkpoint path, or None: this run's best patch arm\n"
+            "ckpt = None          # a training checkpoint or a save_pretrained folder; None: this run's best patch arm\n"
+            "dino_dir = None      # real encoders' local folders; None: those the model's data recorded\n"
+            "t5_dir = None\nvae_dir = None\n"
+            "images = []          # your image files: DINO sources (empty: the shapes world's scenes only)\n"
+            "captions = []        # your typed captions: text sources (the i-th goes with the i-th image)\n"
             "demo_steps = None\ntext_scale = None\ndino_scale = None\ndemo_grid = None     # pairs in the headless grid\n"
             "widgets = True       # build the interactive panel (needs a live kernel to react)\n",
             train=True),
@@ -358,26 +368,33 @@ if ckpt is None:
     ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
     best = ex.best_patch_arm(p, ctx.run_dir)
     ckpt = ex.checkpoints(ctx.run_dir, best)[-1][1]
-demo = Demo.load(ckpt, device=ctx.device, n_scenes=max(8, 2 * p.demo_grid), world_seed=ctx.seed)
-print("checkpoint:", demo.info)
+demo = Demo.load(ckpt, device=ctx.device, n_scenes=max(8, 2 * p.demo_grid), world_seed=ctx.seed,
+                 dino=dino_dir, t5=t5_dir, vae=vae_dir)
+mine = demo.add_material(images, captions)
+print(f"model {demo.info['path']} ({demo.info['format']}, step {demo.info['step']}); {demo.encoders.kind} encoders")
+print(f"{len(demo.sources)} sources, yours: {[demo.sources[i].label for i in mine]}")
 ctx.metrics["checkpoint"] = str(demo.info["path"])
-ctx.metrics["checkpoint_step"] = demo.info["step"]'''),
-    new_markdown_cell("## Headless: the default swap grid\nPair i takes the text of scene i and the DINO of "
-                      "scene i + n (different scenes)."),
-    new_code_cell('''n = p.demo_grid
-res = demo.swap(list(range(n)), list(range(n, 2 * n)), p.text_scale, p.dino_scale, p.demo_steps, seed=ctx.seed)
+ctx.metrics["checkpoint_step"] = demo.info["step"]
+ctx.metrics["encoders"] = demo.encoders.kind
+ctx.metrics["user_sources"] = len(mine)'''),
+    new_markdown_cell("## Headless: the swap grid\nWithout your material, pair i takes the text of scene i and the "
+                      "DINO of scene i + n (different scenes); with it, your captions meet your images "
+                      "(`Demo.grid_pairs`)."),
+    new_code_cell('''text_idx, dino_idx = demo.grid_pairs(p.demo_grid)
+res = demo.swap(text_idx, dino_idx, p.text_scale, p.dino_scale, p.demo_steps, seed=ctx.seed)
 ctx.save(swap_figure(res), "swap_grid.png")
 m = res["metrics"]
 print(m)
 ctx.metrics.update({f"swap_{k}": v for k, v in m.items()})
 import torch
 ctx.check(all(torch.isfinite(x).all() for x in res["images"].values()), "swap images are finite")
-ctx.check(res["images"]["swap"].shape == res["images"]["text_source"].shape, "swap images have the source shape")'''),
-    new_markdown_cell("## Interactive\nChange the sources, guidance scales, steps or seed: the image re-renders."),
+ctx.check(res["images"]["swap"].shape == res["images"]["dino_source"].shape, "swap images have the source shape")'''),
+    new_markdown_cell("## Interactive\nChange the sources (or type a caption, or give an image file), guidance "
+                      "scales, steps or seed: the image re-renders."),
     new_code_cell('''panel = None
 if widgets:
-    panel = build_widget(demo, text_index=0, dino_index=1, text_scale=p.text_scale, dino_scale=p.dino_scale,
-                         steps=p.demo_steps, seed=ctx.seed)
+    panel = build_widget(demo, text_index=text_idx[0], dino_index=dino_idx[0], text_scale=p.text_scale,
+                         dino_scale=p.dino_scale, steps=p.demo_steps, seed=ctx.seed)
     ctx.check(len(panel.image.value) > 0, "the widget rendered an image")
 panel'''),
     new_code_cell("ctx.finish()"),
