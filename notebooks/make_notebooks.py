@@ -452,6 +452,22 @@ log = load_train_log(real / "train" / "log.jsonl")
 ctx.save(viz.plot_curves({"real data": log}, ["loss"]), "loss.png")
 ctx.metrics["train"] = {"steps": run["steps"], "final_loss": run["final_loss"]}
 ctx.check(run["steps"] == p.real_steps, "trained the planned steps", steps=run["steps"])'''),
+    new_markdown_cell("## DINO swap from two image files and a typed caption\n"
+                      "The DINO of each image file with the caption of the other (and the typed caption), through "
+                      "`nbcore.demo.Demo` on the encoders the data was made with."),
+    new_code_cell('''import torch
+from nbcore.demo import Demo, swap_figure
+files = sorted(Path(images_dir).glob("*.png")) + sorted(Path(images_dir).glob("*.jp*g"))
+a, b = files[0], files[1]
+demo = Demo.load(ckpt, device=ctx.device, dino=dino_dir, t5=t5_dir, vae=vae_dir, n_scenes=0)
+ia, ib = demo.add_source(a, a.with_suffix(".txt").read_text().strip()), demo.add_source(b, b.with_suffix(".txt").read_text().strip())
+typed = demo.add_source(caption=swap_caption or demo.sources[ia].caption)
+res = demo.swap([ia, ib, typed], [ib, ia, ib], p.text_scale, p.dino_scale, p.demo_steps, seed=ctx.seed)
+ctx.save(swap_figure(res), "swap_grid.png")
+ctx.metrics["swap"] = res["metrics"]
+print(res["metrics"])
+ctx.check(all(torch.isfinite(x).all() for x in res["images"].values()), "swap images are finite")
+ctx.check(res["images"]["swap"].shape[-1] == res["images"]["dino_source"].shape[-1], "swap images have the source size")'''),
     new_markdown_cell("## A shareable model\n`save_pretrained`: config.json, EMA weights as model.safetensors, the data "
                       "statistics and a model card; `from_pretrained` gives back the same outputs."),
     new_code_cell('''import torch
