@@ -61,29 +61,52 @@ PHASES = ("reconstruction", "no guidance", "text only", "DINO swap", "metrics")
 # --------------------------------------------------------------------------- data
 
 def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stats: str | None = "auto") -> dict:
-    """The first ``n`` samples of ``DATA_DIR/{split}-*.tar`` (shard order, no shuffle) as one batch,
-    conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json`` when it exists, as the
-    trainer does; None = raw). Fewer samples than ``n`` in the split -> all of them."""
+    """The first ``n`` samples of one latent shape of ``DATA_DIR/{split}-*.tar`` (shard order, no
+    shuffle) as one batch, conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json``
+    when it exists, as the trainer does; None = raw). Fewer samples than ``n`` -> all of them.
+
+    Aspect-ratio buckets put several latent shapes in a split; a batch holds one: the first shape to
+    reach ``n`` samples in shard order, or, when none does, the split's most common shape.
+    ``batch["selection"]`` (a line of text) says what was taken and what was left out."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     shards = shard_list(data_dir, split)
     if stats == "auto":
         p = Path(data_dir) / "stats.json"
         stats = str(p) if p.exists() else None
-    parts: list[dict] = []
-    got = 0
-    for b in make_loader(shards, min(n, 256), stats=stats, shuffle=0, epochs=1):
-        parts.append(b)
-        got += len(b["txt"])
-        if got >= n:
+    groups: dict[tuple, list[dict]] = {}                    # latent shape -> its samples (batches of 1)
+    for b in make_loader(shards, 1, stats=stats, shuffle=0, epochs=1):     # one at a time: shard order
+        shape = tuple(b["latent"].shape[1:])
+        groups.setdefault(shape, []).append(b)
+        if len(groups[shape]) >= n:
             break
-    if not parts:
+    counts = {shape: len(parts) for shape, parts in groups.items()}
+    if not groups:
         raise ValueError(f"no usable samples in {data_dir} ({split} split)")
-    return _cat_batches(parts, n)
+    shape = max(counts, key=counts.get)                     # the one that reached n, else the most common
+    batch = _cat_batches(groups[shape], n)
+    batch["selection"] = _selection(split, n, shape, counts)
+    return batch
+
+
+def _shape_str(shape: tuple) -> str:
+    return "x".join(map(str, shape))
+
+
+def _selection(split: str, n: int, shape: tuple, counts: dict) -> str:
+    """One line: which samples a validation batch holds."""
+    k = min(n, counts[shape])
+    line = f"{'the first' if counts[shape] >= n else 'all'} {k} samples of latent shape {_shape_str(shape)} " \
+           f"of the {split} split"
+    others = {s: c for s, c in counts.items() if s != shape}
+    if others:
+        line += "; left out (other shapes, among the samples read): " + \
+                ", ".join(f"{_shape_str(s)}: {c}" for s, c in others.items())
+    return line
 
 
 def _cat_batches(parts: list[dict], n: int) -> dict:
-    """Concatenate loader batches (text padded to the longest) and keep the first n samples."""
+    """Concatenate loader batches of one latent shape (text padded to the longest); keep the first n."""
     L = max(b["text_emb"].shape[1] for b in parts)
     out: dict = {}
     for k in parts[0]:

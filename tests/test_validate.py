@@ -1,7 +1,9 @@
 """Validation suite: the CLI end to end on a tiny untrained checkpoint and the tiny_shards fixture,
-the library entry point as the trainer's hook calls it, and bad input."""
+the library entry point as the trainer's hook calls it, bad input, and a split of mixed latent shapes."""
+import io
 import json
 import math
+import tarfile
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ def test_load_val_batch(tiny_shards):
     assert len(b["txt"]) == 5 and b["png"].shape == (5, 3, 64, 64) and len(b["json"]) == 5
     assert b["text_emb"].shape[:2] == b["text_mask"].shape
     assert all(k.startswith("val-") for k in b["key"])
+    assert b["selection"] == "the first 5 samples of latent shape 12x32x32 of the val split"
     assert len(load_val_batch(tiny_shards, 1000)["txt"]) == 16           # the whole val split
     with pytest.raises(ValueError, match="n must be"):
         load_val_batch(tiny_shards, 0)
@@ -143,3 +146,40 @@ def test_cli_bad_input_exits_with_a_reason(tiny_shards, tmp_path):
     bad = atomic_save({"weights": {}}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="not an nbcore checkpoint"):
         main([str(bad), "--data", str(tiny_shards), "--out", str(tmp_path / "o2"), "--device", "cpu"])
+
+
+# --------------------------------------------------------------------------- mixed latent shapes
+
+def _write_mixed_split(folder, shapes):
+    """val-000000.tar with one sample per entry of ``shapes`` ((h, w) latent sides), keys k0, k1, ..."""
+    from nbcore.shapes import encode_sample_members
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with tarfile.open(folder / "val-000000.tar", "w") as tar:
+        for i, (h, w) in enumerate(shapes):
+            members = encode_sample_members(torch.randn(4, h, w, generator=g), torch.randn(8, generator=g),
+                                            torch.randn(4, 8, generator=g), torch.randn(3, 6, generator=g), f"c{i}")
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"k{i}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_load_val_batch_takes_one_latent_shape_of_a_mixed_split(tmp_path):
+    """Aspect-ratio buckets: the batch holds the first shape to reach n in shard order, else the
+    most common one, and says what it left out."""
+    from nbcore.validate import load_val_batch
+    A, B = (4, 4), (4, 8)
+    data = _write_mixed_split(tmp_path / "mixed", [A, A, B, A, B, B, B, B])
+    b = load_val_batch(data, 3)                                 # A reaches 3 at k3, B has 1 by then
+    assert b["key"] == ["k0", "k1", "k3"] and b["latent"].shape == (3, 4, 4, 4)
+    assert b["selection"] == "the first 3 samples of latent shape 4x4x4 of the val split; " \
+                             "left out (other shapes, among the samples read): 4x4x8: 1"
+    b = load_val_batch(data, 4)                                 # B reaches 4 at k6
+    assert b["key"] == ["k2", "k4", "k5", "k6"] and b["latent"].shape == (4, 4, 4, 8)
+    assert b["selection"].endswith("4x4x4: 3")
+    b = load_val_batch(data, 10)                                # none reaches 10: the most common
+    assert b["key"] == ["k2", "k4", "k5", "k6", "k7"]
+    assert b["selection"] == "all 5 samples of latent shape 4x4x8 of the val split; " \
+                             "left out (other shapes, among the samples read): 4x4x4: 3"
