@@ -84,7 +84,7 @@ from .shapes import (COLOURS, Scene, colour_mask, render, shape_mask, shift_exte
 __all__ = ["PSNR_CAP_DB", "MAX_CENTROID_DIST", "ALEXNET_FILE", "MIN_AREA_FRACTION", "MISS_PENALTY",
            "SHAPE_LAYOUT_METRICS", "CONSTRUCTED_ROWS", "psnr", "LPIPSMetric", "layout_error",
            "layout_per_sample", "swap_follow", "dino_features", "layout_corr", "roll_patch_grid",
-           "layout_corr_calibration", "dino_similarity", "encoder_similarity", "present_colours",
+           "layout_corr_calibration", "dino_similarity", "present_colours",
            "connected_components", "component_stats", "shape_layout", "shape_layout_per_sample",
            "bootstrap_ci", "paired_bootstrap_diff", "constructed_scenes", "constructed_rows", "speck_image"]
 
@@ -715,7 +715,7 @@ def constructed_rows(scenes: Sequence, image_size: int, rng: np.random.Generator
             "empty": ren([Scene([]) for _ in sc["source"]])}
 
 
-# --------------------------------------------------------------------------- encoder space
+# --------------------------------------------------------------------------- DINO space
 
 @torch.no_grad()
 def dino_features(dino: Callable, images: torch.Tensor, stats=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -780,19 +780,3 @@ def dino_similarity(dino: Callable, generated: torch.Tensor, source: torch.Tenso
     cg, pg = dino_features(dino, generated, stats)
     cs, ps = dino_features(dino, source, stats)
     return {"cls_cos": F.cosine_similarity(cg, cs, dim=-1), "layout_corr": layout_corr(pg, ps)}
-
-
-@torch.no_grad()
-def encoder_similarity(patch_encoder: Callable, generated: torch.Tensor, source: torch.Tensor) -> dict:
-    """Similarity of generated and source images in the image encoder's space.
-
-    patch_encoder(images (B, 3, S, S)) -> (cls (B, Dd), patches (B, P, Dd)). Returns tensors (B,):
-    ``cls_cos`` (cosine of the CLS vectors) and ``patch_cos`` (mean over the P grid positions of the
-    cosine of corresponding patch tokens).
-    """
-    _check_images(generated, source)
-    cg, pg = patch_encoder(generated)
-    cs, ps = patch_encoder(source)
-    cls_cos = F.cosine_similarity(cg.float(), cs.float(), dim=-1)                       # (B,)
-    patch_cos = F.cosine_similarity(pg.float(), ps.float(), dim=-1).mean(1)             # (B, P) -> (B,)
-    return {"cls_cos": cls_cos.cpu(), "patch_cos": patch_cos.cpu()}

@@ -12,7 +12,7 @@ import torch
 import nbcore.metrics as metrics_mod
 from nbcore.metrics import (CONSTRUCTED_ROWS, MAX_CENTROID_DIST, MISS_PENALTY, PSNR_CAP_DB, LPIPSMetric,
                             bootstrap_ci, component_stats, connected_components, constructed_rows,
-                            constructed_scenes, dino_features, dino_similarity, encoder_similarity, layout_corr,
+                            constructed_scenes, dino_features, dino_similarity, layout_corr,
                             layout_corr_calibration, layout_error, layout_per_sample, roll_patch_grid,
                             paired_bootstrap_diff, psnr, shape_layout, shape_layout_per_sample, swap_follow)
 from nbcore.model import preset
@@ -111,16 +111,6 @@ def test_swap_metric_picks_the_right_source():
     c_img = _img(*scene_c)[None]
     r = swap_follow(c_img, a[:1], ca[:1], c_img, [["green", "yellow"]], colour_mask)
     assert r["colour_follows_dino_rate"] == 1.0 and r["follows_dino_rate"] == 1.0
-
-
-def test_encoder_similarity_is_one_for_identical_images():
-    world = ShapesWorld(preset("tiny"))
-    x = torch.stack([_img(*SCENE_A), _img(*SCENE_B)])
-    same = encoder_similarity(world.patch_encoder, x, x)
-    assert torch.allclose(same["cls_cos"], torch.ones(2), atol=1e-5)
-    assert torch.allclose(same["patch_cos"], torch.ones(2), atol=1e-5)
-    other = encoder_similarity(world.patch_encoder, x, x.flip(0))
-    assert (other["patch_cos"] < 0.999).all()
 
 
 # --------------------------------------------------------------------------- LPIPS
