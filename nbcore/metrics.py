@@ -1,6 +1,7 @@
 """Metrics for the validation suite: pixel (PSNR, LPIPS), layout on the shapes world (shapes found as
 connected components: recall, placement, size, mask IoU; and the older colour-mask centroids),
-bootstrap confidence intervals, constructed calibration images, DINO-swap following, and similarity in the image encoder's space.
+bootstrap confidence intervals, constructed calibration images, DINO-swap following, and a layout
+score in the DINO encoder's space that needs no scene metadata (real data too).
 
 Shape legend: B images, S image side, P patches, Dd encoder dim. Images are (B, 3, S, S) float in [0, 1].
 
@@ -45,6 +46,18 @@ Documented conventions
   * Per-sample values are means over the sample's shapes (or colours); summaries are means over the
     samples where a metric is defined (``valid``), which is what ``bootstrap_ci`` resamples. A
     captioned shape with no visible pixel in its own scene is skipped and counted. Nothing is NaN.
+- DINO-space layout (``layout_corr``, any data): generated and source images are re-encoded by the
+  encoder the data was made with (the real DINOv3, or the shapes world's stand-in patch encoder),
+  features normalised with the data's stats (``dino_features``), and their patch maps compared
+  position by position as a correlation: each map centred on its own mean patch, then the cosine of
+  the two centred maps (all P x Dd values). 1 = the same map, 0 = a featureless image. Why not the
+  mean over patches of the per-patch cosine: background patches dominate it, so an empty
+  shapes-world image scored 0.72 there, above the right shapes in the wrong places (0.49); centring
+  takes out what every position shares and puts both at about 0. Calibration
+  (``layout_corr_calibration``), computed from the sources alone: the map against itself rolled by
+  half the grid ("right content, wrong places") and against another image of the data. On the tiny
+  shapes world (64 px, 8 x 8 stand-in grid, 16 val scenes): rolled -0.06, other image -0.02, an
+  empty image 0.00, the source shifted by 2 / 4 / 8 / 16 px 0.63 / 0.41 / 0.11 / -0.04.
 - Confidence intervals: ``bootstrap_ci`` (percentile bootstrap of the mean over samples) and
   ``paired_bootstrap_diff`` (two arms on the same scenes, scene indices resampled jointly).
 - LPIPS uses the ``lpips`` package with the AlexNet trunk. The trunk's ImageNet weights
@@ -70,7 +83,8 @@ from .shapes import (COLOURS, Scene, colour_mask, render, shape_mask, shift_exte
 
 __all__ = ["PSNR_CAP_DB", "MAX_CENTROID_DIST", "ALEXNET_FILE", "MIN_AREA_FRACTION", "MISS_PENALTY",
            "SHAPE_LAYOUT_METRICS", "CONSTRUCTED_ROWS", "psnr", "LPIPSMetric", "layout_error",
-           "layout_per_sample", "swap_follow", "encoder_similarity", "present_colours",
+           "layout_per_sample", "swap_follow", "dino_features", "layout_corr", "roll_patch_grid",
+           "layout_corr_calibration", "dino_similarity", "present_colours",
            "connected_components", "component_stats", "shape_layout", "shape_layout_per_sample",
            "bootstrap_ci", "paired_bootstrap_diff", "constructed_scenes", "constructed_rows", "speck_image"]
 
@@ -701,19 +715,68 @@ def constructed_rows(scenes: Sequence, image_size: int, rng: np.random.Generator
             "empty": ren([Scene([]) for _ in sc["source"]])}
 
 
-# --------------------------------------------------------------------------- encoder space
+# --------------------------------------------------------------------------- DINO space
 
 @torch.no_grad()
-def encoder_similarity(patch_encoder: Callable, generated: torch.Tensor, source: torch.Tensor) -> dict:
-    """Similarity of generated and source images in the image encoder's space.
+def dino_features(dino: Callable, images: torch.Tensor, stats=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dino(images (B, 3, Sh, Sw))`` -> (cls (B, Dd), patches (B, P, Dd)) float32 on the CPU,
+    normalised with ``stats`` (a ``nbcore.data.Stats``, as the loader normalises the conditions) when
+    given, so every feature dimension weighs about the same."""
+    cls, patches = dino(images)
+    cls, patches = cls.float().cpu(), patches.float().cpu()
+    if stats is not None:
+        z = stats.normalise_condition({"dino_emb": cls, "dino_patches": patches})
+        cls, patches = z["dino_emb"], z["dino_patches"]
+    return cls, patches
 
-    patch_encoder(images (B, 3, S, S)) -> (cls (B, Dd), patches (B, P, Dd)). Returns tensors (B,):
-    ``cls_cos`` (cosine of the CLS vectors) and ``patch_cos`` (mean over the P grid positions of the
-    cosine of corresponding patch tokens).
+
+def layout_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """DINO-space layout score: how well two patch-feature maps agree position by position.
+
+    a, b (B, P, Dd) -> (B,) in [-1, 1]: the correlation of the two maps, sum_i <a_i - a_mean, b_i - b_mean>
+    / (|a - a_mean| |b - b_mean|), a_mean the image's mean patch feature (norms over all P x Dd values).
+    Centring on the image's own mean removes what every position shares (the background), so the
+    score rates where the content is: the same map scores 1, a featureless (constant) map 0 (its
+    centred norm below 1e-5 of its norm), and the same content at unrelated positions about 0
+    (calibration rows: ``layout_corr_calibration``).
     """
+    if a.shape != b.shape or a.dim() != 3:
+        raise ValueError(f"patch maps must be two (B, P, Dd) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.float(), b.float()
+    ca, cb = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)                 # (B, P, Dd)
+    na, nb = ca.flatten(1).norm(dim=1), cb.flatten(1).norm(dim=1)                      # (B,)
+    # a constant map centres to rounding noise, not to exact zeros: below 1e-5 of its norm it is featureless
+    flat = (na <= 1e-5 * a.flatten(1).norm(dim=1)) | (nb <= 1e-5 * b.flatten(1).norm(dim=1))
+    corr = (ca * cb).flatten(1).sum(1) / (na * nb).clamp_min(1e-30)                    # (B,)
+    return torch.where(flat, torch.zeros_like(corr), corr)
+
+
+def roll_patch_grid(patches: torch.Tensor) -> torch.Tensor:
+    """(B, P, Dd) row-major g x g grid -> the same grid rolled by half its side along both axes
+    (patch (i, j) moves to ((i + g/2) mod g, (j + g/2) mod g)): the right content in the wrong places."""
+    B, P, D = patches.shape
+    g = math.isqrt(P)
+    if g * g != P:
+        raise ValueError(f"{P} patches do not form a square grid")
+    grid = patches.reshape(B, g, g, D)                                                 # (B, g, g, Dd)
+    return grid.roll((g // 2, g // 2), dims=(1, 2)).reshape(B, P, D)                    # (B, P, Dd)
+
+
+def layout_corr_calibration(source_patches: torch.Tensor) -> dict:
+    """Where chance lies for ``layout_corr`` on these images, from their own patch maps (no encoder
+    call): ``rolled`` (B,): each map against itself rolled by half the grid (``roll_patch_grid``: the
+    same content, displaced); ``other_image`` (B,): each map against the next image's
+    ((i + 1) mod B: another scene of the same data), None for B = 1. A generated image's score means
+    layout only as far as it rises above these."""
+    other = layout_corr(source_patches.roll(-1, dims=0), source_patches) if source_patches.shape[0] > 1 else None
+    return {"rolled": layout_corr(roll_patch_grid(source_patches), source_patches), "other_image": other}
+
+
+def dino_similarity(dino: Callable, generated: torch.Tensor, source: torch.Tensor, stats=None) -> dict:
+    """Generated vs source images in the DINO encoder's space (``dino_features``, normalised with
+    ``stats`` when given). generated, source (B, 3, S, S) -> tensors (B,): ``cls_cos`` (cosine of the
+    CLS vectors: global content) and ``layout_corr`` (``layout_corr`` of the patch maps: placement)."""
     _check_images(generated, source)
-    cg, pg = patch_encoder(generated)
-    cs, ps = patch_encoder(source)
-    cls_cos = F.cosine_similarity(cg.float(), cs.float(), dim=-1)                       # (B,)
-    patch_cos = F.cosine_similarity(pg.float(), ps.float(), dim=-1).mean(1)             # (B, P) -> (B,)
-    return {"cls_cos": cls_cos.cpu(), "patch_cos": patch_cos.cpu()}
+    cg, pg = dino_features(dino, generated, stats)
+    cs, ps = dino_features(dino, source, stats)
+    return {"cls_cos": F.cosine_similarity(cg, cs, dim=-1), "layout_corr": layout_corr(pg, ps)}

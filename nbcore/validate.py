@@ -1,33 +1,54 @@
 """Validation suite: turn "blobs in the right places" into numbers for one or more checkpoints.
 
-For ``n`` validation samples of a shapes-world dataset (``DIR/val-*.tar`` + ``DIR/stats.json``) it
-samples four sets of images with one shared noise draw (seeded) and scores them:
+For ``n`` validation samples of a dataset (``DIR/val-*.tar`` + ``DIR/stats.json``: the shapes world or
+real images precomputed by ``nbcore.encoders``) it samples four sets of images with one shared noise
+draw (seeded), decodes them with the codec the data was made with (``nbcore.codec.codec_from_stats``:
+the shapes world's pixel codec, or the VAE; ``vae=DIR`` / ``--vae DIR`` where the recorded folder
+moved) and scores them:
 
-    reconstruction  own text + own DINO (CLS + patches), with guidance  -> PSNR, LPIPS, layout, encoder similarity
-    no guidance     the same conditions, v = v_full (guidance off)      -> PSNR, LPIPS, layout, encoder similarity
-    text only       own text, null DINO, text guidance                  -> layout against the caption's own scene
-    DINO swap       text of sample i, DINO of sample (i + 1) mod n      -> whose layout / colours it follows (rates)
+    reconstruction  own text + own DINO (CLS + patches), with guidance  -> PSNR, LPIPS, DINO layout, shape layout
+    no guidance     the same conditions, v = v_full (guidance off)      -> PSNR, LPIPS, DINO layout, shape layout
+    text only       own text, null DINO, text guidance                  -> DINO layout, shape layout
+    DINO swap       text of sample i, DINO of sample (i + 1) mod n      -> whose layout it follows
 
-Layout metrics are ``nbcore.metrics.shape_layout``'s (shapes found as connected components:
-``layout_error`` with a missed shape at the miss penalty, ``shape_recall``, ``placement_error``,
-``mask_iou``, also reported as ``layout_iou``); they need the shards' ``json`` scene metadata, so
-they are shapes-world only. Source images are the shards' ``png`` members (the codec's decoding of the stored latents when a
-shard has none); the scene colours come from the ``json`` members (layout and swap metrics are
-``None``, with a reason, without them). Generated latents are decoded with the shapes world's
-pixel codec at the model's sizes (``ShapesWorld(model.cfg)``; its stand-in encoders do not depend
-on the world seed). Metric definitions and conventions: ``nbcore.metrics``. Sampler and guidance
-formulas: ``nbcore.sample``.
+Sources: the shards' ``png`` members, or, in shards without them, the codec's decoding of the stored
+latents (``source_images`` says which). Metrics on any data:
 
-Library: ``validate_checkpoint(model_or_path, data_dir, out_dir=..., ...) -> dict`` (flat: every
-metric a float / int / str / None) writes ``OUT/metrics.json`` and ``OUT/grid.png``
-(source | reconstruction | text only | DINO swap | no guidance).
+- ``{run}_psnr``, ``{run}_lpips`` against the source (``nbcore.metrics.LPIPSMetric``: None with
+  ``lpips_status`` saying why when the AlexNet weights are absent); ``codec_roundtrip_psnr``: the
+  codec's own decoding of the stored latents against the source, the ceiling of reconstruction.
+- DINO-space layout (``nbcore.metrics.layout_corr``): generated and source images re-encoded by the
+  encoder the data was made with (the real DINOv3, ``dino=DIR`` / ``--dino DIR`` where the recorded
+  folder moved; the stand-in patch encoder on the shapes world), features normalised with the data's
+  stats; ``{run}_dino_layout_corr`` is the position-by-position correlation of the patch maps (1 = the
+  source's map), ``{run}_dino_cls_cos`` the CLS cosine (global content). Where chance lies, from the
+  sources alone: ``dino_layout_corr_rolled`` (each source against its own patch grid rolled by half:
+  the right content in the wrong places) and ``dino_layout_corr_other_image`` (each source against
+  the next one); ``dino_layout_corr_codec_roundtrip`` is the ceiling the codec allows. The swap:
+  ``swap_dino_layout_corr_to_dino_source`` / ``..._to_text_source``.
+
+Shapes-world only (listed in ``shapes_world_only``; None with ``layout_status`` "unavailable:
+shapes-world only (...)" on data without scene metadata): ``nbcore.metrics.shape_layout``'s
+``{run}_layout_error``, ``shape_recall``, ``placement_error``, ``mask_iou`` (also as
+``layout_iou``) against the ``json`` scenes, and the swap's colour-centroid following
+(``nbcore.metrics.swap_follow``). Real-encoded shapes images keep their scenes as ``json`` members,
+so both layout measures run there side by side.
+
+Aspect-ratio buckets put several latent shapes in one split: one shape is validated
+(``load_val_batch``; ``latent_shape`` and ``selection`` say which and what was left out).
+
+Library: ``validate_checkpoint(model_or_path, data_dir, out_dir=..., ...) -> dict`` (every metric a
+float / int / str / None; ``shapes_world_only`` a list of key names) writes ``OUT/metrics.json``
+and ``OUT/grid.png`` (source | reconstruction | text only | DINO swap | no guidance).
 
 CLI::
 
-    python -m nbcore.validate CKPT [CKPT ...] --data DIR --out DIR [--n N --steps S --seed K --device D]
+    python -m nbcore.validate CKPT [CKPT ...] --data DIR --out DIR [--vae DIR --dino DIR]
+                              [--n N --steps S --seed K --device D]
 
 writes ``OUT/metrics.json`` (settings, LPIPS status, and every metric per checkpoint) and
-``OUT/<tag>/grid.png`` + ``OUT/<tag>/metrics.json`` per checkpoint, with a progress bar.
+``OUT/<tag>/grid.png`` + ``OUT/<tag>/metrics.json`` per checkpoint, with a progress bar. Metric
+definitions and their calibration: ``nbcore.metrics``. Sampler and guidance formulas: ``nbcore.sample``.
 """
 from __future__ import annotations
 
@@ -40,50 +61,87 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import make_loader, shard_list
-from .metrics import (PSNR_CAP_DB, LPIPSMetric, encoder_similarity, psnr, shape_layout, swap_follow)
+from .codec import codec_from_stats
+from .data import Stats, make_loader, shard_list
+from .encoders import DataEncoders, DinoV3Encoder, _recorded, data_encoders
+from .metrics import (PSNR_CAP_DB, LPIPSMetric, dino_features, layout_corr, layout_corr_calibration, psnr,
+                      shape_layout, swap_follow)
 from .model import CONDITION_KEYS, NanoDiT
 from .sample import Guidance, load_model_with_info, sample
-from .shapes import ShapesWorld, colour_mask
+from .shapes import colour_mask
 from .utils import (ArgParser, HookUnavailable, bad_arguments, check_checkpoint_file, check_writable, resolve_device,
                     write_json)
 from .viz import image_grid, save_figure
 
-__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "main"]
+__all__ = ["validate_checkpoint", "load_val_batch", "validation_encoders", "sample_grid", "DEFAULT_GUIDANCE",
+           "SHAPES_WORLD_ONLY", "main"]
 
 # Defaults of the suite: nested guidance (InstructPix2Pix-style), text 2, DINO 2, on every step.
 DEFAULT_GUIDANCE = Guidance("nested", text_scale=2.0, dino_scale=2.0)
 PHASES = ("reconstruction", "no guidance", "text only", "DINO swap", "metrics")
+LAYOUT_RUNS = ("recon", "noguid", "textonly")
+SHAPE_KEYS = ("layout_error", "shape_recall", "placement_error", "mask_iou", "layout_iou")
+SWAP_KEYS = ("follows_dino_rate", "follows_text_rate", "tie_rate", "colour_follows_dino_rate",
+             "colour_follows_text_rate", "error_vs_text_source", "error_vs_dino_source", "pairs")
+# the metrics that need the shapes world's json scenes (None on other data)
+SHAPES_WORLD_ONLY = (tuple(f"{run}_{k}" for run in LAYOUT_RUNS for k in SHAPE_KEYS)
+                     + tuple(f"swap_{k}" for k in SWAP_KEYS)
+                     + ("swap_layout_error_vs_dino_scene", "swap_layout_error_vs_text_scene"))
+NO_SCENES = "unavailable: shapes-world only (no json scene metadata)"
 
 
 # --------------------------------------------------------------------------- data
 
 def load_val_batch(data_dir: str | os.PathLike, n: int, split: str = "val", stats: str | None = "auto") -> dict:
-    """The first ``n`` samples of ``DATA_DIR/{split}-*.tar`` (shard order, no shuffle) as one batch,
-    conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json`` when it exists, as the
-    trainer does; None = raw). Fewer samples than ``n`` in the split -> all of them."""
+    """The first ``n`` samples of one latent shape of ``DATA_DIR/{split}-*.tar`` (shard order, no
+    shuffle) as one batch, conditioning normalised with ``stats`` ("auto" = ``DATA_DIR/stats.json``
+    when it exists, as the trainer does; None = raw). Fewer samples than ``n`` -> all of them.
+
+    Aspect-ratio buckets put several latent shapes in a split; a batch holds one: the first shape to
+    reach ``n`` samples in shard order, or, when none does, the split's most common shape.
+    ``batch["selection"]`` (a line of text) says what was taken and what was left out."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     shards = shard_list(data_dir, split)
     if stats == "auto":
         p = Path(data_dir) / "stats.json"
         stats = str(p) if p.exists() else None
-    parts: list[dict] = []
-    got = 0
-    for b in make_loader(shards, min(n, 256), stats=stats, shuffle=0, epochs=1):
-        parts.append(b)
-        got += len(b["txt"])
-        if got >= n:
+    groups: dict[tuple, list[dict]] = {}                    # latent shape -> its samples (batches of 1)
+    for b in make_loader(shards, 1, stats=stats, shuffle=0, epochs=1):     # one at a time: shard order
+        shape = tuple(b["latent"].shape[1:])
+        groups.setdefault(shape, []).append(b)
+        if len(groups[shape]) >= n:
             break
-    if not parts:
+    counts = {shape: len(parts) for shape, parts in groups.items()}
+    if not groups:
         raise ValueError(f"no usable samples in {data_dir} ({split} split)")
-    return _cat_batches(parts, n)
+    shape = max(counts, key=counts.get)                     # the one that reached n, else the most common
+    batch = _cat_batches(groups[shape], n)
+    batch["selection"] = _selection(split, n, shape, counts)
+    return batch
+
+
+def _shape_str(shape: tuple) -> str:
+    return "x".join(map(str, shape))
+
+
+def _selection(split: str, n: int, shape: tuple, counts: dict) -> str:
+    """One line: which samples a validation batch holds."""
+    k = min(n, counts[shape])
+    line = f"{'the first' if counts[shape] >= n else 'all'} {k} samples of latent shape {_shape_str(shape)} " \
+           f"of the {split} split"
+    others = {s: c for s, c in counts.items() if s != shape}
+    if others:
+        line += "; left out (other shapes, among the samples read): " + \
+                ", ".join(f"{_shape_str(s)}: {c}" for s, c in others.items())
+    return line
 
 
 def _cat_batches(parts: list[dict], n: int) -> dict:
-    """Concatenate loader batches (text padded to the longest) and keep the first n samples."""
+    """Concatenate loader batches of one latent shape (text padded to the longest); keep the first n."""
     L = max(b["text_emb"].shape[1] for b in parts)
     out: dict = {}
     for k in parts[0]:
@@ -106,6 +164,44 @@ def _scene_colours(meta: list[dict] | None) -> list[list[str]] | None:
         return None
 
 
+# --------------------------------------------------------------------------- the data's encoders
+
+def _no_text_encoder(captions):
+    raise RuntimeError("validation loads no text encoder: the captions' T5 states come from the shards")
+
+
+def validation_encoders(stats, model_cfg=None, dino=None, vae=None, device: str = "cpu") -> DataEncoders:
+    """The image side of the encoders the data behind ``stats`` (Stats or a stats.json path) was made
+    with: its codec and its DINO, as ``nbcore.encoders.data_encoders`` finds them (shapes world: the
+    stand-ins at ``model_cfg``'s sizes; precomputed real data: the recorded folders, or ``dino`` /
+    ``vae`` where they moved). No T5 is loaded (validation reads the text conditions from the
+    shards): ``text`` raises."""
+    st = stats if isinstance(stats, Stats) else Stats.load(stats)
+    meta = st.meta or {}
+    if meta.get("source") != "nbcore.encoders.precompute":
+        return data_encoders(st, model_cfg, device=device)   # the shapes world (or its error for unknown data)
+    dtype = ((meta.get("encoders") or {}).get("dino") or {}).get("dtype") or "float32"
+    d = DinoV3Encoder(_recorded(meta, "dino", dino), device, dtype)
+    codec = codec_from_stats(st, vae_dir=vae, device=device)
+    return DataEncoders("real", d, _no_text_encoder, codec, st, int(meta.get("image_size") or 512))
+
+
+def _stats_path(data_dir) -> Path:
+    p = Path(data_dir) / "stats.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{data_dir} has no stats.json: validation needs it (the codec and encoders the data "
+                                "was made with, and the normalisation)")
+    return p
+
+
+def _describe(enc: DataEncoders) -> tuple[str, str]:
+    """(codec, DINO encoder) in words, for the result."""
+    spec = enc.codec.spec()
+    codec = f"VAE at {spec['path']}" if spec["kind"] == "vae" else "shapes-world pixel codec"
+    dino = f"DINOv3 at {enc.dino.path}" if enc.kind == "real" else "shapes-world stand-in patch encoder"
+    return codec, dino
+
+
 # --------------------------------------------------------------------------- the suite
 
 def _resolve_model(model_or_path, device, use_ema: bool):
@@ -126,6 +222,13 @@ def _resolve_model(model_or_path, device, use_ema: bool):
     return model, {"checkpoint": str(path), "weights": info["weights"], "step": info["step"]}, lambda: None
 
 
+def _check_latents(lat: torch.Tensor, cfg) -> None:
+    C, H, W = lat.shape[1:]
+    if C != cfg.in_channels or H % cfg.patch_size or W % cfg.patch_size:
+        raise ValueError(f"data latents ({C}, {H}, {W}) do not fit the model ({cfg.in_channels} channels, patch "
+                         f"size {cfg.patch_size}): wrong preset or dataset")
+
+
 def _sample_chunks(model, noise, chunk, **cond_and_kw) -> torch.Tensor:
     """``sample`` over the batch in chunks of ``chunk`` (same result as one call: noise is given)."""
     outs = []
@@ -137,12 +240,88 @@ def _sample_chunks(model, noise, chunk, **cond_and_kw) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def _generate(model, batch: dict, decode, noise, guidance: Guidance, perm, chunk: int, bar, **common) -> dict:
+    """The four runs of the module docstring, decoded: run -> (n, 3, Sh, Sw); no swap for n < 2."""
+    full = {k: batch[k] for k in CONDITION_KEYS}
+    run = lambda g, **cond: decode(_sample_chunks(model, noise, chunk, guidance=g, **cond, **common))
+    gen = {"recon": run(guidance, **full)}
+    bar.update(1)
+    gen["noguid"] = run(Guidance.off(), **full)
+    bar.update(1)
+    gen["textonly"] = run(guidance, text_emb=batch["text_emb"], text_mask=batch["text_mask"])
+    bar.update(1)
+    if len(perm) >= 2:
+        swapped = dict(full, dino_emb=batch["dino_emb"][perm], dino_patches=batch["dino_patches"][perm])
+        gen["swap"] = run(guidance, **swapped)
+    bar.update(1)
+    return gen
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.float().mean())
+
+
+def _pixel_metrics(gen: dict, source, roundtrip, lp: LPIPSMetric) -> dict:
+    res = {}
+    for run in ("recon", "noguid"):
+        res[f"{run}_psnr"] = _mean(psnr(gen[run], source))
+        res[f"{run}_lpips"] = _mean(lp(gen[run], source)) if lp.available else None
+    res["codec_roundtrip_psnr"] = _mean(psnr(roundtrip, source))     # the ceiling the codec allows
+    return res
+
+
+def _dino_metrics(enc: DataEncoders, gen: dict, source, roundtrip, perm) -> dict:
+    """DINO-space layout and CLS similarity of every run against its source, and the calibration."""
+    feats = lambda x: dino_features(enc.dino, x, enc.stats)                            # (n, Dd), (n, P, Dd)
+    s_cls, s_p = feats(source)
+    res = {}
+    for run in LAYOUT_RUNS:
+        g_cls, g_p = feats(gen[run])
+        res[f"{run}_dino_layout_corr"] = _mean(layout_corr(g_p, s_p))
+        res[f"{run}_dino_cls_cos"] = _mean(F.cosine_similarity(g_cls, s_cls, dim=-1))
+    calib = layout_corr_calibration(s_p)
+    res["dino_layout_corr_rolled"] = _mean(calib["rolled"])
+    res["dino_layout_corr_other_image"] = _mean(calib["other_image"]) if calib["other_image"] is not None else None
+    res["dino_layout_corr_codec_roundtrip"] = _mean(layout_corr(feats(roundtrip)[1], s_p))
+    res.update(dict.fromkeys(("swap_dino_layout_corr_to_dino_source", "swap_dino_layout_corr_to_text_source",
+                              "swap_dino_cls_cos_to_dino_source")))              # None without a swap
+    if "swap" in gen:
+        g_cls, g_p = feats(gen["swap"])
+        res["swap_dino_layout_corr_to_dino_source"] = _mean(layout_corr(g_p, s_p[perm]))
+        res["swap_dino_layout_corr_to_text_source"] = _mean(layout_corr(g_p, s_p))
+        res["swap_dino_cls_cos_to_dino_source"] = _mean(F.cosine_similarity(g_cls, s_cls[perm], dim=-1))
+    return res
+
+
+def _shapes_world_metrics(gen: dict, source, scenes: list | None, perm) -> dict:
+    """The metrics of ``SHAPES_WORLD_ONLY`` against the json scenes, and ``layout_status``; every
+    one None without scenes."""
+    res: dict = dict.fromkeys(SHAPES_WORLD_ONLY)
+    colours = _scene_colours(scenes)
+    if colours is None:
+        res["layout_status"] = NO_SCENES if scenes is None else \
+            "unavailable: shapes-world only (the json members hold no shapes-world scenes)"
+        return res
+    res["layout_status"] = "ok"
+    for run in LAYOUT_RUNS:
+        lay = shape_layout(gen[run], scenes)
+        res.update({f"{run}_{k}": lay["mask_iou" if k == "layout_iou" else k] for k in SHAPE_KEYS})
+    if "swap" in gen:
+        p = perm.tolist()
+        sw = swap_follow(gen["swap"], source, colours, source[perm], [colours[i] for i in p], colour_mask)
+        res.update({f"swap_{k}": sw[k] for k in SWAP_KEYS})
+        res["swap_layout_error_vs_dino_scene"] = shape_layout(gen["swap"], [scenes[i] for i in p])["layout_error"]
+        res["swap_layout_error_vs_text_scene"] = shape_layout(gen["swap"], scenes)["layout_error"]
+    return res
+
+
 def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
                         n: int = 16, steps: int = 20, seed: int = 0, guidance: Guidance | None = None,
                         device: str | None = None, use_ema: bool = True, batch_size: int = 64,
                         guidance_batched: bool = True, lpips: LPIPSMetric | None = None,
                         lpips_weights: str | None = None, figure_rows: int = 8, progress: bool = True,
-                        bar=None, data: str | None = None, out: str | None = None) -> dict:
+                        bar=None, data: str | None = None, out: str | None = None,
+                        encoders: DataEncoders | None = None, vae: str | None = None, dino: str | None = None) -> dict:
     """Run the suite (module docstring) for one model and return a flat dict of metrics.
 
     model: a ``NanoDiT`` (used as is, put back in its train/eval mode afterwards) or a checkpoint path
@@ -152,13 +331,17 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     ``seed`` for the shared noise, ``guidance`` for the guided runs (default ``DEFAULT_GUIDANCE``),
     ``batch_size`` samples per sampler call. lpips: a prepared ``LPIPSMetric`` (else built from
     ``lpips_weights``, local files only). ``bar``: an outer tqdm to advance once per phase.
+    encoders: the data's ``DataEncoders`` (else ``validation_encoders`` of DATA/stats.json, with
+    ``vae`` / ``dino`` folders where the recorded ones moved).
 
     Keys: ``{run}_{metric}`` for run in recon, noguid, textonly, swap (e.g. ``recon_psnr``,
-    ``recon_lpips``, ``recon_layout_error``, ``recon_layout_iou``, ``recon_cls_cos``,
-    ``recon_patch_cos``, ``textonly_layout_error``, ``swap_follows_dino_rate``, ...), plus
-    ``lpips_status``, ``layout_status``, ``n``, ``steps``, ``seed``, ``guidance``, ``checkpoint``,
-    ``weights``, ``step``, ``figure``, ``seconds``. A metric that cannot be computed is None and
-    its status key says why.
+    ``recon_lpips``, ``recon_dino_layout_corr``, ``recon_layout_error``, ``textonly_layout_error``,
+    ``swap_follows_dino_rate``, ...), the calibration ``dino_layout_corr_rolled`` /
+    ``_other_image`` / ``_codec_roundtrip``, ``codec_roundtrip_psnr``, plus ``shapes_world_only``,
+    ``lpips_status``, ``layout_status``, ``swap_status``, ``source_images``, ``codec``,
+    ``dino_encoder``, ``latent_shape``, ``selection``, ``n``, ``steps``, ``seed``, ``guidance``,
+    ``checkpoint``, ``weights``, ``step``, ``figure``, ``seconds``. A metric that cannot be computed
+    is None and its status key says why.
     """
     data_dir = data_dir if data_dir is not None else data
     out_dir = out_dir if out_dir is not None else out
@@ -172,82 +355,40 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     bar = bar if bar is not None else tqdm(total=len(PHASES), desc="validate", disable=not progress)
     model, info, restore = _resolve_model(model, device, use_ema)
     try:
-        cfg = model.cfg
         batch = load_val_batch(data_dir, n)
+        lat = batch["latent"]                                                          # (n, C, h, w)
+        _check_latents(lat, model.cfg)
+        enc = encoders or validation_encoders(_stats_path(data_dir), model.cfg, dino=dino, vae=vae,
+                                              device=str(next(model.parameters()).device))
         n_got = len(batch["txt"])
-        world = ShapesWorld(cfg)
-        lat = batch["latent"]
-        if tuple(lat.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"data latents {tuple(lat.shape[1:])} do not match the model "
-                             f"({cfg.in_channels}, {cfg.input_size}, {cfg.input_size}): wrong preset or dataset")
-        source = batch["png"] if "png" in batch else world.codec.decode(lat)          # (n, 3, S, S)
-        colours = _scene_colours(batch.get("json"))
-        layout_status = "ok" if colours is not None else "unavailable: shards have no json scene metadata"
-
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(lat.shape, generator=g)                                   # (n, C, H, W), shared by every run
-        common = dict(steps=steps, guidance_batched=guidance_batched)
-        full_cond = {k: batch[k] for k in CONDITION_KEYS}
-        decode = lambda z: world.codec.decode(z)                                        # (n, 3, S, S)
-
-        gen = {}
-        gen["recon"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, **full_cond, **common))
-        bar.update(1)
-        gen["noguid"] = decode(_sample_chunks(model, noise, batch_size, guidance=Guidance.off(), **full_cond, **common))
-        bar.update(1)
-        gen["textonly"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance, text_emb=batch["text_emb"],
-                                                text_mask=batch["text_mask"], **common))
-        bar.update(1)
+        roundtrip = enc.codec.decode(lat)                                              # (n, 3, Sh, Sw)
+        source = batch["png"] if "png" in batch else roundtrip
         perm = torch.roll(torch.arange(n_got), -1)                                     # DINO of sample i + 1
-        swap_status = "ok" if n_got >= 2 else "unavailable: the DINO swap needs n >= 2"
-        if n_got >= 2:
-            gen["swap"] = decode(_sample_chunks(model, noise, batch_size, guidance=guidance,
-                                                **dict(full_cond, dino_emb=batch["dino_emb"][perm],
-                                                       dino_patches=batch["dino_patches"][perm]), **common))
-        bar.update(1)
+        noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(int(seed)))  # shared by every run
+        gen = _generate(model, batch, enc.codec.decode, noise, guidance, perm, batch_size, bar, steps=steps,
+                        guidance_batched=guidance_batched)
 
         # ---- metrics
         lp = lpips if lpips is not None else LPIPSMetric(weights=lpips_weights)
+        codec_str, dino_str = _describe(enc)
         res: dict = {"checkpoint": info["checkpoint"], "weights": info["weights"], "step": info["step"],
                      "n": n_got, "steps": steps, "seed": int(seed), "guidance": _guidance_str(guidance),
-                     "lpips_status": lp.status, "layout_status": layout_status, "swap_status": swap_status,
-                     "psnr_cap_db": PSNR_CAP_DB}
-        mean = lambda x: float(x.float().mean())
-        for run in ("recon", "noguid"):
-            res[f"{run}_psnr"] = mean(psnr(gen[run], source))
-            res[f"{run}_lpips"] = mean(lp(gen[run], source)) if lp.available else None
-        for run in ("recon", "noguid", "textonly"):
-            sim = encoder_similarity(world.patch_encoder, gen[run], source)
-            res[f"{run}_cls_cos"], res[f"{run}_patch_cos"] = mean(sim["cls_cos"]), mean(sim["patch_cos"])
-            lay = shape_layout(gen[run], batch["json"]) if colours is not None else {}
-            for k in ("layout_error", "shape_recall", "placement_error", "mask_iou"):
-                res[f"{run}_{k}"] = lay.get(k)
-            res[f"{run}_layout_iou"] = lay.get("mask_iou")
-        # the reference: the source scored against itself (layout 0, IoU 1) is implied; the data's
-        # own codec round trip bounds what reconstruction can reach
-        res["codec_roundtrip_psnr"] = mean(psnr(world.codec.decode(lat), source))
-        swap_keys = ("follows_dino_rate", "follows_text_rate", "tie_rate", "colour_follows_dino_rate",
-                     "colour_follows_text_rate", "error_vs_text_source", "error_vs_dino_source", "pairs")
-        if "swap" in gen and colours is not None:
-            sw = swap_follow(gen["swap"], source, colours, source[perm], [colours[i] for i in perm.tolist()], colour_mask)
-            res.update({f"swap_{k}": sw[k] for k in swap_keys})
-            res["swap_layout_error_vs_dino_scene"] = shape_layout(gen["swap"], [batch["json"][i] for i in perm.tolist()])["layout_error"]
-            res["swap_layout_error_vs_text_scene"] = shape_layout(gen["swap"], batch["json"])["layout_error"]
-            sim = encoder_similarity(world.patch_encoder, gen["swap"], source[perm])
-            res["swap_cls_cos_to_dino_source"] = mean(sim["cls_cos"])
-            res["swap_patch_cos_to_dino_source"] = mean(sim["patch_cos"])
-        else:
-            res.update({f"swap_{k}": None for k in swap_keys})
-            res["swap_cls_cos_to_dino_source"] = res["swap_patch_cos_to_dino_source"] = None
-            res["swap_layout_error_vs_dino_scene"] = res["swap_layout_error_vs_text_scene"] = None
+                     "latent_shape": _shape_str(tuple(lat.shape[1:])), "selection": batch["selection"],
+                     "codec": codec_str, "dino_encoder": dino_str,
+                     "source_images": "png members" if "png" in batch else
+                     "the codec's decoding of the stored latents (the shards have no png member)",
+                     "lpips_status": lp.status, "swap_status": "ok" if n_got >= 2 else
+                     "unavailable: the DINO swap needs n >= 2", "psnr_cap_db": PSNR_CAP_DB,
+                     "shapes_world_only": list(SHAPES_WORLD_ONLY)}
+        res.update(_pixel_metrics(gen, source, roundtrip, lp))
+        res.update(_dino_metrics(enc, gen, source, roundtrip, perm))
+        res.update(_shapes_world_metrics(gen, source, batch.get("json"), perm))
 
         # ---- figure + files
         res["figure"] = None
         if out_dir is not None:
-            out_dir = Path(out_dir)
             k = min(figure_rows, n_got)
-            fig_path = _grid_figure(source[:k], gen, perm[:k], batch["txt"][:k], out_dir / "grid.png")
-            res["figure"] = str(fig_path)
+            res["figure"] = str(_grid_figure(source[:k], gen, batch["txt"][:k], Path(out_dir) / "grid.png"))
         bar.update(1)
         res["seconds"] = round(time.time() - t0, 2)
         if out_dir is not None:
@@ -268,7 +409,7 @@ def _guidance_str(g: Guidance) -> str:
     return s + ")"
 
 
-def _grid_figure(source, gen: dict, perm, captions, path: Path) -> Path:
+def _grid_figure(source, gen: dict, captions, path: Path) -> Path:
     k = source.shape[0]
     blank = torch.zeros_like(source)
     rows = {"source": source, "reconstruction": gen["recon"][:k], "text only": gen["textonly"][:k],
@@ -279,25 +420,26 @@ def _grid_figure(source, gen: dict, perm, captions, path: Path) -> Path:
 
 
 def sample_grid(model: NanoDiT, data: str | os.PathLike, n: int = 4, steps: int = 20, seed: int = 0,
-                guidance: Guidance | None = None, device: str | None = None):
+                guidance: Guidance | None = None, device: str | None = None, vae: str | None = None):
     """A quick figure for the trainer's sample hook: n validation scenes (train ones when the folder
-    has no val split), source | text + DINO sample (guided) | no guidance. The model stays on its
-    device (``device`` only checks it). Returns a matplotlib Figure (``nbcore.viz.image_grid``)."""
+    has no val split), source | text + DINO sample (guided) | no guidance, decoded with the data's
+    codec (``vae``: the VAE folder where the recorded one moved). The model stays on its device
+    (``device`` only checks it). Returns a matplotlib Figure (``nbcore.viz.image_grid``)."""
     try:
         batch = load_val_batch(data, n)
     except FileNotFoundError:
         batch = load_val_batch(data, n, split="train")
+    codec = codec_from_stats(_stats_path(data), vae_dir=vae, device=str(next(model.parameters()).device))
     model_was_training = model.training
     model.eval()
     try:
-        world = ShapesWorld(model.cfg)
         noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(seed))
         cond = dict({k: batch[k] for k in CONDITION_KEYS}, steps=steps, noise=noise, device=device)
-        guided = world.codec.decode(sample(model, guidance=guidance or DEFAULT_GUIDANCE, **cond).cpu())
-        plain = world.codec.decode(sample(model, guidance=Guidance.off(), **cond).cpu())
+        guided = codec.decode(sample(model, guidance=guidance or DEFAULT_GUIDANCE, **cond).cpu())
+        plain = codec.decode(sample(model, guidance=Guidance.off(), **cond).cpu())
     finally:
         model.train(model_was_training)
-    source = batch["png"] if "png" in batch else world.codec.decode(batch["latent"])
+    source = batch["png"] if "png" in batch else codec.decode(batch["latent"])
     return image_grid({"source": source, "sample (guided)": guided, "no guidance": plain},
                       titles=[c[:45] for c in batch["txt"]])
 
@@ -342,9 +484,14 @@ def _tag(i: int, path: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     ap = ArgParser(prog="python -m nbcore.validate",
                    description="Validation suite (reconstruction, layout, DINO swap, text only) "
-                               "for NanoDiT checkpoints on a shapes-world dataset.")
+                               "for NanoDiT checkpoints on a shapes-world or precomputed real dataset.")
     ap.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (nbcore format)")
-    ap.add_argument("--data", required=True, help="dataset folder with val-*.tar (+ stats.json)")
+    ap.add_argument("--data", required=True, help="dataset folder with val-*.tar and stats.json")
+    ap.add_argument("--vae", default=None,
+                    help="real data: the VAE folder the latents were made with, where the recorded one moved")
+    ap.add_argument("--dino", default=None,
+                    help="real data: the DINOv3 folder the data was encoded with (for the DINO-space layout "
+                         "score), where the recorded one moved")
     ap.add_argument("--out", default="outputs/validate", help="output folder (default outputs/validate)")
     ap.add_argument("--n", type=int, default=16, help="validation samples (default 16)")
     ap.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
@@ -387,10 +534,23 @@ def _check_args(a) -> tuple[Guidance, str]:
     if not Path(a.data).is_dir():
         raise ValueError(f"--data {a.data}: not a folder")
     shard_list(a.data, "val")                           # FileNotFoundError: no val shards
+    _stats_path(a.data)
+    for flag in ("vae", "dino"):
+        if getattr(a, flag) is not None and not Path(getattr(a, flag)).is_dir():
+            raise ValueError(f"--{flag} {getattr(a, flag)}: not a folder")
     guidance = Guidance(a.formula, a.text_scale, a.dino_scale, a.patch_scale, tuple(a.interval))
     device = str(resolve_device(a.device))              # a typo, or CUDA missing
     check_writable(a.out, "--out")
     return guidance, device
+
+
+def _cli_encoders(a, device: str) -> DataEncoders | None:
+    """Precomputed real data: its DINO and codec, loaded once for every checkpoint (a missing folder
+    is a bad argument). Shapes world: None (cheap stand-ins at each checkpoint's sizes)."""
+    stats = Stats.load(_stats_path(a.data))
+    if (stats.meta or {}).get("source") != "nbcore.encoders.precompute":
+        return None
+    return validation_encoders(stats, dino=a.dino, vae=a.vae, device=device)
 
 
 def main(argv=None) -> int:
@@ -398,6 +558,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         guidance, device = _check_args(a)
+        encoders = _cli_encoders(a, device)
     except (ValueError, FileNotFoundError) as e:
         raise bad_arguments(ap.prog, e) from None
     out = Path(a.out)
@@ -413,20 +574,22 @@ def main(argv=None) -> int:
                 results[ckpt] = validate_checkpoint(
                     ckpt, a.data, out_dir=out / _tag(i, ckpt), n=a.n, steps=a.steps, seed=a.seed,
                     guidance=guidance, device=device, use_ema=not a.no_ema, batch_size=a.batch_size,
-                    guidance_batched=not a.sequential, lpips=lp, bar=bar)
+                    guidance_batched=not a.sequential, lpips=lp, bar=bar, encoders=encoders)
             except (ValueError, FileNotFoundError) as e:
                 msg = str(e).splitlines()[0]   # a CheckpointError already names the file
                 raise SystemExit(f"validate: {msg if str(ckpt) in msg else f'{ckpt}: {msg}'}") from None
     finally:
         bar.close()
-    summary = {"settings": {"data": str(a.data), "n": a.n, "steps": a.steps, "seed": a.seed, "device": device,
-                            "guidance": _guidance_str(guidance), "guidance_batched": not a.sequential,
-                            "use_ema": not a.no_ema},
+    summary = {"settings": {"data": str(a.data), "vae": a.vae, "dino": a.dino, "n": a.n, "steps": a.steps,
+                            "seed": a.seed, "device": device, "guidance": _guidance_str(guidance),
+                            "guidance_batched": not a.sequential, "use_ema": not a.no_ema},
                "lpips_status": lp.status, "checkpoints": results}
     path = write_json(summary, out / "metrics.json")
     for ckpt, r in results.items():
         print(f"{ckpt}: recon PSNR {r['recon_psnr']:.2f} dB, LPIPS {_fmt(r['recon_lpips'])}, "
-              f"layout {_fmt(r['recon_layout_error'])}, text-only layout {_fmt(r['textonly_layout_error'])}, "
+              f"DINO layout corr {_fmt(r['recon_dino_layout_corr'])} (rolled {_fmt(r['dino_layout_corr_rolled'])}, "
+              f"other image {_fmt(r['dino_layout_corr_other_image'])}), layout {_fmt(r['recon_layout_error'])}, "
+              f"text-only layout {_fmt(r['textonly_layout_error'])}, "
               f"swap follows DINO {_fmt(r['swap_follows_dino_rate'])}; figure {r['figure']}")
     print(f"wrote {path}")
     return 0

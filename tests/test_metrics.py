@@ -1,5 +1,5 @@
 """Metrics: PSNR cap, layout error (0 for the source, monotone under shifts, max penalty), swap
-following, encoder similarity, the LPIPS code path (plumbing test with a random trunk), the shape
+following, the DINO-space layout score on constructed rows, the LPIPS code path (plumbing test with a random trunk), the shape
 layout metric (connected components against scipy, the constructed calibration rows in the right
 order at 64 and 32 px, matching, area bar, miss cap) and the bootstrap intervals."""
 import json
@@ -12,11 +12,12 @@ import torch
 import nbcore.metrics as metrics_mod
 from nbcore.metrics import (CONSTRUCTED_ROWS, MAX_CENTROID_DIST, MISS_PENALTY, PSNR_CAP_DB, LPIPSMetric,
                             bootstrap_ci, component_stats, connected_components, constructed_rows,
-                            constructed_scenes, encoder_similarity, layout_error, layout_per_sample,
+                            constructed_scenes, dino_features, dino_similarity, layout_corr,
+                            layout_corr_calibration, layout_error, layout_per_sample, roll_patch_grid,
                             paired_bootstrap_diff, psnr, shape_layout, shape_layout_per_sample, swap_follow)
 from nbcore.model import preset
 from nbcore.shapes import (BACKGROUND, COLOURS, Scene, Shape, ShapesWorld, colour_mask, render,
-                           sample_scene)
+                           sample_scene, shift_scene)
 
 S = 64
 
@@ -110,16 +111,6 @@ def test_swap_metric_picks_the_right_source():
     c_img = _img(*scene_c)[None]
     r = swap_follow(c_img, a[:1], ca[:1], c_img, [["green", "yellow"]], colour_mask)
     assert r["colour_follows_dino_rate"] == 1.0 and r["follows_dino_rate"] == 1.0
-
-
-def test_encoder_similarity_is_one_for_identical_images():
-    world = ShapesWorld(preset("tiny"))
-    x = torch.stack([_img(*SCENE_A), _img(*SCENE_B)])
-    same = encoder_similarity(world.patch_encoder, x, x)
-    assert torch.allclose(same["cls_cos"], torch.ones(2), atol=1e-5)
-    assert torch.allclose(same["patch_cos"], torch.ones(2), atol=1e-5)
-    other = encoder_similarity(world.patch_encoder, x, x.flip(0))
-    assert (other["patch_cos"] < 0.999).all()
 
 
 # --------------------------------------------------------------------------- LPIPS
@@ -427,3 +418,44 @@ def test_paired_bootstrap_diff():
     assert paired_bootstrap_diff(c, a, seed=4) == paired_bootstrap_diff(c, a, seed=4)
     with pytest.raises(ValueError, match="paired"):
         paired_bootstrap_diff(a, a[:10])
+
+
+# --------------------------------------------------------------------------- DINO-space layout
+
+def test_dino_layout_corr_on_the_constructed_rows(calib_scenes):
+    """The DINO-space layout score on the stand-in encoder (raw features): the source scores 1, a
+    shift scores less the further it goes, the right shapes in the wrong places (layout-blind rows,
+    the rolled patch grid, another scene) and specks about 0, an empty image exactly 0."""
+    enc = ShapesWorld(preset("tiny")).patch_encoder
+    scenes = calib_scenes[:32]
+    rows = constructed_rows(scenes, 64, np.random.default_rng(1))
+    src = rows["source"]
+    score = {k: dino_similarity(enc, v, src) for k, v in rows.items()}
+    torch.testing.assert_close(score["source"]["layout_corr"], torch.ones(32))
+    torch.testing.assert_close(score["source"]["cls_cos"], torch.ones(32))
+    assert torch.equal(score["empty"]["layout_corr"], torch.zeros(32))        # a featureless map: exactly 0
+    mean = {k: float(v["layout_corr"].mean()) for k, v in score.items()}
+    assert mean["shifted"] == pytest.approx(0.21, abs=0.02)                  # 0.1 of the side along x and y
+    assert abs(mean["layout_blind"]) < 0.06 and abs(mean["specks"]) < 0.02
+    by_shift = [float(dino_similarity(enc, torch.stack([render(shift_scene(s, dx, 0), 64) for s in scenes]), src)
+                      ["layout_corr"].mean()) for dx in (0.02, 0.05, 0.1, 0.2)]
+    assert by_shift == pytest.approx([0.86, 0.68, 0.47, 0.27], abs=0.02)      # falls with the shift
+    calib = layout_corr_calibration(dino_features(enc, src)[1])
+    assert abs(float(calib["rolled"].mean())) < 0.06 and abs(float(calib["other_image"].mean())) < 0.1
+
+
+def test_layout_corr_definition_and_the_rolled_grid():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, 5, generator=g), torch.randn(3, 16, 5, generator=g)
+    ca, cb = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    ref = (ca * cb).sum((1, 2)) / (ca.norm(dim=(1, 2)) * cb.norm(dim=(1, 2)))
+    torch.testing.assert_close(layout_corr(a, b), ref)
+    torch.testing.assert_close(layout_corr(a, 2 * a + 7), torch.ones(3))     # scale and offset free
+    torch.testing.assert_close(layout_corr(a, -a), -torch.ones(3))
+    rolled = roll_patch_grid(a)                                               # 4 x 4 grid, rolled by 2 and 2
+    assert torch.equal(rolled.view(3, 4, 4, 5)[:, 2, 3], a.view(3, 4, 4, 5)[:, 0, 1])
+    assert layout_corr_calibration(a[:1])["other_image"] is None
+    with pytest.raises(ValueError, match="square grid"):
+        roll_patch_grid(torch.zeros(1, 12, 2))
+    with pytest.raises(ValueError, match="patch maps"):
+        layout_corr(a, b[:, :9])
