@@ -223,7 +223,7 @@ class DataEncoders:
         return {**cond, "png": images, "txt": list(captions)}
 
 
-def _recorded(meta: dict, what: str, given):
+def _recorded(meta: dict, what: str, given) -> str:
     """The encoder folder to load: ``given`` (a CLI flag) or the one stats.json recorded; a clear error when neither exists."""
     if given is not None:
         return given
@@ -240,7 +240,8 @@ def data_encoders(stats, model_cfg=None, dino=None, t5=None, vae=None, device: s
     Shapes-world data (stats meta ``source`` from ``nbcore.shapes``): the world's stand-in encoders
     at ``model_cfg``'s sizes (else the recorded preset's) and its pixel codec. Real data
     (``nbcore.encoders.precompute``): DINOv3 / T5 / VAE from the given folders, else from the folders
-    stats.json recorded (an error naming the flag when they are not on this machine)."""
+    stats.json recorded (an error naming the flag when they are not on this machine; T5 is found and
+    loaded at the first caption encoded)."""
     from .codec import codec_from_stats
     from .data import Stats
     from .shapes import WORLDS, ShapesWorld, WorldSizes
@@ -257,11 +258,24 @@ def data_encoders(stats, model_cfg=None, dino=None, t5=None, vae=None, device: s
                          "expected shapes-world data (nbcore.shapes) or nbcore.encoders.precompute output")
     enc = meta.get("encoders") or {}
     d = DinoV3Encoder(_recorded(meta, "dino", dino), device, (enc.get("dino") or {}).get("dtype") or "float32")
-    t = T5TextEncoder(_recorded(meta, "t5", t5), device, (enc.get("t5") or {}).get("dtype") or "float32",
-                      max_len=(enc.get("t5") or {}).get("max_len") or 512)
     codec = codec_from_stats(st, vae_dir=vae, device=device)
-    return DataEncoders("real", d, lambda caps: t(list(caps), padding="longest"), codec, st,
-                        int(meta.get("image_size") or 512))
+    return DataEncoders("real", d, _LazyText(meta, t5, device), codec, st, int(meta.get("image_size") or 512))
+
+
+class _LazyText:
+    """captions -> (emb (B, L, Dt), mask (B, L)), L = the longest caption, from a T5 found and
+    loaded at the first call: a full-size T5 is tens of GB, and work that reads its text from the
+    shards (validation) never encodes a caption, so it needs no T5 folder."""
+
+    def __init__(self, meta: dict, given, device):
+        self.meta, self.given, self.device, self.encoder = meta, given, device, None
+
+    def __call__(self, captions):
+        if self.encoder is None:
+            rec = (self.meta.get("encoders") or {}).get("t5") or {}
+            self.encoder = T5TextEncoder(_recorded(self.meta, "t5", self.given), self.device,
+                                         rec.get("dtype") or "float32", max_len=rec.get("max_len") or 512)
+        return self.encoder(list(captions), padding="longest")
 
 
 # --------------------------------------------------------------------------- images

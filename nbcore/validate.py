@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from .codec import codec_from_stats
 from .data import Stats, make_loader, shard_list
-from .encoders import DataEncoders, DinoV3Encoder, _recorded, data_encoders
+from .encoders import DataEncoders, data_encoders
 from .metrics import (PSNR_CAP_DB, LPIPSMetric, dino_features, layout_corr, layout_corr_calibration, psnr,
                       shape_layout, swap_follow)
 from .model import CONDITION_KEYS, NanoDiT
@@ -76,7 +76,7 @@ from .utils import (ArgParser, HookUnavailable, bad_arguments, check_checkpoint_
                     write_json)
 from .viz import image_grid, save_figure
 
-__all__ = ["validate_checkpoint", "load_val_batch", "validation_encoders", "sample_grid", "DEFAULT_GUIDANCE",
+__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE",
            "SHAPES_WORLD_ONLY", "main"]
 
 # Defaults of the suite: nested guidance (InstructPix2Pix-style), text 2, DINO 2, on every step.
@@ -165,26 +165,6 @@ def _scene_colours(meta: list[dict] | None) -> list[list[str]] | None:
 
 
 # --------------------------------------------------------------------------- the data's encoders
-
-def _no_text_encoder(captions):
-    raise RuntimeError("validation loads no text encoder: the captions' T5 states come from the shards")
-
-
-def validation_encoders(stats, model_cfg=None, dino=None, vae=None, device: str = "cpu") -> DataEncoders:
-    """The image side of the encoders the data behind ``stats`` (Stats or a stats.json path) was made
-    with: its codec and its DINO, as ``nbcore.encoders.data_encoders`` finds them (shapes world: the
-    stand-ins at ``model_cfg``'s sizes; precomputed real data: the recorded folders, or ``dino`` /
-    ``vae`` where they moved). No T5 is loaded (validation reads the text conditions from the
-    shards): ``text`` raises."""
-    st = stats if isinstance(stats, Stats) else Stats.load(stats)
-    meta = st.meta or {}
-    if meta.get("source") != "nbcore.encoders.precompute":
-        return data_encoders(st, model_cfg, device=device)   # the shapes world (or its error for unknown data)
-    dtype = ((meta.get("encoders") or {}).get("dino") or {}).get("dtype") or "float32"
-    d = DinoV3Encoder(_recorded(meta, "dino", dino), device, dtype)
-    codec = codec_from_stats(st, vae_dir=vae, device=device)
-    return DataEncoders("real", d, _no_text_encoder, codec, st, int(meta.get("image_size") or 512))
-
 
 def _stats_path(data_dir) -> Path:
     p = Path(data_dir) / "stats.json"
@@ -331,7 +311,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     ``seed`` for the shared noise, ``guidance`` for the guided runs (default ``DEFAULT_GUIDANCE``),
     ``batch_size`` samples per sampler call. lpips: a prepared ``LPIPSMetric`` (else built from
     ``lpips_weights``, local files only). ``bar``: an outer tqdm to advance once per phase.
-    encoders: the data's ``DataEncoders`` (else ``validation_encoders`` of DATA/stats.json, with
+    encoders: the data's ``DataEncoders`` (else ``nbcore.encoders.data_encoders`` of DATA/stats.json, with
     ``vae`` / ``dino`` folders where the recorded ones moved).
 
     Keys: ``{run}_{metric}`` for run in recon, noguid, textonly, swap (e.g. ``recon_psnr``,
@@ -358,7 +338,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         batch = load_val_batch(data_dir, n)
         lat = batch["latent"]                                                          # (n, C, h, w)
         _check_latents(lat, model.cfg)
-        enc = encoders or validation_encoders(_stats_path(data_dir), model.cfg, dino=dino, vae=vae,
+        enc = encoders or data_encoders(_stats_path(data_dir), model.cfg, dino=dino, vae=vae,
                                               device=str(next(model.parameters()).device))
         n_got = len(batch["txt"])
         roundtrip = enc.codec.decode(lat)                                              # (n, 3, Sh, Sw)
@@ -550,7 +530,7 @@ def _cli_encoders(a, device: str) -> DataEncoders | None:
     stats = Stats.load(_stats_path(a.data))
     if (stats.meta or {}).get("source") != "nbcore.encoders.precompute":
         return None
-    return validation_encoders(stats, dino=a.dino, vae=a.vae, device=device)
+    return data_encoders(stats, dino=a.dino, vae=a.vae, device=device)
 
 
 def main(argv=None) -> int:

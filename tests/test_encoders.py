@@ -424,3 +424,7 @@ def test_data_encoders_rebuild_what_the_shards_hold(real_encoder_dirs, shapes_im
     with pytest.raises(FileNotFoundError, match="pass --dino DIR"):
         data_encoders(st)
     assert data_encoders(st, dino=d["dino"]).kind == "real"
+    st.meta["encoders"]["t5"]["path"] = str(tmp_path / "gone")
+    enc = data_encoders(st, dino=d["dino"])              # no T5 needed until a caption is encoded
+    with pytest.raises(FileNotFoundError, match="pass --t5 DIR"):
+        enc.text(["a red circle"])
