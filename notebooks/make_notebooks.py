@@ -452,6 +452,24 @@ log = load_train_log(real / "train" / "log.jsonl")
 ctx.save(viz.plot_curves({"real data": log}, ["loss"]), "loss.png")
 ctx.metrics["train"] = {"steps": run["steps"], "final_loss": run["final_loss"]}
 ctx.check(run["steps"] == p.real_steps, "trained the planned steps", steps=run["steps"])'''),
+    new_markdown_cell("## Validation\nDecoded with the data's VAE. Metrics for any data: PSNR and LPIPS against the "
+                      "source image, and the DINO-space layout score (generated and source images re-encoded with the "
+                      "data's DINOv3, patch maps compared position by position; 1 = the source's map) between its "
+                      "chance rows (the source's own grid rolled by half: right content, wrong places; another image) "
+                      "and its ceiling (the codec round trip). Shape-layout metrics need shapes-world scene metadata."),
+    new_code_cell('''from nbcore.validate import validate_checkpoint
+val = validate_checkpoint(ckpt, shards, out_dir=real / "validate", n=min(16, pre["val"]), steps=p.sample_steps,
+                          seed=ctx.seed, device=ctx.device, dino=dino_dir, vae=vae_dir, progress=False)
+keys = ["recon_psnr", "recon_lpips", "recon_dino_layout_corr", "textonly_dino_layout_corr", "dino_layout_corr_rolled",
+        "dino_layout_corr_other_image", "dino_layout_corr_codec_roundtrip", "recon_layout_error", "textonly_layout_error"]
+for k in keys:
+    print(f"{k:36s} {val.get(k)}")
+print("shapes-world only:", val["shapes_world_only"], "|", val["layout_status"], "|", val["lpips_status"])
+ctx.metrics["validation"] = {k: val.get(k) for k in keys}
+from IPython.display import Image, display
+display(Image(filename=val["figure"]))
+ctx.check(val["recon_psnr"] is not None and val["recon_dino_layout_corr"] is not None,
+          "validation scored the real-data metrics", psnr=val["recon_psnr"], dino_layout=val["recon_dino_layout_corr"])'''),
     new_markdown_cell("## DINO swap from two image files and a typed caption\n"
                       "The DINO of each image file with the caption of the other (and the typed caption), through "
                       "`nbcore.demo.Demo` on the encoders the data was made with."),
