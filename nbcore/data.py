@@ -999,8 +999,10 @@ def check_shards(shards, strict: bool = False, progress: bool = True, stats="aut
             "spec": {**spec.sizes(), **({"multiple": spec.multiple} if spec.multiple else {})}}
 
 
-def _model_spec(preset_name: str | None, checkpoint: str | None) -> SampleSpec | None:
-    """The CLI's ``--preset`` / ``--checkpoint``: the model config to check against."""
+def _model_spec(preset_name: str | None, checkpoint: str | None, stats=None) -> SampleSpec | None:
+    """The CLI's ``--preset`` / ``--checkpoint``: the model config to check against. A preset is
+    taken as training takes it: its architecture at the sizes ``stats`` (a path, or None) records
+    (``nbcore.train.model_config_for_data``)."""
     if checkpoint:
         ck = load_checkpoint(checkpoint)
         if "config" not in ck:
@@ -1009,9 +1011,11 @@ def _model_spec(preset_name: str | None, checkpoint: str | None) -> SampleSpec |
     if preset_name:
         # the CLI is the top layer: the library part of this module does not import the model
         from .model import PRESETS
+        from .train import model_config_for_data
         if preset_name not in PRESETS:
             raise ValueError(f"--preset {preset_name!r}: not a model preset; choose from {sorted(PRESETS)}")
-        return SampleSpec.from_model(PRESETS[preset_name])
+        cfg = PRESETS[preset_name]
+        return SampleSpec.from_model(model_config_for_data(cfg, Stats.load(stats)) if stats else cfg)
     return None
 
 
@@ -1026,7 +1030,8 @@ def main(argv=None) -> int:
                     help="stats.json to check sizes against: auto (beside the shards, as training), none, or a PATH")
     model = ck.add_mutually_exclusive_group()
     model.add_argument("--preset", default=None, metavar="NAME",
-                       help="also check against this model preset's sizes (nbcore.model.PRESETS: tiny, production, ...)")
+                       help="also check against this model preset (nbcore.model.PRESETS: tiny, production, ...) at the data's "
+                            "sizes, as training builds it")
     model.add_argument("--checkpoint", default=None, help="also check against this checkpoint's model sizes")
     st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
     st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
@@ -1043,8 +1048,9 @@ def main(argv=None) -> int:
             if args.stats not in ("auto", "none") and not Path(args.stats).is_file():
                 ap.error(f"--stats {args.stats}: no such file")
             stats = None if args.stats == "none" else args.stats
+            stats_path = default_stats(expand_shards(args.shards)) if stats == "auto" else stats
             try:
-                expect = _model_spec(args.preset, args.checkpoint)
+                expect = _model_spec(args.preset, args.checkpoint, stats_path)
             except ValueError as e:    # an unknown preset, an unreadable checkpoint: bad arguments
                 ap.error(str(e).splitlines()[0])
             res = check_shards(args.shards, strict=args.strict, stats=stats, expect=expect)

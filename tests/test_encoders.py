@@ -270,8 +270,8 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
         assert (summary["train"], summary["val"], summary["unreadable"], summary["skipped_no_caption"]) == (14, 0, 1, 1)
         assert summary["buckets"] == {"32x32": 6, "24x40": 4, "40x24": 4}
         assert summary["unreadable_files"][0].startswith("img99.png: ")
-    # 4. the shards pass the contract check
-    assert data_cli.main(["check", str(out)]) == 0
+    # 4. the shards pass the contract check, also against a preset taken as training takes it
+    assert data_cli.main(["check", str(out), "--preset", "tiny"]) == 0   # the preset at the data's sizes, as training
     check = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (check["samples"], check["with_patches"], check["good"], check["skipped"]) == (14, 14, 14, {})
     st = Stats.load(out / "stats.json")
