@@ -1069,4 +1069,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, not this __main__ copy: classes like Stats must be the ones
+    # other modules check with isinstance (nbcore.codec, nbcore.train)
+    from nbcore.data import main as _main
+    sys.exit(_main())

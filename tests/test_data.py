@@ -396,6 +396,9 @@ def test_check_cli(tiny_shards, tmp_path, capsys):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 64 and summary["with_patches"] == 64 and summary["skipped"] == {}
     assert r.stdout.count("16 samples, 16 with patches") == 4
+    r = run("check", str(tiny_shards), "--preset", "tiny")   # python -m: the preset at the data's sizes (Stats checks)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["good"] == 64 + 16   # train + val
     shard = write_shard(tmp_path / "x.tar", [("k0", members(0)), ("k1", members(1, **{"dinov3_patches.npy": None})),
                                              ("k2", _corrupt("nonfinite"))])
     r = run("check", str(shard), capsys=capsys)
