@@ -301,12 +301,14 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
                         guidance_batched: bool = True, lpips: LPIPSMetric | None = None,
                         lpips_weights: str | None = None, figure_rows: int = 8, progress: bool = True,
                         bar=None, data: str | None = None, out: str | None = None,
-                        encoders: DataEncoders | None = None, vae: str | None = None, dino: str | None = None) -> dict:
+                        encoders: DataEncoders | None = None, vae: str | None = None, dino: str | None = None,
+                        split: str = "val") -> dict:
     """Run the suite (module docstring) for one model and return a flat dict of metrics.
 
     model: a ``NanoDiT`` (used as is, put back in its train/eval mode afterwards) or a checkpoint path
     (loaded with ``load_model``; EMA weights unless ``use_ema=False``). data_dir: dataset folder
-    (``data`` is an alias, as the trainer's hook calls it); out_dir (alias ``out``): where
+    (``data`` is an alias, as the trainer's hook calls it); ``split``: "val" (default) or "train" for a
+    folder without a val split (an optimistic score: the model saw those samples); out_dir (alias ``out``): where
     ``metrics.json`` and ``grid.png`` go (None = write nothing). n samples, ``steps`` Euler steps,
     ``seed`` for the shared noise, ``guidance`` for the guided runs (default ``DEFAULT_GUIDANCE``),
     ``batch_size`` samples per sampler call. lpips: a prepared ``LPIPSMetric`` (else built from
@@ -335,7 +337,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     bar = bar if bar is not None else tqdm(total=len(PHASES), desc="validate", disable=not progress)
     model, info, restore = _resolve_model(model, device, use_ema)
     try:
-        batch = load_val_batch(data_dir, n)
+        batch = load_val_batch(data_dir, n, split=split)
         lat = batch["latent"]                                                          # (n, C, h, w)
         _check_latents(lat, model.cfg)
         enc = encoders or data_encoders(_stats_path(data_dir), model.cfg, dino=dino, vae=vae,
@@ -474,6 +476,8 @@ def _parser() -> argparse.ArgumentParser:
                          "score), where the recorded one moved")
     ap.add_argument("--out", default="outputs/validate", help="output folder (default outputs/validate)")
     ap.add_argument("--n", type=int, default=16, help="validation samples (default 16)")
+    ap.add_argument("--split", default="val", choices=["val", "train"],
+                    help="shards scored: val (default), or train for a folder without a val split (optimistic: seen in training)")
     ap.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
@@ -513,7 +517,11 @@ def _check_args(a) -> tuple[Guidance, str]:
         check_checkpoint_file(c, "checkpoint")
     if not Path(a.data).is_dir():
         raise ValueError(f"--data {a.data}: not a folder")
-    shard_list(a.data, "val")                           # FileNotFoundError: no val shards
+    try:
+        shard_list(a.data, a.split)
+    except FileNotFoundError as e:                      # no shards of that split
+        hint = " (precompute with --val-fraction, or score training samples with --split train)" if a.split == "val" else ""
+        raise FileNotFoundError(f"{e}{hint}") from None
     _stats_path(a.data)
     for flag in ("vae", "dino"):
         if getattr(a, flag) is not None and not Path(getattr(a, flag)).is_dir():
@@ -554,13 +562,13 @@ def main(argv=None) -> int:
                 results[ckpt] = validate_checkpoint(
                     ckpt, a.data, out_dir=out / _tag(i, ckpt), n=a.n, steps=a.steps, seed=a.seed,
                     guidance=guidance, device=device, use_ema=not a.no_ema, batch_size=a.batch_size,
-                    guidance_batched=not a.sequential, lpips=lp, bar=bar, encoders=encoders)
+                    guidance_batched=not a.sequential, lpips=lp, bar=bar, encoders=encoders, split=a.split)
             except (ValueError, FileNotFoundError) as e:
                 msg = str(e).splitlines()[0]   # a CheckpointError already names the file
                 raise SystemExit(f"validate: {msg if str(ckpt) in msg else f'{ckpt}: {msg}'}") from None
     finally:
         bar.close()
-    summary = {"settings": {"data": str(a.data), "vae": a.vae, "dino": a.dino, "n": a.n, "steps": a.steps,
+    summary = {"settings": {"data": str(a.data), "split": a.split, "vae": a.vae, "dino": a.dino, "n": a.n, "steps": a.steps,
                             "seed": a.seed, "device": device, "guidance": _guidance_str(guidance),
                             "guidance_batched": not a.sequential, "use_ema": not a.no_ema},
                "lpips_status": lp.status, "checkpoints": results}

@@ -10,6 +10,7 @@ from a ``tokenizers`` WordLevel model (SentencePiece is not available offline).
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 import tarfile
@@ -217,8 +218,10 @@ def _write_folder(folder):
 
 @pytest.mark.slow
 def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
-    """images (square and not) -> precompute interrupted, then resumed with workers (byte-identical to an
-    uninterrupted run) -> `nbcore.data check` -> 2 training steps -> save_pretrained / from_pretrained."""
+    """The real-data path end to end on plumbing stand-ins: images (square and not) -> precompute
+    interrupted, then resumed with workers (byte-identical to an uninterrupted run) -> `nbcore.data
+    check` -> 2 training steps (sizes from stats.json) -> save_pretrained / from_pretrained (identical
+    outputs) -> `nbcore.validate --vae` (the VAE moved) -> a DINO swap from two image files."""
     import torch.nn.functional as F
     from nbcore import data as data_cli
     from nbcore.codec import codec_from_spec
@@ -320,6 +323,34 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     codec = codec_from_spec(info["codec"], device="cpu")
     assert torch.equal(codec.decode(batch["latent"]), vae.decode(batch["latent"]))
     assert "diffusers AutoencoderKL" in (model_dir / "README.md").read_text()
+    # 7. validation with --vae (the VAE folder moved: the recorded one is gone), on one bucket shape
+    import shutil
+    from nbcore import validate as validate_cli
+    moved = tmp_path / "vae-moved"
+    shutil.copytree(model_dirs["vae"], moved)
+    st_moved = Stats.load(out / "stats.json")
+    st_moved.meta["codec"]["path"] = str(tmp_path / "gone")
+    st_moved.save(out / "stats.json")
+    args = [run["checkpoint"], "--data", str(out), "--out", str(tmp_path / "val"), "--n", "4", "--steps", "2",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match="no val-.*--split train"):
+        validate_cli.main(args)                          # this folder has no val split: said, with the way out
+    args += ["--split", "train"]
+    with pytest.raises(SystemExit, match="--vae DIR"):
+        validate_cli.main(args)
+    assert validate_cli.main(args + ["--vae", str(moved)]) == 0
+    val = json.loads((tmp_path / "val" / "metrics.json").read_text())["checkpoints"][run["checkpoint"]]
+    assert val["n"] == 4 and math.isfinite(val["recon_psnr"]) and -1 <= val["recon_dino_layout_corr"] <= 1
+    assert "layout_error" in " ".join(val["shapes_world_only"]) and val["recon_layout_error"] is None
+    # 8. the DINO swap from two image files and a typed caption, on the exported model
+    from nbcore.demo import Demo, Source
+    demo = Demo.load(model_dir, device="cpu", vae=moved, n_scenes=0)
+    a, b = demo.add_source(imgs / "img00.png"), demo.add_source(imgs / "img03.png")
+    res = demo.swap([Source(caption="a red circle at the top"), Source(caption="a blue square")], [a, b], steps=2)
+    swap = res["images"]["swap"]
+    assert swap.shape == (2, 3, 32, 32) and swap.min() >= 0 and swap.max() <= 1
+    assert torch.equal(swap, demo.swap([Source(caption="a red circle at the top"), Source(caption="a blue square")],
+                                       [a, b], steps=2)["images"]["swap"])     # same seed, same images
 
 
 def test_dino_view_and_model_place_a_region_on_the_same_latent_tokens():
