@@ -167,6 +167,10 @@ PROFILES["smoke"] = replace(
     real_images=12, real_steps=2)
 # The secondary ablations (CLS position, tied only) beside the headline arms, on 2 cores.
 PROFILES["cpu-long"] = replace(PROFILES["cpu"], name="cpu-long", arms=HEADLINE_ARMS + SECONDARY_ARMS)
+# The cpu experiment with a DINO grid coarser than the token grid (3x3 patches of 8 px over the 6x6
+# tokens of 4 px): in `cpu` the grids coincide and a tied patch nearly hands its token the pixels;
+# here, as with real DINOv3 (14x14 over 32x32 tokens), a patch covers several tokens.
+PROFILES["cpu-coarse"] = replace(PROFILES["cpu"], name="cpu-coarse", model_overrides={"dino_grid": 3})
 # Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
 # H100/H200, each call under 10 minutes; plumbing-checked on a CPU with
 # notebooks/profiles/gpu-plumbing-on-cpu.yaml. Not yet run on a GPU.
