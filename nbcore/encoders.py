@@ -519,107 +519,138 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1()
-    for key, path, cap in pairs:
-        digest.update(f"{key}\0{path.name}\0{cap}\n".encode("utf-8"))
-    settings = {"images_dir": str(Path(images_dir).resolve()), "pairs": len(pairs), "pairs_sha1": digest.hexdigest(),
+    settings = {"images_dir": str(Path(images_dir).resolve()), "pairs": len(pairs), "pairs_sha1": _pairs_digest(pairs),
                 "image_size": image_size, "buckets": bucket_list and [list(b) for b in bucket_list],
                 "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size, "write_png": write_png,
                 "dino": _encoder_info(dino, "dino"), "t5": _encoder_info(t5, "t5"), "vae": vae.spec()}
     manifest = _load_manifest(out, settings, restart)
     plan = _plan(pairs, val_fraction, seed, shard_size)
     todo = [s for s in plan if s["name"] not in manifest["shards"]]
-    flat = [(k, item) for k, s in enumerate(todo) for item in s["items"]]                # (shard index, pair)
-    info = manifest["info"]   # sizes of what was written; per-shard counts live in the shard records
+    flat = [(s["name"], item) for s in todo for item in s["items"]]                      # (shard name, pair)
 
-    n_done = sum(len(s["items"]) for s in plan) - len(flat)
-    bar = tqdm(total=len(pairs), initial=n_done, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(pairs), initial=len(pairs) - len(flat), desc="precompute", unit="img", disable=not progress,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
-    state = {"shard": None, "writer": None, "rec": None}
-    pending: dict = defaultdict(list)   # (H, W) -> [(flat index, image uint8)]
-
-    def encode_and_write(chunk):
-        images = torch.stack([img for _, img in chunk]).float() / 255                 # (B, 3, H, W)
-        items = [flat[i][1] for i, _ in chunk]
-        caps = [c for _, _, c in items]
-        cls, patches = dino(images)                                                     # (B, Dd), (B, P, Dd)
-        texts = t5.trimmed(caps)                                                        # [(L_i, Dt)]
-        lat = vae.encode(images)                                                        # (B, C, H/f, W/f)
-        rec = state["rec"]
-        rec["captions_truncated"] += sum(n > t5.max_len for n in t5.n_tokens(caps)) if hasattr(t5, "n_tokens") else 0
-        hw = f"{images.shape[2]}x{images.shape[3]}"
-        for j, (key, _, cap) in enumerate(items):
-            state["writer"].write({"__key__": key, **encode_sample_members(
-                lat[j], cls[j], patches[j], texts[j], cap, images[j] if write_png else None,
-                _sidecar_meta(items[j][1]))})
-            rec["keys"].append(key)
-        rec["buckets"][hw] = rec["buckets"].get(hw, 0) + len(items)
-        info.update(latent_channels=int(lat.shape[1]), dino_patches=list(patches.shape[1:]), text_dim=int(texts[0].shape[-1]))
-        bar.update(len(items))
-
-    def finish_shard():
-        for size in list(pending):
-            if pending[size]:
-                encode_and_write(pending.pop(size))
-        pending.clear()
-        s = todo[state["shard"]]
-        state["writer"].close()
-        tmp, final = out / (s["name"] + ".tmp"), out / s["name"]
-        os.replace(tmp, final)
-        manifest["shards"][s["name"]] = {**state["rec"], "bytes": final.stat().st_size}
-        write_json(manifest, out / MANIFEST)
-        state.update(shard=None, writer=None, rec=None)
-
+    writer = _ShardWriter(out, manifest, (dino, t5, vae), batch_size, write_png, bar)
     paths = [item[1] for _, item in flat]
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, image_size, bucket_list), batch_size=None,
                                          num_workers=workers, collate_fn=_identity)
     try:
-        for i, img, err in loader:
-            k = flat[i][0]
-            if k != state["shard"]:
-                if state["shard"] is not None:
-                    finish_shard()
-                state.update(shard=k, rec={"keys": [], "buckets": {}, "unreadable": [], "captions_truncated": 0},
-                             writer=wds.TarWriter(str(out / (todo[k]["name"] + ".tmp")), encoder=False, mtime=0))
-            if img is None:
-                state["rec"]["unreadable"].append(f"{paths[i].name}: {err}")
-                bar.update(1)
-                continue
-            size = tuple(img.shape[1:])
-            pending[size].append((i, img))
-            if len(pending[size]) == batch_size:
-                encode_and_write(pending.pop(size))
-        if state["shard"] is not None:
-            finish_shard()
+        for i, img, err in loader:                  # images arrive decoded, in plan order
+            name, item = flat[i]
+            if name != writer.name:
+                writer.finish()
+                writer.start(name)
+            writer.add(item, img, err)
+        writer.finish()
     finally:
         bar.close()
-        if state["writer"] is not None:   # a crash: the torn shard stays a .tmp, removed on resume
-            state["writer"].close()
+        writer.close()                              # a crash: the torn shard stays a .tmp, removed on resume
     seconds = time.perf_counter() - t0
-    written, bucket_counts, unreadable, truncated = {"train": 0, "val": 0}, {}, [], 0
-    for name, rec in sorted(manifest["shards"].items()):
-        written[name.split("-")[0]] += len(rec["keys"])
-        for hw, n in rec["buckets"].items():
-            bucket_counts[hw] = bucket_counts.get(hw, 0) + n
-        unreadable += rec["unreadable"]
-        truncated += rec["captions_truncated"]
     manifest["complete"] = True
     write_json(manifest, out / MANIFEST)
-    n_images = len(flat)
-    summary = {**written, "skipped_no_caption": len(missing), "unreadable": len(unreadable),
-               "unreadable_files": unreadable[:10], "captions_truncated": truncated,
+    totals = _totals(manifest)
+    info = manifest["info"]
+    summary = {"train": totals["train"], "val": totals["val"], "skipped_no_caption": len(missing),
+               "unreadable": len(totals["unreadable"]), "unreadable_files": totals["unreadable"][:10],
+               "captions_truncated": totals["captions_truncated"],
                "latent_shape": [info.get("latent_channels"), image_size // vae.downsample, image_size // vae.downsample],
-               "buckets": bucket_counts, "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
-               "shards_kept": len(plan) - len(todo), "shards_written": len(todo), "images": n_images,
-               "seconds": seconds, "images_per_s": n_images / max(seconds, 1e-9)}
-    if written["train"]:
+               "buckets": totals["buckets"], "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
+               "shards_kept": len(plan) - len(todo), "shards_written": len(todo), "images": len(flat),
+               "seconds": seconds, "images_per_s": len(flat) / max(seconds, 1e-9)}
+    if totals["train"]:
         stats = compute_stats(shard_list(out, "train"))
         stats.meta.update(source="nbcore.encoders.precompute", images_dir=settings["images_dir"], image_size=image_size,
                           buckets=settings["buckets"], codec=vae.spec(), encoders={"dino": settings["dino"], "t5": settings["t5"],
                                                                                  "vae": _encoder_info(vae, "vae")},
-                          n_train=written["train"], n_val=written["val"])
+                          n_train=totals["train"], n_val=totals["val"])
         stats.save(out / "stats.json")
     return summary
+
+
+def _pairs_digest(pairs) -> str:
+    """SHA-1 of the (key, file name, caption) list: a changed folder is a different plan."""
+    digest = hashlib.sha1()
+    for key, path, cap in pairs:
+        digest.update(f"{key}\0{path.name}\0{cap}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _totals(manifest: dict) -> dict:
+    """Samples per split, bucket counts, unreadable files and truncated captions over every
+    finished shard (kept from an interrupted run or written now)."""
+    out = {"train": 0, "val": 0, "buckets": {}, "unreadable": [], "captions_truncated": 0}
+    for name, rec in sorted(manifest["shards"].items()):
+        out[name.split("-")[0]] += len(rec["keys"])
+        for hw, n in rec["buckets"].items():
+            out["buckets"][hw] = out["buckets"].get(hw, 0) + n
+        out["unreadable"] += rec["unreadable"]
+        out["captions_truncated"] += rec["captions_truncated"]
+    return out
+
+
+class _ShardWriter:
+    """One shard at a time: ``start(name)`` opens NAME.tar.tmp; ``add(pair, image, error)`` queues
+    an image by its size and encodes a full batch of one size; ``finish()`` encodes what is queued,
+    renames the .tmp to NAME.tar and records it (keys, buckets, unreadable files, truncated
+    captions, bytes) in the manifest, which is written at once (what a resume keeps)."""
+
+    def __init__(self, out: Path, manifest: dict, encoders, batch_size: int, write_png: bool, bar):
+        self.out, self.manifest, self.batch_size, self.write_png, self.bar = out, manifest, batch_size, write_png, bar
+        self.dino, self.t5, self.vae = encoders
+        self.name = self.tar = self.rec = None
+        self.pending: dict = defaultdict(list)      # (H, W) -> [(pair, image (3, H, W) uint8)]
+
+    def start(self, name: str) -> None:
+        self.name = name
+        self.rec = {"keys": [], "buckets": {}, "unreadable": [], "captions_truncated": 0}
+        self.tar = wds.TarWriter(str(self.out / (name + ".tmp")), encoder=False, mtime=0)
+
+    def add(self, pair, image, error) -> None:
+        if image is None:                           # unreadable: counted in the shard's record
+            self.rec["unreadable"].append(f"{pair[1].name}: {error}")
+            self.bar.update(1)
+            return
+        queue = self.pending[tuple(image.shape[1:])]
+        queue.append((pair, image))
+        if len(queue) == self.batch_size:
+            self._encode(self.pending.pop(tuple(image.shape[1:])))
+
+    def finish(self) -> None:
+        if self.name is None:
+            return
+        for size in list(self.pending):
+            self._encode(self.pending.pop(size))
+        self.tar.close()
+        final = self.out / self.name
+        os.replace(self.out / (self.name + ".tmp"), final)
+        self.manifest["shards"][self.name] = {**self.rec, "bytes": final.stat().st_size}
+        write_json(self.manifest, self.out / MANIFEST)
+        self.name = self.tar = self.rec = None
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+    def _encode(self, chunk) -> None:
+        """Encode one batch of a single image size and write its samples."""
+        images = torch.stack([img for _, img in chunk]).float() / 255                 # (B, 3, H, W)
+        pairs = [pair for pair, _ in chunk]
+        caps = [cap for _, _, cap in pairs]
+        cls, patches = self.dino(images)                                                # (B, Dd), (B, P, Dd)
+        texts = self.t5.trimmed(caps)                                                   # [(L_i, Dt)]
+        lat = self.vae.encode(images)                                                   # (B, C, H/f, W/f)
+        if hasattr(self.t5, "n_tokens"):
+            self.rec["captions_truncated"] += sum(n > self.t5.max_len for n in self.t5.n_tokens(caps))
+        for j, (key, path, cap) in enumerate(pairs):
+            self.tar.write({"__key__": key, **encode_sample_members(
+                lat[j], cls[j], patches[j], texts[j], cap, images[j] if self.write_png else None, _sidecar_meta(path))})
+            self.rec["keys"].append(key)
+        hw = f"{images.shape[2]}x{images.shape[3]}"
+        self.rec["buckets"][hw] = self.rec["buckets"].get(hw, 0) + len(pairs)
+        self.manifest["info"].update(latent_channels=int(lat.shape[1]), dino_patches=list(patches.shape[1:]),
+                                     text_dim=int(texts[0].shape[-1]))
+        self.bar.update(len(pairs))
 
 
 def main(argv=None) -> int:
