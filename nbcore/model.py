@@ -17,7 +17,10 @@ The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of tha
     patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
                    patch covers, before the first block (zero-initialised: see initialize_weights)
     cls_position   "middle" [text | CLS | patches] (DESIGN.md), "start" [CLS | text | patches], or
-                   "none" (CLS only through adaLN, as in the pre-patch model)
+                   "none" (CLS only through adaLN, as in the pre-patch model). Start and middle are
+                   the same function: text and CLS keys carry no position and attention over keys is
+                   order-free, so moving CLS permutes the keys (the seed plan's open question 4 is
+                   moot here; tests/test_model.py checks it, the cpu-coarse run measured it)
 Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the context.
 """
 from __future__ import annotations

@@ -531,6 +531,21 @@ def test_tie_only_with_cls_kept_changes_the_function_at_step_0():
         assert (model(**inp) - base(**inp)).abs().max() > 1e-4
 
 
+def test_cls_position_is_a_permutation_of_the_context_keys():
+    """Open question 4 (CLS at the start or in the middle of the context), answered by construction:
+    text and CLS keys carry no position, and attention over keys is a softmax-weighted sum, so
+    moving CLS permutes the keys and leaves the output unchanged (to float summation order)."""
+    for base in (TINY, replace(TINY, patch_pos_embed="sincos")):
+        middle = make_model(base, seed=7)
+        start = NanoDiT(replace(base, cls_position="start")).eval()
+        start.load_state_dict(middle.state_dict())
+        inp = make_inputs(base, lengths=[3, 32])
+        other = make_model(base, seed=8)                                  # a different model is not
+        with torch.no_grad():
+            torch.testing.assert_close(start(**inp), middle(**inp), atol=1e-5, rtol=1e-5)
+            assert (start(**inp) - other(**inp)).abs().max() > 1e-3
+
+
 def test_adding_the_tie_to_a_context_arm_keeps_its_function():
     for cls_position in ("middle", "start"):
         ctx = make_model(replace(TINY, cls_position=cls_position), seed=5)
