@@ -47,7 +47,7 @@ from .codec import codec_from_spec, codec_spec_from_stats
 from .data import Stats
 from .encoders import DataEncoders, data_encoders
 from .metrics import shape_layout
-from .pretrained import from_pretrained
+from .pretrained import checkpoint_data, from_pretrained
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import RULES, Scene, make_dataset, render, sample_scene
 from .train import TrainConfig, train
@@ -98,26 +98,6 @@ def _train_demo_model(out_root: Path, preset: str, steps: int, n_data: int, devi
     return Path(train(cfg)["checkpoint"])
 
 
-def _checkpoint_data(path: Path) -> tuple[Stats, dict | None]:
-    """(the normalisation stats, the codec spec or None) a training checkpoint was trained with:
-    its own ``stats`` (stats.json's layout) and ``codec`` entries when it carries them, else its
-    train_config's data/stats.json (the codec is then the one those stats record)."""
-    ck = load_checkpoint(path)
-    codec = dict(ck["codec"]) if isinstance(ck.get("codec"), dict) else None
-    if isinstance(ck.get("stats"), dict):
-        entries = {k: v for k, v in ck["stats"].items() if k not in ("meta", "nonfinite")}
-        return Stats(entries, dict(ck["stats"].get("meta") or {})), codec
-    data = (ck.get("train_config") or {}).get("data", "")
-    data = Path(data) if data else None
-    if data is not None and not data.is_absolute():  # a relative --data means the repo root, not the cwd
-        data = repo_root() / data
-    stats = data / "stats.json" if data is not None else None
-    if stats is None or not stats.exists():
-        raise FileNotFoundError(f"{path}: its training data stats ({stats}) are missing; the demo must "
-                                "normalise conditioning exactly as training did")
-    return Stats.load(stats), codec
-
-
 def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: int = 400,
                    n_data: int | None = None, preset: str = "tiny", seed: int = 0, variant: str | None = None):
     """(model in eval mode, info) for the demo.
@@ -149,7 +129,12 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
                 "step": (pre["training"] or {}).get("step"), "stats": pre["stats"], "codec": pre["codec"]}
     else:
         model, info = load_model_with_info(ckpt, use_ema=True, device=device)
-        stats, codec = _checkpoint_data(ckpt)
+        ck = load_checkpoint(ckpt)
+        stats, codec = checkpoint_data(ck)
+        if stats is None:
+            data = (ck.get("train_config") or {}).get("data") or "?"
+            raise FileNotFoundError(f"{ckpt}: its training data stats (in the checkpoint, or {data}/stats.json) are "
+                                    "missing; the demo must normalise conditioning exactly as training did")
         info.update(format="checkpoint", stats=stats, codec=codec)
     if not model.cfg.use_dino_patches:
         raise ValueError(f"{ckpt} is a pre-patch model (use_dino_patches=False): the DINO swap needs patches")

@@ -34,9 +34,9 @@ import torch
 from .codec import codec_spec_from_stats, spec_of
 from .data import Stats
 from .model import ModelConfig, NanoDiT
-from .utils import load_checkpoint, resolve_device, write_json
+from .utils import load_checkpoint, repo_root, resolve_device, write_json
 
-__all__ = ["save_pretrained", "from_pretrained", "checkpoint_step", "model_card", "FORMAT", "main"]
+__all__ = ["save_pretrained", "from_pretrained", "checkpoint_step", "checkpoint_data", "model_card", "FORMAT", "main"]
 
 FORMAT, FORMAT_VERSION = "nbcore.pretrained", 1
 CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.json", "README.md"
@@ -55,6 +55,22 @@ def checkpoint_step(path) -> int:
     if "step" not in ck:
         raise KeyError(f"{path} has no 'step' entry (keys: {sorted(ck)}): not an nbcore training checkpoint")
     return int(ck["step"])
+
+
+def checkpoint_data(ck: dict) -> tuple[Stats | None, dict | None]:
+    """(the data statistics, the codec spec) a loaded training checkpoint was trained with: its own
+    ``stats`` (stats.json's layout) and ``codec`` entries when it carries them; else the stats.json
+    of its train_config's data folder (a relative folder is tried from the cwd, then from the
+    repository root) and no codec (the stats record theirs). None where nothing says."""
+    codec = dict(ck["codec"]) if isinstance(ck.get("codec"), dict) else None
+    if isinstance(ck.get("stats"), dict):
+        entries = {k: v for k, v in ck["stats"].items() if k not in ("meta", "nonfinite")}
+        return Stats(entries, dict(ck["stats"].get("meta") or {})), codec
+    data = (ck.get("train_config") or {}).get("data") or ""
+    for folder in ([Path(data)] + ([repo_root() / data] if not Path(data).is_absolute() else [])) if data else []:
+        if (folder / STATS).is_file():
+            return Stats.load(folder / STATS), codec
+    return None, codec
 
 
 def _as_stats(stats) -> Stats | None:
@@ -135,15 +151,12 @@ def save_pretrained(src, out_dir, stats=None, metrics: dict | None = None, card:
         weights = "model"
     ck = ck or {}
     tc = ck.get("train_config") or {}
-    if stats is None and isinstance(ck.get("stats"), dict):     # a checkpoint that carries its data statistics
-        stats = Stats({k: v for k, v in ck["stats"].items() if k != "meta"}, dict(ck["stats"].get("meta", {})))
-    if stats is None and tc.get("data") and (Path(tc["data"]) / STATS).exists():
-        stats = Path(tc["data"]) / STATS
-    st = _as_stats(stats)
+    ck_stats, ck_codec = checkpoint_data(ck)
+    st = _as_stats(stats) if stats is not None else ck_stats
     if codec is not None:
         spec = codec if isinstance(codec, dict) else spec_of(codec)
-    elif isinstance(ck.get("codec"), dict):                      # a checkpoint that records its codec
-        spec = dict(ck["codec"])
+    elif ck_codec is not None:                                   # a checkpoint that records its codec
+        spec = ck_codec
     else:
         spec = codec_spec_from_stats(st) if st is not None else None
     training = None
