@@ -4,25 +4,30 @@ One question (DESIGN.md): do DINOv3 patch tokens put the blobs in the right plac
 control? A ``Profile`` fixes the world, the schedule and the evaluation; an ``Arm`` is one model
 design trained under it. Notebooks 03-06 and ``nbcore.runner`` call the functions below.
 
-Schedule: equal optimiser steps for every arm
+Schedule: equal optimiser steps for every arm, every arm with ``seeds`` training seeds
     baseline       pre-patch model from scratch, ``steps`` steps, a milestone every ``milestone_every``
-    warm arms      start from the baseline's milestone at ``warm_from`` (the seed plan's path) and
-                   train ``steps - warm_from`` more: ``steps`` in all, on the same axis as the baseline
-    scratch arms   from step 0 for ``steps`` steps (the seed's fallback "restart from step 0")
-    repeats        the baseline and the best patch arm (lowest reconstruction layout error at its
-                   last milestone) again with seed 1, ...: the spread beside the intervals
+    warm arms      start from the same seed's baseline milestone at ``warm_from`` (the seed plan's
+                   path) and train ``steps - warm_from`` more: ``steps`` in all, on the baseline's axis
+    scratch arms   from step 0 for ``steps`` steps (the seed plan's fallback "restart from step 0")
+    seeds          seed s of every arm (its initialisation, data order and dropout draws; a warm arm
+                   also its own baseline), so training noise is measured, not assumed
 Runs are independent processes, ``workers`` at a time, one torch thread each (a model this small
 does not use a second thread: measured equal steps/s with 1 and 2 threads on 2 cores).
 
 Evaluation (``evaluate``): every arm's EMA weights at its last step on ``final_scenes`` validation
 scenes, one shared noise draw, guidance off (v = v_full) and on (the profile's nested scales):
     recon      own text + own DINO (CLS + patches)
-    textonly   own text, null DINO (seed risk 3: does text still place shapes?)
+    textonly   own text, null DINO: does text still place shapes (text control)?
+    dinoonly   null text, own DINO: the patch route alone (its positive control)
     swap       text of scene i, DINO of scene i+1 (guidance on): whose layout does it follow?
 Calibration rows go through the same metrics: ``untrained`` (a random-init model through the
 same sampler), ``layout_blind`` (each scene redrawn with its shapes at shuffled places: what "no
 layout" scores), ``oracle`` (the source through the codec: the ceiling). Means carry 95% bootstrap
-intervals over scenes; arm-vs-baseline differences a paired bootstrap over the same scenes.
+intervals over scenes; arm-vs-baseline differences a paired bootstrap over the same scenes, seed s
+of an arm against seed s of the baseline. An effect is claimed only where every seed's paired interval
+excludes 0 on the same side (``conclusions``). The plateau test (``plateau``): the paired difference
+(last milestone - the one before) of reconstruction layout error on the same ``final_scenes`` scenes,
+guidance off; an interval wholly below 0 means the arm is still improving and its number is a floor.
 Metric definitions: ``nbcore.metrics.shape_layout``.
 """
 from __future__ import annotations
@@ -53,7 +58,7 @@ __all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY
            "results_table", "LAYOUT_METRICS"]
 
 LAYOUT_METRICS = ("layout_error", "shape_recall", "placement_error", "mask_iou")
-MODES = ("recon", "textonly", "swap_dino", "swap_text")
+MODES = ("recon", "textonly", "dinoonly", "swap_dino", "swap_text")
 
 
 # --------------------------------------------------------------------------- arms
@@ -81,18 +86,24 @@ class Arm:
         return self.model.get("use_dino_patches", True)
 
 
+# Every patch arm normalises its projected context patches (the presets' ``patch_norm``); every warm
+# arm gates its new keys (``context_gate``: exactly the baseline's function at the branch point).
 BASELINE = Arm("baseline", {"use_dino_patches": False})
 HEADLINE_ARMS = (
     BASELINE,
-    Arm("patch-none", {"patch_pos_embed": "none"}, "warm"),        # the seed plan's model
-    Arm("patch-learned", {"patch_pos_embed": "learned"}, "warm"),  # open question 5
-    Arm("patch-sincos", {"patch_pos_embed": "sincos"}, "warm"),
+    Arm("patch-sincos", {"patch_pos_embed": "sincos", "context_gate": True}, "warm"),   # the seed plan's path
     Arm("patch-sincos-scratch", {"patch_pos_embed": "sincos"}, "scratch"),
-    Arm("tied+context", {"patch_tie": True}, "warm"),              # beyond the seed plan
+    Arm("patch-rope-scratch", {"patch_pos_embed": "rope"}, "scratch"),     # position-aware cross-attention
+    Arm("tied+context", {"patch_tie": True, "context_gate": True}, "warm"),  # beyond the seed plan
 )
 SECONDARY_ARMS = (
+    Arm("patch-none", {"patch_pos_embed": "none", "context_gate": True}, "warm"),   # the seed plan's model
+    Arm("patch-learned", {"patch_pos_embed": "learned", "context_gate": True}, "warm"),
+    Arm("patch-rope", {"patch_pos_embed": "rope", "context_gate": True}, "warm"),
+    Arm("patch-sincos-ungated", {"patch_pos_embed": "sincos"}, "warm"),    # the warm start without the gate
+    Arm("patch-sincos-raw-scratch", {"patch_pos_embed": "sincos", "patch_norm": False}, "scratch"),  # no norm
     Arm("tied-only", {"patch_tie": True, "patch_context": False}, "warm"),
-    Arm("cls-start", {"patch_pos_embed": "sincos", "cls_position": "start"}, "warm"),  # open question 4
+    Arm("cls-start", {"patch_pos_embed": "sincos", "cls_position": "start", "context_gate": True}, "warm"),
 )
 
 
@@ -117,11 +128,9 @@ class Profile:
     warmup: int = 100
     ema_decay: float = 0.995
     arms: tuple = HEADLINE_ARMS
-    repeat_seeds: int = 2                # seeds of the baseline and of the best patch arm
-    # the patch arm repeated with more seeds: None = the best after training (it then trains alone
-    # at the end); a name pre-registers it, so it trains beside the others (cpu: the best arm of
-    # the first full cpu run, README); notebook 05 says whether it is still the best
-    repeat_arm: str | None = None
+    seeds: int = 2                       # training seeds of every arm (module docstring)
+    warm_lr_scale: float = 1.0           # TrainConfig.warm_start_lr_scale of the warm arms (seed plan: 0.5)
+    new_param_lr_scale: float = 1.0      # TrainConfig.new_param_lr_scale of the warm arms
     workers: int = 2                     # training processes at a time
     # evaluation
     curve_scenes: int = 64               # per milestone, guidance off
@@ -129,7 +138,7 @@ class Profile:
     sample_steps: int = 12
     text_scale: float = 3.0              # the guided protocol: nested, text 3, DINO 2 (README)
     dino_scale: float = 2.0
-    patch_scales: tuple = (0.0, 1.0, 2.0, 4.0)   # open question 3, on the best arm
+    patch_scales: tuple = (0.0, 1.0, 2.0, 4.0)   # separate patch guidance scales, on the best arm
     n_boot: int = 1000
     # notebooks 04 and 06
     routing_samples: int = 8
@@ -148,6 +157,8 @@ class Profile:
             raise ValueError("warm_from and steps must be multiples of milestone_every")
         if self.arms[0].name != "baseline":
             raise ValueError("the first arm must be the baseline (the warm arms start from it)")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
     def model_config(self, arm: Arm | None = None) -> ModelConfig:
         return model_preset(self.preset, **{**self.model_overrides, **(arm.model if arm else {})})
@@ -158,25 +169,27 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {}
-PROFILES["cpu"] = Profile("cpu", repeat_arm="tied+context")
-# Plumbing: every notebook end to end in about a minute (the tests run it); numbers mean nothing.
+# The experiment on 2 cores: a 3x3 DINO grid of 8 px patches over the 6x6 image tokens of 4 px, so a
+# patch covers 2x2 tokens -- the ratio real DINOv3 has to the token grid (14x14 over 32x32).
+PROFILES["cpu"] = Profile("cpu", model_overrides={"dino_grid": 3})
+# Plumbing: every notebook end to end in a few minutes (the tests run it); numbers mean nothing.
 PROFILES["smoke"] = replace(
-    PROFILES["cpu"], name="smoke", repeat_arm=None, n_data=160, val_fraction=0.2, steps=8, warm_from=4, milestone_every=4,
-    batch_size=8, warmup=2, arms=HEADLINE_ARMS[:2] + HEADLINE_ARMS[4:], curve_scenes=8, final_scenes=16,
+    PROFILES["cpu"], name="smoke", n_data=160, val_fraction=0.2, steps=8, warm_from=4, milestone_every=4,
+    batch_size=8, warmup=2, arms=HEADLINE_ARMS[:3] + HEADLINE_ARMS[4:], seeds=1, curve_scenes=8, final_scenes=16,
     sample_steps=2, patch_scales=(0.0, 2.0), n_boot=50, routing_samples=2, routing_steps=2, demo_steps=2, demo_grid=2,
     real_images=12, real_steps=2)
-# The secondary ablations (CLS position, tied only) beside the headline arms, on 2 cores.
+# The ceiling: the DINO grid equals the token grid (6x6 patches of 4 px), so a tied patch hands its
+# token nearly its own pixels (the stand-in encoder maps a patch's pixels through a random MLP).
+PROFILES["cpu-fine"] = replace(PROFILES["cpu"], name="cpu-fine", model_overrides={})
+# The secondary ablations (positions none / learned, warm RoPE, no gate, no norm, tied only, CLS
+# first) beside the headline arms.
 PROFILES["cpu-long"] = replace(PROFILES["cpu"], name="cpu-long", arms=HEADLINE_ARMS + SECONDARY_ARMS)
-# The cpu experiment with a DINO grid coarser than the token grid (3x3 patches of 8 px over the 6x6
-# tokens of 4 px): in `cpu` the grids coincide and a tied patch nearly hands its token the pixels;
-# here, as with real DINOv3 (14x14 over 32x32 tokens), a patch covers several tokens.
-PROFILES["cpu-coarse"] = replace(PROFILES["cpu"], name="cpu-coarse", model_overrides={"dino_grid": 3})
 # Production sizes of the shapes world (16x64x64 latents, 14x14 patches, T5 512x4096) on one
 # H100/H200, each call under 10 minutes; plumbing-checked on a CPU with
 # notebooks/profiles/gpu-plumbing-on-cpu.yaml. Not yet run on a GPU.
 PROFILES["gpu"] = replace(
-    PROFILES["cpu"], name="gpu", preset="production", world="standard", n_data=4000, steps=1200, warm_from=600,
-    milestone_every=200, lr=3e-4, warmup=60, workers=1, curve_scenes=64, final_scenes=256)
+    PROFILES["cpu"], name="gpu", preset="production", model_overrides={}, world="standard", n_data=4000, steps=1200,
+    warm_from=600, milestone_every=200, lr=3e-4, warmup=60, workers=1, seeds=1, curve_scenes=64, final_scenes=256)
 
 
 def profile(name: str, **over) -> Profile:
@@ -212,10 +225,15 @@ def arm_dir(run_dir, arm: Arm | str) -> Path:
     return Path(run_dir) / "train" / (arm if isinstance(arm, str) else arm.run)
 
 
+def runs(p: Profile) -> list[Arm]:
+    """Every training run of the profile: each arm with seeds 0 .. ``p.seeds - 1``, seed-major."""
+    return [replace(a, seed=s) for s in range(p.seeds) for a in p.arms]
+
+
 def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainConfig:
     """The arm's TrainConfig under the profile's schedule (module docstring)."""
     warm = arm.init == "warm"
-    base = arm_dir(run_dir, BASELINE)
+    base = arm_dir(run_dir, replace(BASELINE, seed=arm.seed))
     return TrainConfig(
         preset=p.preset, model=p.model_config(arm), data=str(Path(run_dir) / "data"),
         out=str(arm_dir(run_dir, arm)),
@@ -223,7 +241,8 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
         warmup=p.warmup, schedule="constant", ema_decay=p.ema_decay, log_every=max(1, p.milestone_every // 10),
         ckpt_every=p.milestone_every, milestone_every=p.milestone_every, device=device, seed=arm.seed,
         warm_start=str(base / "ckpt" / f"step_{p.warm_from:06d}.pt") if warm else "",
-        warm_start_lr_scale=1.0, resume="auto", progress=False)
+        warm_start_lr_scale=p.warm_lr_scale if warm else 1.0,
+        new_param_lr_scale=p.new_param_lr_scale if warm else 1.0, resume="auto", progress=False)
 
 
 def _key(cfg: TrainConfig) -> dict:
@@ -254,11 +273,11 @@ class Progress:
 
 
 def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: float = 20.0, seed: int = 0) -> dict:
-    """Train every arm of the profile (and the seed repeats) into ``RUN/train/``, on the run's data
-    (``ensure_data``, world ``seed``); reuse finished runs with the same settings, resume unfinished
-    ones. Returns {run name: summary}."""
+    """Train every run of the profile (``runs``: each arm with each seed) into ``RUN/train/``, on the
+    run's data (``ensure_data``, world ``seed``); reuse finished runs with the same settings, resume
+    unfinished ones. A warm run starts when its seed's baseline has finished. Returns {run name: summary}."""
     ensure_data(p, run_dir, seed)
-    arms = list(arms or p.arms)
+    arms = list(arms or runs(p))
     say = Progress(run_dir)
     done: dict = {}
 
@@ -310,28 +329,23 @@ def train_arms(p: Profile, run_dir, device: str = "auto", arms=None, poll_s: flo
                 if not fin and running:
                     say(" | ".join(_status(run_dir, a, n) for a, n in running.values()))
 
-    base = arms[0]
-    seeds = range(1, p.repeat_seeds)
-    named = {a.name: a for a in arms}
-    if p.repeat_arm is not None and p.repeat_arm not in named:
-        raise ValueError(f"repeat_arm {p.repeat_arm!r} is not one of the profile's arms {sorted(named)}")
-    fixed = [replace(named[p.repeat_arm], seed=s) for s in seeds] if p.repeat_arm else []
-    warm = [a for a in arms if a.init == "warm"] + [a for a in fixed if a.init == "warm"]
-    first = [base] + [a for a in arms[1:] if a.init == "scratch"] + [a for a in fixed if a.init == "scratch"]
-    repeats = [replace(BASELINE, seed=s) for s in seeds]
-    run_all(first[:1] + repeats[:1] + first[1:] + repeats[1:], {base.run: warm})
-    if p.repeat_arm is None and p.repeat_seeds > 1:
-        best = best_patch_arm(p, run_dir, arms)
-        if best is not None:
-            run_all([replace(best, seed=s) for s in seeds], {})
+    bases = [a for a in arms if a.name == BASELINE.name]
+    scratch = [a for a in arms if a.init == "scratch" and a.name != BASELINE.name]
+    after = {b.run: [a for a in arms if a.init == "warm" and a.seed == b.seed] for b in bases}
+    run_all(bases + scratch, after)
     return done
 
 
-def best_patch_arm(p: Profile, run_dir, arms=None, device: str = "cpu") -> Arm | None:
+def best_patch_arm(p: Profile, run_dir, arms=None, device: str = "cpu", context_only: bool = False) -> Arm | None:
     """The patch arm with the lowest reconstruction layout error (guidance off, ``curve_scenes``
-    scenes) at its last step: the one repeated with more seeds and probed by notebooks 04-05."""
+    scenes) at its last step, among the seed-0 runs: the one probed by notebooks 05-06;
+    ``context_only``: among arms whose patches reach the image only through the cross-attention
+    (no tie), the arm whose routing notebook 04 measures."""
     scores = {}
     for arm in arms or p.arms:
+        cfg = p.model_config(arm)
+        if context_only and (not cfg.patch_context or cfg.patch_tie):
+            continue
         if arm.is_patch and arm.seed == 0:
             ms = milestones(p, run_dir, arm, device)
             if ms:
@@ -372,11 +386,11 @@ class Evaluator:
         self.perm = torch.roll(torch.arange(self.n), -1)                               # DINO of scene i + 1
 
     def generate(self, model: NanoDiT, mode: str, guidance: Guidance) -> torch.Tensor:
-        """Images (n, 3, S, S) for ``mode`` recon | textonly | swap."""
+        """Images (n, 3, S, S) for ``mode`` recon | textonly | dinoonly | swap."""
         b = self.batch
         perm = self.perm
-        cond = dict(text_emb=b["text_emb"], text_mask=b["text_mask"])
-        if mode in ("recon", "swap"):
+        cond = {} if mode == "dinoonly" else dict(text_emb=b["text_emb"], text_mask=b["text_mask"])
+        if mode in ("recon", "swap", "dinoonly"):
             idx = perm if mode == "swap" else torch.arange(self.n)
             cond.update(dino_emb=b["dino_emb"][idx],
                         dino_patches=b["dino_patches"][idx] if model.cfg.use_dino_patches else None)
@@ -392,10 +406,10 @@ class Evaluator:
         return out
 
     def score_modes(self, model: NanoDiT, guidance: Guidance, swap: bool = True) -> dict:
-        """{mode: scores} for recon, textonly, and (``swap``) the swap scored against the DINO
-        source's scene (``swap_dino``: low = the layout follows the DINO) and against the text's
-        (``swap_text``)."""
-        out = {m: self.score(self.generate(model, m, guidance)) for m in ("recon", "textonly")}
+        """{mode: scores} for recon, textonly, dinoonly, and (``swap``) the swap scored against the
+        DINO source's scene (``swap_dino``: low = the layout follows the DINO) and against the
+        text's (``swap_text``)."""
+        out = {m: self.score(self.generate(model, m, guidance)) for m in ("recon", "textonly", "dinoonly")}
         if not swap:
             return out
         swap = self.generate(model, "swap", guidance)
@@ -447,14 +461,15 @@ def milestones(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]
     return [rows[str(s)] for s, _ in ck if str(s) in rows]
 
 
-def plateau(curve: list[dict], mode: str = "recon", metric: str = "layout_error") -> dict:
-    """Whether the last two milestones agree within their 95% intervals (intervals overlap)."""
-    if len(curve) < 2:
-        return {"plateau": False, "why": "fewer than two milestones"}
-    a, b = curve[-2][mode][metric], curve[-1][mode][metric]
-    ok = a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
-    return {"plateau": ok, "steps": [curve[-2]["step"], curve[-1]["step"]], "values": [a["mean"], b["mean"]],
-            "intervals": [[a["lo"], a["hi"]], [b["lo"], b["hi"]]]}
+def plateau(res: dict, run: str) -> dict:
+    """The plateau test of one run from ``evaluate``'s result: the paired 95% interval of (last
+    milestone - the one before) reconstruction layout error, guidance off, ``final_scenes`` scenes.
+    ``still_improving`` when the interval lies wholly below 0: the run's number is then a floor."""
+    d = res.get("plateau", {}).get(run)
+    if d is None:
+        return {"plateau": False, "still_improving": None, "why": "fewer than two milestones"}
+    c = d["layout_error"]
+    return {"plateau": not c["hi"] < 0, "still_improving": c["hi"] < 0, "steps": d["steps"], "diff": c}
 
 
 def _workers(p: Profile, device: str) -> int:
@@ -470,12 +485,18 @@ def _pool(p: Profile, device: str):
 
 
 def _score_arm(p: Profile, run_dir, arm: Arm, device: str) -> dict:
-    """Per-scene scores of an arm's last checkpoint: guidance off (recon, text-only) and on (recon,
-    text-only, swap), on ``final_scenes`` scenes (a worker-process job of ``evaluate``)."""
+    """Per-scene scores of an arm's last checkpoint: guidance off (recon, text-only, DINO-only) and on
+    (the same and the swap), and the milestone before it (recon, guidance off: the plateau test), on
+    ``final_scenes`` scenes (a worker-process job of ``evaluate``)."""
     ev = Evaluator(p, run_dir, p.final_scenes, device)
-    model, info = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
-    return {"off": ev.score_modes(model, Guidance.off(), swap=False), "on": ev.score_modes(model, p.guidance),
-            "weights": info["weights"]}
+    ck = checkpoints(run_dir, arm)
+    model, info = load_model_with_info(ck[-1][1], device=device)
+    out = {"off": ev.score_modes(model, Guidance.off(), swap=False), "on": ev.score_modes(model, p.guidance),
+           "weights": info["weights"], "steps": [s for s, _ in ck[-2:]]}
+    if len(ck) > 1:
+        before, _ = load_model_with_info(ck[-2][1], device=device)
+        out["before"] = ev.score(ev.generate(before, "recon", Guidance.off()))
+    return out
 
 
 def _score_rows(p: Profile, run_dir, device: str) -> dict:
@@ -488,7 +509,7 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
     {arm: paired (arm - baseline) intervals}, "weights": {arm: which weights}, "settings"}. The
     unguided swap is not sampled (the swap is a guided probe): its row entries are None."""
     cache = Path(run_dir) / "eval.json"
-    settings = {"format": 2, "n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
+    settings = {"format": 3, "n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
                 "arms": [a.run for a in arms], "ckpts": {a.run: str(checkpoints(run_dir, a)[-1][1]) for a in arms}}
     if cache.exists():
         old = json.loads(cache.read_text())
@@ -511,25 +532,29 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
         res["rows"][row] = {g: {m: _summary(sc[g][m], p.n_boot) if m in sc[g] else None for m in MODES}
                             for g in ("off", "on")}
         res["weights"][row] = sc.get("weights", "n/a")
-    base = per_scene.get("baseline")
+    paired = lambda a, b, k: paired_bootstrap_diff(a[k][0], b[k][0], a[k][1], b[k][1], n_boot=p.n_boot)
+    res["plateau"] = {}
     for arm in arms:
-        if arm.run == "baseline" or base is None:
+        sc = per_scene[arm.run]
+        if "before" in sc:   # last milestone - the one before, same scenes and noise
+            res["plateau"][arm.run] = {"steps": sc["steps"], "layout_error": paired(sc["off"]["recon"], sc["before"],
+                                                                                    "layout_error")}
+        base = per_scene.get(replace(BASELINE, seed=arm.seed).run)
+        if arm.name == BASELINE.name or base is None:
             continue
-        res["diffs"][arm.run] = {
-            g: {m: {k: paired_bootstrap_diff(per_scene[arm.run][g][m][k][0], base[g][m][k][0],
-                                             per_scene[arm.run][g][m][k][1], base[g][m][k][1], n_boot=p.n_boot)
-                    for k in LAYOUT_METRICS} for m in ("recon", "textonly")} for g in ("off", "on")}
+        res["diffs"][arm.run] = {g: {m: {k: paired(sc[g][m], base[g][m], k) for k in LAYOUT_METRICS}
+                                     for m in ("recon", "textonly", "dinoonly")} for g in ("off", "on")}
     write_json(res, cache)
     return res
 
 
 def results_table(res: dict, metric: str = "layout_error") -> list[dict]:
-    """One row per calibration row / arm: mean [95% interval] of ``metric`` for recon and text-only,
+    """One row per calibration row / run: mean [95% interval] of ``metric`` for recon, text-only and DINO-only,
     guidance off and on (strings), for figures and the README."""
     out = []
     for row, r in res["rows"].items():
         rec = {"row": row}
-        for m in ("recon", "textonly"):
+        for m in ("recon", "textonly", "dinoonly"):
             for g in ("off", "on"):
                 c = r[g][m][metric]
                 rec[f"{m} {g}"] = "n/a" if c["mean"] is None else f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
@@ -551,15 +576,6 @@ def loss_curves(p: Profile, run_dir, arms) -> dict:
         offset = p.warm_from if arm.init == "warm" else 0
         out[arm.run] = [dict(r, step=r["step"] + offset) for r in load_train_log(arm_dir(run_dir, arm))]
     return out
-
-
-def repeats(p: Profile, run_dir, arms=None) -> list[Arm]:
-    """The seed repeats that ``train_arms`` made (baseline and the repeated patch arm, seeds 1..)."""
-    best = ({a.name: a for a in p.arms}[p.repeat_arm] if p.repeat_arm else best_patch_arm(p, run_dir, arms))
-    out = [replace(BASELINE, seed=s) for s in range(1, p.repeat_seeds)]
-    if best is not None:
-        out += [replace(best, seed=s) for s in range(1, p.repeat_seeds)]
-    return [a for a in out if (arm_dir(run_dir, a) / "arm.json").exists()]
 
 
 def patch_scale_sweep(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]:
@@ -588,33 +604,65 @@ def _ci(c: dict) -> str:
     return f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
 
 
+def _verdict(c: dict) -> str:
+    return "lower" if c["hi"] < 0 else "higher" if c["lo"] > 0 else "spans 0"
+
+
+def _d(c: dict) -> str:
+    return f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+
+
+def seed_groups(res: dict) -> dict[str, list[str]]:
+    """{arm name: [run of seed 0, seed 1, ...]} in the order of ``evaluate``'s settings."""
+    out: dict[str, list[str]] = {}
+    for run in res["settings"]["arms"]:
+        out.setdefault(run.split("-seed")[0], []).append(run)
+    return out
+
+
 def conclusions(res: dict, baseline: str = "baseline", metric: str = "layout_error", ratio: float = 0.6) -> list[str]:
     """Sentences the numbers support, and only those (``evaluate``'s result in, plain text out).
 
-    First the validity gate: the baseline must learn text layout, its text-only ``metric`` (guidance
-    on) at most ``ratio`` x the layout-blind row's; otherwise the answer is "not yet answered" and
-    nothing is said about the arms. Then, per patch arm and guidance setting, the paired 95%
-    interval of (arm - baseline) on reconstruction and on text-only layout error: "lower" or
-    "higher" only when the interval excludes 0, else "not distinguishable"."""
+    First the validity gate: every seed of the baseline must learn text layout, its text-only
+    ``metric`` (guidance on) at most ``ratio`` x the layout-blind row's; otherwise the answer is "not
+    yet answered" and nothing is said about the arms. Then, per patch arm, guidance setting and mode,
+    the paired 95% interval of (arm - baseline) of each seed against the same seed's baseline: an
+    effect is stated ("lower" / "higher") only when every seed's interval excludes 0 on the same side;
+    otherwise "not established" with each seed's interval. Runs the plateau test finds still improving
+    are named: their numbers are floors."""
     rows, diffs = res["rows"], res["diffs"]
+    groups = seed_groups(res)
     blind = rows["layout_blind"]["on"]["recon"][metric]["mean"]
-    base_txt = rows[baseline]["on"]["textonly"][metric]
     out = []
-    if base_txt["mean"] is None or base_txt["hi"] > ratio * blind:
-        out.append(f"Not yet answered: the baseline has not clearly learned text layout (text-only {metric} "
-                   f"{_ci(base_txt) if base_txt['mean'] is not None else 'n/a'} vs {ratio} x the layout-blind row's "
-                   f"{blind:.3f} = {ratio * blind:.3f}); the world or the schedule must change before the arms can be compared.")
+    bases = [rows[r]["on"]["textonly"][metric] for r in groups.get(baseline, [])]
+    if not bases or any(b["mean"] is None or b["hi"] > ratio * blind for b in bases):
+        shown = ", ".join(_ci(b) for b in bases if b["mean"] is not None) or "n/a"
+        out.append(f"Not yet answered: the baseline has not clearly learned text layout in every seed (text-only "
+                   f"{metric} {shown} vs {ratio} x the layout-blind row's {blind:.3f} = {ratio * blind:.3f}); the "
+                   f"world or the schedule must change before the arms can be compared.")
         return out
-    out.append(f"The baseline learned text layout: text-only {metric} {_ci(base_txt)}, below {ratio} x the "
-               f"layout-blind row ({blind:.3f}); oracle {rows['oracle']['on']['recon'][metric]['mean']:.3f}, "
-               f"untrained {rows['untrained']['on']['recon'][metric]['mean']:.3f}.")
-    for arm, d in diffs.items():
+    out.append(f"The baseline learned text layout in every seed: text-only {metric} (guided) "
+               f"{', '.join(_ci(b) for b in bases)}, below {ratio} x the layout-blind row ({ratio * blind:.3f}); "
+               f"oracle {rows['oracle']['on']['recon'][metric]['mean']:.3f}, untrained "
+               f"{rows['untrained']['on']['recon'][metric]['mean']:.3f}.")
+    what = {"recon": "reconstruction", "textonly": "text only", "dinoonly": "DINO only"}
+    for arm, seeds in groups.items():
+        if arm == baseline or not all(r in diffs for r in seeds):
+            continue
         parts = []
-        for g in ("off", "on"):
-            for mode, what in (("recon", "reconstruction"), ("textonly", "text-only")):
-                c = d[g][mode][metric]
-                verdict = ("lower (better)" if c["hi"] < 0 else "higher (worse)" if c["lo"] > 0
-                           else "not distinguishable")
-                parts.append(f"{what} {verdict}, guidance {g}: {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
-        out.append(f"{arm} vs {baseline} ({metric}, paired difference, 95% interval): " + "; ".join(parts) + ".")
+        for mode in ("recon", "textonly", "dinoonly"):
+            for g in ("on", "off"):
+                cs = [diffs[r][g][mode][metric] for r in seeds]
+                v = {_verdict(c) for c in cs}
+                verdict = (f"{v.pop()} in every seed" if len(v) == 1 and "spans 0" not in v
+                           else "not established")
+                parts.append(f"{what[mode]}, guidance {g}: {verdict} ({'; '.join(_d(c) for c in cs)})")
+        out.append(f"{arm} - {baseline} ({metric}, paired, {len(seeds)} seed{'s' * (len(seeds) > 1)}): "
+                   + "; ".join(parts) + ".")
+    floors = [run for run in res.get("plateau", {}) if plateau(res, run)["still_improving"]]
+    if floors:
+        out.append("Still improving at the last milestone (paired interval of the last step's change below 0), "
+                   f"so their numbers are floors on what they reach: {', '.join(floors)}.")
+    elif res.get("plateau"):
+        out.append("Every run passes the plateau test (no paired improvement between its last two milestones).")
     return out

@@ -16,11 +16,15 @@ The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of tha
     patch_context  patches in the cross-attention context (the default; DESIGN.md's model)
     patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
                    patch covers, before the first block (zero-initialised: see initialize_weights)
+    patch_norm     LayerNorm on the projected context patches before their position (presets: on)
+    context_gate   a per-head gain on the non-text keys, 0 at init: a warm start from the pre-patch
+                   model is exactly its function at step 0, and the gain can only open
+    patch_pos_embed  none | learned | sincos (added to the patch) | rope (rotary, in the attention)
     cls_position   "middle" [text | CLS | patches] (DESIGN.md), "start" [CLS | text | patches], or
                    "none" (CLS only through adaLN, as in the pre-patch model). Start and middle are
                    the same function: text and CLS keys carry no position and attention over keys is
                    order-free, so moving CLS permutes the keys (the seed plan's open question 4 is
-                   moot here; tests/test_model.py checks it, the cpu-coarse run measured it)
+                   moot here; tests/test_model.py checks it, the cpu runs measured it)
 Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the context.
 """
 from __future__ import annotations
@@ -61,12 +65,29 @@ class ModelConfig:
     # image tokens they cover (spatially tied).
     patch_context: bool = True
     patch_tie: bool = False
-    # Positional embedding added to the projected *context* patch tokens (seed open question 5):
-    # "none" (patches are a set, like DINOv3's RoPE features), "learned", or "sincos"
-    # (2D sin-cos evaluated at each patch's centre in latent-token coordinates, i.e. the same
-    # frame as the image tokens' embedding). Tied patches need none: their place is the token they
-    # are added to.
+    # Positional embedding of the *context* patch tokens: "none" (patches are a set, like DINOv3's
+    # RoPE features), "learned", "sincos" (2D sin-cos evaluated at each patch's centre in
+    # latent-token coordinates, i.e. the same frame as the image tokens' embedding, added to the
+    # projected patch), or "rope": position-aware cross-attention, 2D rotary embedding of image-token
+    # queries and patch keys in the same coordinates (the score of a patch key depends on the offset
+    # between the query's token and the patch centre); text and CLS keys are scored unrotated.
+    # Tied patches need none: their place is the token they are added to.
     patch_pos_embed: str = "none"
+    # LayerNorm (no affine) on the projected context patches, before their position is added. After
+    # the data's per-channel normalisation a patch's content norm varies with what it shows (in the
+    # shapes world ~1.7 on background, ~15 on a shape edge, up to ~31) while a sin-cos position has a
+    # fixed norm (~7 at D = 96): the content of a key drowns its position. The norm gives every patch
+    # the same content norm sqrt(D), so the position counts (measured in nbcore.analysis.patch_token_norms).
+    # The dataclass default False is the architecture of checkpoints saved before the option existed;
+    # the presets switch it on.
+    patch_norm: bool = False
+    # A warm start that cannot shut the new keys out: per block, the cross-attention weight of every key
+    # outside the text (CLS and patches) is multiplied by a gain g = |gate| (one gate per block and head)
+    # before normalising, the gate starting at 0. At step 0 the new keys get exactly zero weight, so the model is the pre-patch
+    # function; d(out)/d(gate) is not zero there (the new keys' values minus the text's output), and
+    # |.| cannot be driven below 0, so the gate opens at the optimiser's pace. Uses the explicit
+    # attention path (of ``attend``).
+    context_gate: bool = False
     # Where the CLS token sits in the context (seed open question 4): "middle" = [text | CLS |
     # patches] (DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
     # through adaLN, as in the pre-patch model). With the patches out of the context (tie only) CLS
@@ -78,8 +99,11 @@ class ModelConfig:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError("hidden_size must be divisible by 4 for the 2D sin-cos embedding")
-        if self.patch_pos_embed not in ("none", "learned", "sincos"):
-            raise ValueError(f"patch_pos_embed must be none|learned|sincos, got {self.patch_pos_embed!r}")
+        if self.patch_pos_embed not in ("none", "learned", "sincos", "rope"):
+            raise ValueError(f"patch_pos_embed must be none|learned|sincos|rope, got {self.patch_pos_embed!r}")
+        if self.patch_pos_embed == "rope" and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"patch_pos_embed='rope' needs a head dim divisible by 4, got "
+                             f"{self.hidden_size // self.num_heads}")
         if self.cls_position not in ("middle", "start", "none"):
             raise ValueError(f"cls_position must be middle|start|none, got {self.cls_position!r}")
         if self.use_dino_patches and not (self.patch_context or self.patch_tie):
@@ -181,21 +205,48 @@ class TimestepEmbedder(nn.Module):
 
 # --------------------------------------------------------------------------- attention
 
-def attend(q, k, v, key_mask=None, return_weights: bool = False):
+def attend(q, k, v, key_mask=None, return_weights: bool = False, key_gain=None, scale=None):
     """The one attention function.
 
-    q (B, nh, N, hd); k, v (B, nh, M, hd); key_mask (B, M) bool, True = a real key, or None.
+    q (B, nh, N, E); k (B, nh, M, E); v (B, nh, M, hd); key_mask (B, M) bool, True = a real key, or
+    None; ``scale`` the score scale (default E ** -0.5); ``key_gain`` (nh, M) >= 0 or None: each
+    key's unnormalised weight exp(score) is multiplied by its gain before normalising (a gain of 0
+    removes the key exactly, with a gradient with respect to the gain; ``ModelConfig.context_gate``).
     Fused ``scaled_dot_product_attention`` by default (flash-eligible when key_mask is None);
-    ``return_weights=True`` takes the explicit path and returns (out, weights (B, nh, N, M)).
+    ``return_weights=True`` or a ``key_gain`` takes the explicit path; ``return_weights`` returns
+    (out, weights (B, nh, N, M)).
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]                   # (B, 1, 1, M)
-    if not return_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # (B, nh, N, hd)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                          # (B, nh, N, M)
+    if not return_weights and key_gain is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)    # (B, nh, N, hd)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, nh, N, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.float().softmax(dim=-1).to(q.dtype)                              # (B, nh, N, M)
-    return weights @ v, weights                                                        # (B, nh, N, hd)
+    if key_gain is None:
+        weights = scores.float().softmax(dim=-1).to(q.dtype)                          # (B, nh, N, M)
+    else:
+        e = (scores.float() - scores.float().amax(-1, keepdim=True)).exp()            # (B, nh, N, M)
+        e = e * key_gain[:, None, :].float()                                            # gain per head and key
+        weights = (e / e.sum(-1, keepdim=True)).to(q.dtype)                           # (B, nh, N, M)
+    out = weights @ v                                                                  # (B, nh, N, hd)
+    return (out, weights) if return_weights else out
+
+
+def rope_2d(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, base: float = 100.0) -> torch.Tensor:
+    """2D rotary embedding: x (..., T, E) at grid coordinates rows, cols (T,) -> (..., T, E).
+    The first half of E rotates with the row, the second with the column (pairs of channels, RoPE's
+    frequencies base ** (-2k / (E / 2))); a small base because the grids are small (6..32 tokens).
+    (R_a q) . (R_b k) depends on a and b only through b - a."""
+    E = x.shape[-1]
+    half = E // 2
+    freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float64, device=x.device) / half)   # (E/4,)
+    out = []
+    for part, pos in ((x[..., :half], rows), (x[..., half:], cols)):
+        ang = pos.double().to(x.device)[:, None] * freqs[None]                         # (T, E/4)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        a, b = part[..., 0::2], part[..., 1::2]                                         # (..., T, E/4) each
+        out.append(torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2))  # (..., T, E/2)
+    return torch.cat(out, -1)                                                          # (..., T, E)
 
 
 def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
@@ -221,21 +272,41 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, gate: bool = False):
         super().__init__()
         self.nh = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)       # fused k, v projection of the context
         self.proj = nn.Linear(dim, dim)
+        if gate:                                # ModelConfig.context_gate: one gate per head, 0 at init
+            self.gate = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, x, ctx, key_mask, record=None):
-        """x (B, N, D), ctx (B, M, D), key_mask (B, M) or None; ``record(weights)`` when capturing."""
+    def forward(self, x, ctx, key_mask, record=None, rope=None, gated=None):
+        """x (B, N, D), ctx (B, M, D), key_mask (B, M) or None; ``record(weights)`` when capturing;
+        ``rope`` = (token rows, cols (N,), patch rows, cols (P,), patch span (a, b)) for rotary
+        patch keys; ``gated`` (M,) bool: the keys the gate scales (all but text)."""
         q = _heads(self.q(x), self.nh)                                                  # (B, nh, N, hd)
         k, v = (_heads(z, self.nh) for z in self.kv(ctx).chunk(2, dim=-1))             # (B, nh, M, hd)
+        scale = None
+        if rope is not None:
+            # Patch keys scored against rotated queries, text and CLS keys against plain ones: one
+            # attention over [q | R q] . [k | 0] (text, CLS) and [0 | R k] (patches).
+            tr, tc, pr, pc, (a, b) = rope
+            scale = q.shape[-1] ** -0.5
+            is_patch = torch.zeros(k.shape[2], 1, dtype=k.dtype, device=k.device)
+            is_patch[a:b] = 1
+            k_rot = torch.zeros_like(k)
+            k_rot[:, :, a:b] = rope_2d(k[:, :, a:b], pr, pc)                            # (B, nh, P, hd)
+            q = torch.cat([q, rope_2d(q, tr, tc)], -1)                                 # (B, nh, N, 2hd)
+            k = torch.cat([k * (1 - is_patch), k_rot], -1)                             # (B, nh, M, 2hd)
+        gain = None
+        if gated is not None and hasattr(self, "gate"):
+            g = torch.where(self.gate >= 0, self.gate, -self.gate)                      # |gate|, d/dgate = 1 at 0
+            gain = torch.where(gated[None, :], g[:, None], torch.ones_like(g)[:, None])  # (nh, M)
         if record is None:
-            out = attend(q, k, v, key_mask)
+            out = attend(q, k, v, key_mask, key_gain=gain, scale=scale)
         else:
-            out, weights = attend(q, k, v, key_mask, return_weights=True)
+            out, weights = attend(q, k, v, key_mask, return_weights=True, key_gain=gain, scale=scale)
             record(weights)
         return self.proj(_merge(out))                                                  # (B, N, D)
 
@@ -250,22 +321,23 @@ class DiTBlock(nn.Module):
     """Self-attention -> one cross-attention over the context ([text | CLS | patches]) -> MLP, each pre-normed and
     modulated by adaLN with 6 parameters (shift/scale for each of the three) from CLS + t."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, gate: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads, gate)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, ctx, key_mask, record=None):
-        """x (B, N, D); c (B, D) = dino_proj(CLS) + t_emb; ctx (B, M, D); key_mask (B, M) or None."""
+    def forward(self, x, c, ctx, key_mask, record=None, rope=None, gated=None):
+        """x (B, N, D); c (B, D) = dino_proj(CLS) + t_emb; ctx (B, M, D); key_mask (B, M) or None;
+        ``rope``, ``gated``: see CrossAttention.forward."""
         sh_sa, sc_sa, sh_ca, sc_ca, sh_mlp, sc_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
         x = x + self.attn(modulate(self.norm1(x), sh_sa, sc_sa))
-        x = x + self.cross_attn(modulate(self.norm2(x), sh_ca, sc_ca), ctx, key_mask, record)
+        x = x + self.cross_attn(modulate(self.norm2(x), sh_ca, sc_ca), ctx, key_mask, record, rope, gated)
         x = x + self.mlp(modulate(self.norm3(x), sh_mlp, sc_mlp))
         return x                                                                       # (B, N, D)
 
@@ -308,7 +380,8 @@ class NanoDiT(nn.Module):
                 self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, D))
             if cfg.patch_tie:
                 self.dino_patch_tie = nn.Linear(cfg.dino_dim, D)    # its own projection, zero at init
-        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        gate = cfg.use_dino_patches and cfg.context_gate
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, gate) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, cfg.in_channels)
         self._pos_cache: dict = {}
         self._recorder = None          # set by nbcore.attention.capture; None = fused path
@@ -339,6 +412,15 @@ class NanoDiT(nn.Module):
             tie = tie.view(B, g, 1, g, 1, D).expand(B, g, h // g, g, w // g, D)        # (B, g, h/g, g, w/g, D)
             return tie.reshape(B, h * w, D)                                            # (B, N, D)
         return self._pos("cover", h, w, tie.device).to(tie.dtype) @ tie                # (1, N, P) @ (B, P, D) -> (B, N, D)
+
+    def _grid_coords(self, h: int, w: int, device):
+        """Rotary coordinates in image-token units: token rows, cols (N,) and patch-centre rows,
+        cols (P,) of the g x g grid over the h x w tokens (the frame of ``patch_grid_pos_embed``)."""
+        g = self.cfg.dino_grid
+        tr, tc = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+        centre = lambda n: (torch.arange(g, dtype=torch.float64) + 0.5) * n / g - 0.5
+        pr, pc = torch.meshgrid(centre(h), centre(w), indexing="ij")
+        return tuple(z.flatten().to(device) for z in (tr, tc, pr, pc))
 
     def forward(self, x, t, dino_emb, dino_patches, text_emb, text_mask,
                 drop_text=None, drop_dino=None):
@@ -387,6 +469,8 @@ class NanoDiT(nn.Module):
                 x = x + self._tie(dino_patches, h, w).to(x.dtype)                     # (B, N, D)
             if cfg.patch_context:
                 patches = self.dino_patch_proj(dino_patches)                           # (B, P, D)
+                if cfg.patch_norm:
+                    patches = F.layer_norm(patches, patches.shape[-1:], eps=1e-6)
                 if cfg.patch_pos_embed == "learned":
                     patches = patches + self.patch_pos.to(patches.dtype)
                 elif cfg.patch_pos_embed == "sincos":
@@ -399,11 +483,18 @@ class NanoDiT(nn.Module):
             key_mask = torch.cat([key_mask if s == "text" else key_mask.new_ones(B, parts[s].shape[1])
                                   for s in order], dim=1)                              # (B, M)
 
+        spans = cfg.context_spans(L)
+        rope = gated = None
+        if cfg.use_dino_patches and cfg.patch_context and cfg.patch_pos_embed == "rope":
+            rope = (*self._grid_coords(h, w, x.device), spans["patches"])
+        if cfg.use_dino_patches and cfg.context_gate:
+            gated = torch.ones(ctx.shape[1], dtype=torch.bool, device=x.device)
+            gated[slice(*spans["text"])] = False                                       # (M,) all but text
         rec = self._recorder
         if rec is not None:
-            rec.begin(t=t, spans=cfg.context_spans(L), key_mask=key_mask, grid=(h, w))
+            rec.begin(t=t, spans=spans, key_mask=key_mask, grid=(h, w))
         for i, block in enumerate(self.blocks):
-            x = block(x, c, ctx, key_mask, None if rec is None else rec.hook(i))
+            x = block(x, c, ctx, key_mask, None if rec is None else rec.hook(i), rope, gated)
         x = self.final_layer(x, c)                                                     # (B, N, p*p*C)
         x = x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)                         # (B, C, h, p, w, p)
         return x.reshape(B, C, H, W)                                                   # (B, C, H, W)
@@ -423,6 +514,8 @@ class NanoDiT(nn.Module):
             names += ["patch_pos"] if cfg.patch_pos_embed == "learned" else []
         if cfg.patch_tie:
             names += ["dino_patch_tie.bias", "dino_patch_tie.weight"]
+        if cfg.context_gate:
+            names += [f"blocks.{i}.cross_attn.gate" for i in range(cfg.depth)]
         return sorted(names)
 
 
@@ -493,24 +586,24 @@ def prepare_text(text_emb: torch.Tensor, text_mask: torch.Tensor | None, multipl
 PRESETS: dict[str, ModelConfig] = {
     # The seed plan's model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
     # DINOv3 1024-d with a 14x14 patch grid -> context 512 + 1 + 196 = 709.
-    "production": ModelConfig(),
+    "production": ModelConfig(patch_norm=True),
     # The shapes world on a 2-core CPU: 64 px images -> 12x32x32 latents (pixel codec), patch 2
     # (16x16 = 256 image tokens of 2*2*12 = 48 values each), captions <= 32 tokens, an 8x8 DINO
     # patch grid (context 32 + 1 + 64 = 97). Patch 4 (64 tokens of 192 values) was the first
     # choice: its final linear predicts 192 outputs from 96 dims, a rank bottleneck that kept the
     # loss near 0.74 where patch 2 reaches 0.14 in the same 1000 steps (README, research section).
     "tiny": ModelConfig(in_channels=12, input_size=32, patch_size=2, hidden_size=96, depth=3,
-                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8),
+                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8, patch_norm=True),
     # A cheaper CPU world (issue 16: cheaper steps, not shorter training): 32 px images -> 12x16x16
     # latents, patch 2 (8x8 = 64 image tokens of 48 values), a 4x4 DINO grid of 8 px patches
     # (context 32 + 1 + 16 = 49); each patch covers 2x2 image tokens.
     "micro": ModelConfig(in_channels=12, input_size=16, patch_size=2, hidden_size=96, depth=3,
-                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=4),
+                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=4, patch_norm=True),
     # The cpu profile's world: 24 px images -> 12x12x12 latents, patch 2 (6x6 = 36 image tokens of
     # 48 values), a 6x6 DINO grid of 4 px patches (one patch per image token; context 32 + 1 + 36).
     # A step costs 0.6x micro's and learns about as much per step (README, research section).
     "nano": ModelConfig(in_channels=12, input_size=12, patch_size=2, hidden_size=96, depth=3,
-                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=6),
+                        num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=6, patch_norm=True),
 }
 
 

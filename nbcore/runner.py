@@ -1,6 +1,6 @@
 """The papermill runner of the notebook suite, and its index.
 
-    python -m nbcore.runner run --profile smoke|cpu|cpu-coarse|cpu-long|gpu [--only N ...] [--name NAME]
+    python -m nbcore.runner run --profile smoke|cpu|cpu-fine|cpu-long|gpu [--only N ...] [--name NAME]
         [--params-yaml FILE] [-p key=value ...] [--device auto]
     python -m nbcore.runner list
 
@@ -258,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks in order into outputs/runs/<name>/")
     r.add_argument("--profile", required=True, choices=sorted(PROFILES),
-                   help="parameter profile: smoke (plumbing), cpu (README command 1), cpu-coarse (3x3 DINO grid), cpu-long (+ secondary arms), gpu")
+                   help="parameter profile: smoke (plumbing), cpu (README command 1: 3x3 DINO grid over 6x6 tokens), cpu-fine (6x6 over 6x6: the ceiling), cpu-long (+ secondary arms), gpu")
     r.add_argument("--only", nargs="+", metavar="N", help="notebook numbers or names (e.g. 3 4 or 03_training)")
     r.add_argument("--name", help="run folder name under outputs/runs (default: the profile)")
     r.add_argument("--params-yaml", metavar="FILE", help="YAML mapping of notebook parameters")

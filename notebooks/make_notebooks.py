@@ -20,7 +20,7 @@ from nbcore.experiment import Profile
 
 HERE = Path(__file__).resolve().parent
 
-COMMON = '''profile = "cpu"       # smoke | cpu | cpu-long | gpu (fields left None come from nbcore.experiment.PROFILES)
+COMMON = '''profile = "cpu"       # smoke | cpu | cpu-fine | cpu-long | gpu (fields left None come from nbcore.experiment.PROFILES)
 device = "auto"       # auto | cpu | cuda
 run_dir = None        # None: REPO/outputs/runs/PROFILE (the runner passes its run folder)
 seed = 0
@@ -38,7 +38,7 @@ warm_from = None      # baseline step the warm-started arms branch from
 milestone_every = None
 lr = None
 arms = None           # arm names (nbcore.experiment.HEADLINE_ARMS / SECONDARY_ARMS); the first is the baseline
-repeat_seeds = None   # seeds of the baseline and of the best patch arm
+seeds = None          # training seeds of every arm
 '''
 CTX_ARGS = ("profile", "device", "run_dir", "seed", "fail_check")
 
@@ -167,8 +167,8 @@ ctx.metrics["rows"] = rows'''),
 NB03 = nb([
     new_markdown_cell("# 03 · Training\n\nThe shapes world (made once per run folder) and every arm of the "
                       "experiment under one schedule (`nbcore.experiment`): the pre-patch baseline from scratch, "
-                      "the patch arms warm-started from the baseline's milestone at `warm_from`, a patch arm from "
-                      "scratch, and seed repeats of the baseline and of the best patch arm. Every arm gets the "
+                      "the patch arms warm-started from the same seed's baseline milestone at `warm_from`, patch arms "
+                      "from scratch, every arm with `seeds` training seeds. Every arm gets the "
                       "same number of optimiser steps. Runs go two at a time, one thread each; progress lines "
                       "also reach the runner's terminal."),
     *header("03_training", train=True),
@@ -182,7 +182,7 @@ print(data_dir, *val["txt"], sep="\\n")'''),
     new_markdown_cell("## Every arm, equal steps"),
     new_code_cell('''from nbcore.analysis import fmt
 summaries = ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
-arms = list(p.arms) + ex.repeats(p, ctx.run_dir)
+arms = ex.runs(p)
 for a in arms:
     sm = summaries[a.run]
     print(f"{a.run:24s} {a.init:8s} steps {sm['steps']:5d}  final loss {fmt(sm['final_loss'], 4)}  "
@@ -196,7 +196,7 @@ for a in arms:
 warm = [a for a in arms if a.init == "warm"]
 for a in warm:
     ev = [r for r in ex.load_train_log(ex.arm_dir(ctx.run_dir, a), kind="event") if r.get("event") == "warm_start"]
-    ctx.check(ev and not ev[-1]["mismatched"], f"{a.run}: warm start from the baseline at step {p.warm_from}",
+    ctx.check(ev and not ev[-1]["mismatched"], f"{a.run}: warm start from its seed's baseline at step {p.warm_from}",
               new=ev[-1]["new"] if ev else None)'''),
     new_markdown_cell("## Loss curves\nOn the shared axis of total optimiser steps (a warm arm starts at `warm_from`)."),
     new_code_cell('''logs = ex.loss_curves(p, ctx.run_dir, arms)
@@ -210,19 +210,20 @@ ctx.save(viz.plot_loss_by_bin(ctx.metrics["loss_by_bin"]), "loss_by_bin.png")'''
 # --------------------------------------------------------------------------- 04 routing
 
 NB04 = nb([
-    new_markdown_cell("# 04 · Attention routing\n\nOn the best patch arm (lowest reconstruction layout error): "
-                      "where each image token's cross-attention goes (text, CLS, patches) per block, head and "
-                      "timestep; whether an image token attends to its co-located patch, and how that changes "
-                      "over training; whether CLS is attended at all (seed risk 5)."),
+    new_markdown_cell("# 04 · Attention routing\n\nOn the best *context* arm (lowest reconstruction layout error "
+                      "among arms whose patches reach the image only through the cross-attention, so any placement "
+                      "must be routed there): where each image token's cross-attention goes (text, CLS, patches) "
+                      "per block, head and timestep; whether an image token attends to its co-located patch, per "
+                      "head and block and over training; whether CLS is attended at all."),
     *header("04_attention_routing", "routing_samples = None\nrouting_steps = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 from nbcore.sample import load_model
 ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
-best = ex.best_patch_arm(p, ctx.run_dir)
+best = ex.best_patch_arm(p, ctx.run_dir, context_only=True) or ex.best_patch_arm(p, ctx.run_dir)
 ckpts = ex.checkpoints(ctx.run_dir, best)
 model = load_model(ckpts[-1][1], use_ema=True, device=ctx.device)
 cfg = model.cfg
-print("best patch arm:", best.run, "checkpoint step", ckpts[-1][0], "context", cfg.context_order)
+print("best context arm:", best.run, "checkpoint step", ckpts[-1][0], "context", cfg.context_order)
 ctx.metrics["arm"] = best.run
 batch = suite.load_val_batch(ctx.run_dir / "data", p.routing_samples, device=ctx.device)
 z, rec = analysis.capture_sampling(model, batch, steps=p.routing_steps, seed=ctx.seed)
@@ -283,21 +284,17 @@ NB05 = nb([
             "dino_scale = None\npatch_scales = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
-arms = list(p.arms) + ex.repeats(p, ctx.run_dir)
+arms = ex.runs(p)
 print("arms:", [a.run for a in arms])'''),
     new_markdown_cell("## Curves: layout error against total optimiser steps\nGuidance off, `curve_scenes` "
-                      "scenes, EMA weights of every milestone; the band is the 95% interval. An arm has "
-                      "plateaued when its last two milestones' intervals overlap."),
+                      "scenes, EMA weights of every milestone; the band is the 95% interval. The plateau test "
+                      "comes with the final evaluation below (paired, on `final_scenes` scenes)."),
     new_code_cell('''curves = ex.curves(p, ctx.run_dir, arms, ctx.device)
 for mode in ("recon", "textonly"):
     ctx.save(viz.plot_ci_curves(curves, mode, "layout_error", title=f"{mode}: layout error (guidance off)"),
              f"curve_{mode}_layout_error.png")
 ctx.save(viz.plot_ci_curves(curves, "recon", "shape_recall", title="recon: shape recall (guidance off)"), "curve_recon_recall.png")
-plateaus = {a.run: ex.plateau(curves[a.run]) for a in arms}
-for run, pl in plateaus.items():
-    print(f"{run:24s} plateau {pl['plateau']}  {pl.get('values')}  {pl.get('intervals')}")
-ctx.metrics["curves"] = curves
-ctx.metrics["plateau"] = plateaus'''),
+ctx.metrics["curves"] = curves'''),
     new_markdown_cell("## Final evaluation: calibration rows and every arm"),
     new_code_cell('''res = ex.evaluate(p, ctx.run_dir, arms, ctx.device)
 for metric in ex.LAYOUT_METRICS:
@@ -310,17 +307,23 @@ ctx.save(viz.plot_ci_bars(res, "layout_error"), "final_layout_error.png")
 swap = {row: res["rows"][row]["on"]["swap_dino"]["layout_error"]["mean"] for row in res["rows"]}
 print("\\nDINO swap (guidance on): layout error against the DINO source's scene", {k: analysis.fmt(v) for k, v in swap.items()})
 ctx.metrics["eval"] = res
+plateaus = {a.run: ex.plateau(res, a.run) for a in arms}
+for run, pl in plateaus.items():
+    print(f"{run:28s} last-step change {ex._d(pl['diff']) if 'diff' in pl else pl.get('why')}  "
+          f"{'still improving (a floor)' if pl['still_improving'] else 'plateau'}")
+ctx.metrics["plateau"] = plateaus
 ctx.check(res["rows"]["oracle"]["on"]["recon"]["layout_error"]["mean"] < 0.02, "oracle row is near 0 (the metric's ceiling)")
 ctx.check(res["rows"]["layout_blind"]["on"]["recon"]["layout_error"]["mean"] > 0.2, "layout-blind row is far from 0")'''),
-    new_markdown_cell("## Seeds\nThe baseline and the best patch arm repeated with other seeds: the spread beside the intervals."),
+    new_markdown_cell("## Seeds\nEvery arm with every seed, each against its own seed's baseline: the seed-to-seed "
+                      "spread beside the intervals over scenes."),
     new_code_cell('''best = ex.best_patch_arm(p, ctx.run_dir)
-print(f"best patch arm now: {best.run}; repeated with more seeds: {p.repeat_arm or best.run}")
 ctx.metrics["best_patch_arm"] = best.run
-for a in arms:
-    if a.seed or any(b.name == a.name and b.seed for b in arms):
-        r = res["rows"][a.run]
-        print(f"{a.run:26s} recon {ex._ci(r['off']['recon']['layout_error'])}  text-only {ex._ci(r['on']['textonly']['layout_error'])}")'''),
-    new_markdown_cell("## Separate patch guidance scale (open question 3)\nNested guidance with the CLS-only "
+for arm, seeds_ in ex.seed_groups(res).items():
+    for run in seeds_:
+        r, d = res["rows"][run]["on"], res["diffs"].get(run)
+        diff = f"  recon - baseline {ex._d(d['on']['recon']['layout_error'])}" if d else ""
+        print(f"{run:28s} recon {ex._ci(r['recon']['layout_error'])}  text-only {ex._ci(r['textonly']['layout_error'])}{diff}")'''),
+    new_markdown_cell("## Separate patch guidance scale\nNested guidance with the CLS-only "
                       "branch: `v_u + s_d (v_cls - v_u) + s_p (v_dino - v_cls) + s_t (v_full - v_dino)`. Caveat: "
                       "(real CLS, null patches) never occurs in training with the default dropout."),
     new_code_cell('''if "patches" in p.model_config(best).context_order or p.model_config(best).patch_tie:
@@ -332,10 +335,6 @@ for a in arms:
     new_code_cell('''sentences = ex.conclusions(res)
 for line in sentences:
     print("-", line)
-not_flat = [run for run, pl in plateaus.items() if not pl["plateau"]]
-if not_flat:
-    sentences.append(f"Not at a plateau (last two milestones disagree): {', '.join(not_flat)}; their numbers may still move.")
-    print("-", sentences[-1])
 ctx.metrics["conclusions"] = sentences
 ctx.check(len(sentences) >= 1, "the notebook states what the numbers support")'''),
     new_code_cell("ctx.finish()"),

@@ -63,7 +63,7 @@ CHOICES = {
                      "--warm-start-weights": {"model", "ema"}},
     "nbcore.validate": {"--formula": {"independent", "nested"}, "--split": {"val", "train"}},
     "nbcore.bench": {"--preset": {"auto", "tiny", "production"}, "--dtype": {"auto", "fp32", "bf16"}},
-    "nbcore.runner": {"run --profile": {"smoke", "cpu", "cpu-coarse", "cpu-long", "gpu"}},
+    "nbcore.runner": {"run --profile": {"smoke", "cpu", "cpu-fine", "cpu-long", "gpu"}},
     "nbcore.encoders": {"precompute --dtype": {"float32", "float16", "bfloat16"}},
 }
 REQUIRED = {

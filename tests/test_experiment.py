@@ -1,5 +1,5 @@
-"""nbcore.experiment: the schedule gives every arm equal steps, the plateau rule, and the
-conclusions say only what the intervals support."""
+"""nbcore.experiment: the schedule gives every arm equal steps and its own seed's baseline, the
+plateau test, and the conclusions say only what every seed's interval supports."""
 import json
 from dataclasses import replace
 
@@ -17,6 +17,8 @@ def test_every_arm_gets_the_same_optimiser_steps(name, tmp_path):
         assert total == p.steps, arm
         if arm.init == "warm":
             assert cfg.warm_start.endswith(f"baseline/ckpt/step_{p.warm_from:06d}.pt")
+            seeded = ex.train_config(p, replace(arm, seed=1), tmp_path)   # its own seed's baseline
+            assert seeded.warm_start.endswith(f"baseline-seed1/ckpt/step_{p.warm_from:06d}.pt") and seeded.seed == 1
             assert cfg.warm_start_lr_scale == 1.0 and cfg.schedule == "constant"
         else:
             assert cfg.warm_start == ""
@@ -38,20 +40,30 @@ def _ci(mean, lo, hi):
     return {"mean": mean, "lo": lo, "hi": hi, "n": 64}
 
 
-def test_plateau_is_interval_overlap():
-    rec = lambda step, m, lo, hi: {"step": step, "recon": {"layout_error": _ci(m, lo, hi)}}
-    assert ex.plateau([rec(1, 0.30, 0.25, 0.35), rec(2, 0.28, 0.22, 0.33)])["plateau"]
-    assert not ex.plateau([rec(1, 0.40, 0.36, 0.44), rec(2, 0.28, 0.22, 0.33)])["plateau"]
-    assert not ex.plateau([rec(1, 0.40, 0.36, 0.44)])["plateau"]
+def test_runs_cover_every_arm_and_seed():
+    p = replace(ex.PROFILES["cpu"], seeds=3)
+    got = [a.run for a in ex.runs(p)]
+    assert len(got) == 3 * len(p.arms) and len(set(got)) == len(got)
+    assert "baseline" in got and "baseline-seed2" in got and "tied+context-seed1" in got
 
 
-def _res(base_text, arm_diff):
-    """A minimal evaluate() result: calibration rows, a baseline and one arm."""
+def test_plateau_test_is_a_paired_difference_that_can_fail():
+    res = lambda lo, hi: {"plateau": {"a": {"steps": [2100, 2400], "layout_error": _ci((lo + hi) / 2, lo, hi)}}}
+    assert ex.plateau(res(-0.01, 0.01), "a")["plateau"]                      # no paired change: a plateau
+    still = ex.plateau(res(-0.03, -0.01), "a")                               # still falling: a floor
+    assert not still["plateau"] and still["still_improving"]
+    assert not ex.plateau(res(-0.01, 0.01), "b")["plateau"]                  # one milestone: no test
+
+
+def _res(base_text, arm_diff, seed1_diff=None):
+    """A minimal evaluate() result: calibration rows, a baseline and one arm, with two seeds when
+    ``seed1_diff`` is given."""
     row = lambda m: {g: {mode: {"layout_error": _ci(m, m - 0.01, m + 0.01)} for mode in ex.MODES} for g in ("off", "on")}
-    rows = {"untrained": row(0.52), "layout_blind": row(0.35), "oracle": row(0.0), "baseline": row(base_text),
-            "arm": row(base_text)}
-    d = {g: {m: {"layout_error": _ci(*arm_diff)} for m in ("recon", "textonly")} for g in ("off", "on")}
-    return {"rows": rows, "diffs": {"arm": d}}
+    diff = lambda c: {g: {m: {"layout_error": _ci(*c)} for m in ("recon", "textonly", "dinoonly")} for g in ("off", "on")}
+    runs = ["baseline", "arm"] + (["baseline-seed1", "arm-seed1"] if seed1_diff else [])
+    rows = {"untrained": row(0.52), "layout_blind": row(0.35), "oracle": row(0.0), **{r: row(base_text) for r in runs}}
+    diffs = {"arm": diff(arm_diff), **({"arm-seed1": diff(seed1_diff)} if seed1_diff else {})}
+    return {"rows": rows, "diffs": diffs, "settings": {"arms": runs}}
 
 
 def test_conclusions_gate_on_the_baseline_learning_text_layout():
@@ -62,17 +74,25 @@ def test_conclusions_gate_on_the_baseline_learning_text_layout():
 def test_conclusions_follow_the_interval():
     better = ex.conclusions(_res(0.15, (-0.10, -0.12, -0.08)))
     assert "learned text layout" in better[0]
-    assert "reconstruction lower (better), guidance off" in better[1]
+    assert "reconstruction, guidance off: lower in every seed" in better[1]
     unclear = ex.conclusions(_res(0.15, (-0.01, -0.05, 0.03)))
-    assert "not distinguishable" in unclear[1] and "better" not in unclear[1]
+    assert "not established" in unclear[1] and "lower" not in unclear[1]
     worse = ex.conclusions(_res(0.15, (0.05, 0.02, 0.08)))
-    assert "higher (worse)" in worse[1]
+    assert "higher in every seed" in worse[1]
+
+
+def test_an_effect_is_stated_only_when_every_seed_agrees():
+    both = ex.conclusions(_res(0.15, (-0.10, -0.12, -0.08), (-0.06, -0.09, -0.03)))
+    assert "paired, 2 seeds)" in both[1] and "reconstruction, guidance on: lower in every seed" in both[1]
+    one = ex.conclusions(_res(0.15, (-0.10, -0.12, -0.08), (-0.01, -0.04, 0.02)))
+    assert "reconstruction, guidance on: not established" in one[1] and "lower in every seed" not in one[1]
+    assert "-0.100 [-0.120, -0.080]; -0.010 [-0.040, +0.020]" in one[1]    # both seeds shown
 
 
 def test_unfinished_arm_is_resumed_not_deleted(tmp_path, monkeypatch):
     """A run interrupted mid-training (arm.json without a summary, same settings) is handed to
     train() again with resume="auto" instead of being deleted; other settings start clean."""
-    p = replace(ex.PROFILES["smoke"], arms=(ex.BASELINE,), repeat_seeds=1, workers=1)
+    p = replace(ex.PROFILES["smoke"], arms=(ex.BASELINE,), seeds=1, workers=1)
     seen = []
 
     def fake_train(cfg):
