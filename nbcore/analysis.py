@@ -25,11 +25,11 @@ def fmt(v, digits: int = 3) -> str:
 
 
 @torch.no_grad()
-def capture_sampling(model, cond: dict, steps: int, seed: int = 0):
+def capture_sampling(model, cond: dict, steps: int, seed: int = 0, per_head: bool = False):
     """Run the Euler sampler (no guidance: the full-conditional branch) with routing capture on.
     cond: dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt), text_mask (B, L), on the model's
     device. Returns (latents (B, C, H, W), recorder with F = steps forwards)."""
-    with capture(model) as rec:
+    with capture(model, per_head=per_head) as rec:
         z = sample(model, dino_emb=cond["dino_emb"], dino_patches=cond.get("dino_patches"),
                    text_emb=cond["text_emb"], text_mask=cond.get("text_mask"), steps=steps, seed=seed)
     return z, rec
@@ -111,6 +111,15 @@ def cls_use(checkpoints: list, cond: dict, device, t_values=(0.25, 0.5, 0.75)) -
     return out
 
 
+def locality_per_head(maps: torch.Tensor, grid: tuple[int, int], g: int) -> torch.Tensor:
+    """maps (F, depth, B, nh, N, P) per-head patch maps (``capture(per_head=True)``) -> (depth, nh)
+    co-located share / uniform (``patch_locality``'s ratio) of every block and head: a local head
+    shows up here even when the head average (``patch_maps`` default) hides it."""
+    depth, nh = maps.shape[1], maps.shape[3]
+    return torch.tensor([[patch_locality(maps[:, d, :, hd], grid, g)["ratio"] for hd in range(nh)]
+                         for d in range(depth)])                                        # (depth, nh)
+
+
 def locality_over_training(checkpoints: list, cond: dict, steps: int, device, seed: int = 0) -> list[dict]:
     """Does an image token attend to its co-located patch, and since when? For each milestone
     ``(step, path)``: ``patch_locality`` of the patch maps captured along a sampling trajectory
@@ -120,9 +129,11 @@ def locality_over_training(checkpoints: list, cond: dict, steps: int, device, se
     for step, path in checkpoints:
         model = load_model(path, use_ema=True, device=device)
         c = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
-        _, rec = capture_sampling(model, c, steps=steps, seed=seed)
+        _, rec = capture_sampling(model, c, steps=steps, seed=seed, per_head=True)
         h = model.cfg.input_size // model.cfg.patch_size
-        out.append({"step": int(step), **patch_locality(rec.patch_maps, (h, h), model.cfg.dino_grid)})
+        heads = locality_per_head(rec.patch_maps, (h, h), model.cfg.dino_grid)          # (depth, nh)
+        out.append({"step": int(step), **patch_locality(rec.patch_maps, (h, h), model.cfg.dino_grid),
+                    "max_head_ratio": float(heads.max()), "per_head": heads.tolist()})
     return out
 
 
@@ -257,3 +268,25 @@ def criteria_figure(rows: list[dict], title: str = "success criteria"):
         ax.text(0.62, y, "\n".join(ev), fontsize=7.5, va="top")
         y -= (n + 1.6) * step
     return fig
+
+
+@torch.no_grad()
+def patch_token_norms(model, dino_patches: torch.Tensor) -> dict:
+    """How much of a context patch key is content and how much position, for ``model``'s patch path
+    on real data: dino_patches (B, P, Dd) as the model sees them (normalised with the data's stats).
+
+    Returns the per-token L2 norm of the projected content without and with ``patch_norm`` (10th,
+    50th, 90th percentile and max over every patch of the batch), the norm of the sin-cos position
+    table added to it, and how distinguishable neighbouring positions are (1 - the cosine of two
+    adjacent positions' embeddings). A content norm far above the position norm drowns the position."""
+    cfg = model.cfg
+    proj = model.dino_patch_proj(dino_patches.to(model.dino_patch_proj.weight.dtype)).float()   # (B, P, D)
+    normed = torch.nn.functional.layer_norm(proj, proj.shape[-1:], eps=1e-6)
+    h = w = cfg.input_size // cfg.patch_size
+    pos = model._pos("patch", h, w, proj.device)[0].float()                            # (P, D)
+    q = lambda x: {k: float(v) for k, v in zip(("p10", "p50", "p90"), torch.quantile(x, torch.tensor([0.1, 0.5, 0.9])))}
+    stats = lambda x: {**q(x.norm(dim=-1).flatten()), "max": float(x.norm(dim=-1).max())}
+    g = cfg.dino_grid
+    cos = torch.nn.functional.cosine_similarity(pos.view(g, g, -1)[:, :-1], pos.view(g, g, -1)[:, 1:], dim=-1)
+    return {"content": stats(proj), "content_normed": stats(normed), "position": float(pos.norm(dim=-1).mean()),
+            "neighbour_distinct": float(1 - cos.mean()), "patch_norm": cfg.patch_norm}

@@ -4,6 +4,7 @@
         model(x, t, ...)                      # any number of forwards (e.g. a whole sampling run)
     rec.mass          # (F, depth, B, nh, N, 3) mass on [text, CLS, patches] per forward, block, head, token
     rec.patch_maps    # (F, depth, B, N, P) head-averaged attention of each image token over the patches
+                      # (F, depth, B, nh, N, P) per head with capture(model, per_head=True)
     rec.t             # (F, B) timestep of each forward
 
 F forwards, N image tokens, P patches. The masses of a token sum to 1 (padding gets 0, so text mass
@@ -25,8 +26,9 @@ SOURCES = ("text", "cls", "patches")
 
 
 class RoutingRecorder:
-    def __init__(self, keep_maps: bool = True, dtype=torch.float32):
+    def __init__(self, keep_maps: bool = True, dtype=torch.float32, per_head: bool = False):
         self.keep_maps = keep_maps
+        self.per_head = per_head
         self.dtype = dtype
         self._mass: list[list[torch.Tensor]] = []      # per forward: per block (B, nh, N, 3)
         self._maps: list[list[torch.Tensor]] = []      # per forward: per block (B, N, P)
@@ -50,7 +52,8 @@ class RoutingRecorder:
             self._mass[-1].append(torch.stack(mass, -1).to(self.dtype).cpu())          # (B, nh, N, 3)
             a, b = self.spans["patches"]
             if self.keep_maps and b > a:
-                self._maps[-1].append(w[..., a:b].mean(1).to(self.dtype).cpu())        # (B, N, P)
+                maps = w[..., a:b] if self.per_head else w[..., a:b].mean(1)            # (B, nh, N, P) | (B, N, P)
+                self._maps[-1].append(maps.to(self.dtype).cpu())
         return record
 
     # -- results
@@ -61,7 +64,8 @@ class RoutingRecorder:
 
     @property
     def patch_maps(self) -> torch.Tensor:
-        """(F, depth, B, N, P): head-averaged attention over the patches (empty without patches)."""
+        """(F, depth, B, N, P): head-averaged attention over the patches, (F, depth, B, nh, N, P) with
+        ``per_head`` (empty without patches)."""
         if not self._maps or not self._maps[0]:
             return torch.empty(0)
         return torch.stack([torch.stack(m) for m in self._maps])
@@ -81,11 +85,12 @@ class RoutingRecorder:
 
 
 @contextmanager
-def capture(model, keep_maps: bool = True):
-    """Record attention routing of ``model`` (a NanoDiT) for every forward inside the block."""
+def capture(model, keep_maps: bool = True, per_head: bool = False):
+    """Record attention routing of ``model`` (a NanoDiT) for every forward inside the block;
+    ``per_head`` keeps the patch maps of every head instead of their mean."""
     if getattr(model, "_recorder", None) is not None:
         raise RuntimeError("a routing capture is already active on this model")
-    rec = RoutingRecorder(keep_maps=keep_maps)
+    rec = RoutingRecorder(keep_maps=keep_maps, per_head=per_head)
     model._recorder = rec
     try:
         yield rec

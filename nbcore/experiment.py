@@ -666,3 +666,42 @@ def conclusions(res: dict, baseline: str = "baseline", metric: str = "layout_err
     elif res.get("plateau"):
         out.append("Every run passes the plateau test (no paired improvement between its last two milestones).")
     return out
+
+
+# --------------------------------------------------------------------------- pictures
+
+def pictures(p: Profile, run_dir, arms: list[Arm], n: int = 8, device: str = "cpu", mode: str = "recon") -> dict:
+    """What each arm draws: the first ``n`` validation scenes, one shared noise draw, guidance on,
+    ``mode`` (recon | textonly | dinoonly) at each run's last milestone. Returns {"source" (n, 3, S, S),
+    "captions", "rows": {run: images (n, 3, S, S)}}."""
+    ev = Evaluator(p, run_dir, n, device)
+    rows = {}
+    for arm in arms:
+        model, _ = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
+        rows[arm.run] = ev.generate(model, mode, p.guidance)
+    return {"source": ev.source, "captions": list(ev.batch["txt"]), "rows": rows}
+
+
+def pictures_over_training(p: Profile, run_dir, arm: Arm, n: int = 8, device: str = "cpu") -> dict:
+    """The same scenes and noise as ``pictures`` at every milestone of one run (guidance on, recon):
+    {"source", "captions", "rows": {"step S": images}} on the shared axis of total optimiser steps."""
+    ev = Evaluator(p, run_dir, n, device)
+    rows = {}
+    for step, path in checkpoints(run_dir, arm):
+        model, _ = load_model_with_info(path, device=device)
+        rows[f"step {step}"] = ev.generate(model, "recon", p.guidance)
+    return {"source": ev.source, "captions": list(ev.batch["txt"]), "rows": rows}
+
+
+def worst_scenes(p: Profile, run_dir, arm: Arm, k: int = 8, device: str = "cpu") -> dict:
+    """The ``k`` scenes of ``final_scenes`` where ``arm`` (last milestone, recon, guidance on) has
+    its highest layout error, beside their sources: {"source", "captions", "rows": {run: images},
+    "errors": [...]} (highest first)."""
+    ev = Evaluator(p, run_dir, p.final_scenes, device)
+    model, _ = load_model_with_info(checkpoints(run_dir, arm)[-1][1], device=device)
+    images = ev.generate(model, "recon", p.guidance)
+    err, valid = ev.score(images)["layout_error"]
+    err = np.where(valid, err, -np.inf)
+    idx = np.argsort(-err, kind="stable")[:k]
+    return {"source": ev.source[idx], "captions": [f"{ev.batch['txt'][i]} (error {err[i]:.2f})" for i in idx],
+            "rows": {arm.run: images[idx]}, "errors": err[idx].tolist()}

@@ -38,6 +38,7 @@ import papermill as pm
 import yaml
 from tqdm.auto import tqdm
 
+from . import report
 from .experiment import PROFILES
 from .utils import repo_root, write_json
 
@@ -200,7 +201,8 @@ def run_suite(profile: str, only: list[str] | None = None, name: str | None = No
             old = {}
     entries = {k: v for k, v in old.items() if k not in selected}
     meta = {"name": name or profile, "profile": profile, "device": device, "params": params,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "notebooks": selected}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "notebooks": selected,
+            **report.provenance(root)}
     t_run = time.perf_counter()
     status = 0
     bar = tqdm(selected, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
@@ -269,11 +271,38 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
     r.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: none)")
     sub.add_parser("list", help="list the notebooks and the profiles' parameters")
+    rp = sub.add_parser("report", help="copy a finished run's results into docs/results/<name> and write README's "
+                                       "research section from them")
+    rp.add_argument("run", help="the run folder (outputs/runs/<name>), holding eval.json and run.json")
+    rp.add_argument("--to", help="results folder to write (default docs/results/<run folder name>)")
+    rp.add_argument("--readme", default=None, help="README to update (default the repository's README.md; "
+                                                   "'-' prints the section instead)")
     return ap
+
+
+def _report(args) -> int:
+    run = Path(args.run)
+    missing = [f for f in ("eval.json", "run.json") if not (run / f).is_file()]
+    if missing:
+        raise SystemExit(f"nbcore.runner report: {run} lacks {', '.join(missing)} (run the suite through notebook 05 first)")
+    root = repo_root(Path(__file__).parent).resolve()
+    dest = (Path(args.to) if args.to else root / "docs" / "results" / run.name).resolve()
+    report.collect(run, dest)
+    link = dest.relative_to(root).as_posix() if dest.is_relative_to(root) else dest.as_posix()
+    section = report.research_section(dest, link=link)
+    if args.readme == "-":
+        print(section)
+        return 0
+    readme = Path(args.readme) if args.readme else root / "README.md"
+    changed = report.update_readme(readme, section)
+    print(f"nbcore.runner report: {dest} written; {readme} {'updated' if changed else 'already up to date'}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "report":
+        return _report(args)
     if args.cmd == "list":
         for nb in NOTEBOOKS:
             print(nb)

@@ -260,3 +260,42 @@ def plot_table(rows: list[dict], title: str = ""):
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- experiment figures
+
+def plot_head_heatmap(values, title: str, label: str, reference: float | None = 1.0):
+    """values (depth, nh) per block and head, e.g. the co-located patch share / uniform; the colour
+    scale starts at ``reference`` (uniform attention) when given, so "no locality" is the palest."""
+    v = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * v.shape[1], 0.9 + 0.6 * v.shape[0]))
+    im = ax.imshow(v, cmap="viridis", vmin=reference if reference is not None else v.min(), aspect="auto")
+    for (i, j), x in np.ndenumerate(v):
+        ax.text(j, i, f"{x:.1f}", ha="center", va="center", color="w" if x < v.max() * 0.6 else "k", fontsize=8)
+    ax.set_xticks(range(v.shape[1]), [f"head {j}" for j in range(v.shape[1])])
+    ax.set_yticks(range(v.shape[0]), [f"block {i}" for i in range(v.shape[0])])
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(images: dict[str, torch.Tensor], sources: torch.Tensor, captions: list[str], title: str,
+                size: float = 1.1):
+    """Rows: the source images, then one row per model (name -> images (n, 3, S, S)), the same
+    scenes in the same columns (shared noise); column titles are the captions."""
+    rows = {"source": sources, **images}
+    n = sources.shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.6, size * len(rows) + 0.8), squeeze=False)
+    for i, (name, ims) in enumerate(rows.items()):
+        for j in range(n):
+            ax = axes[i, j]
+            ax.imshow(_img(ims[j]))
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+            if i == 0:
+                ax.set_title(textwrap.fill(captions[j], 18), fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

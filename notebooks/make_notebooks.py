@@ -124,6 +124,30 @@ for r in modes["table"]:
     print(r)
 ctx.check(all(r["dropped input has no influence"] for r in modes["table"]), "each CFG mode ignores what it drops")
 ctx.check(modes["distinct"], "the four modes give four different outputs (perturbed tiny model)")'''),
+    new_markdown_cell("## Content against position in a context patch key\nOn this run's data (normalised with its "
+                      "`stats.json`), through a patch arm's projection at initialisation: the norm of the projected "
+                      "content of each patch without and with `patch_norm` (percentiles over every patch of 64 "
+                      "validation scenes), against the norm of the sin-cos position added to it. A content norm far "
+                      "above the position's drowns the position; `patch_norm` gives every patch the norm sqrt(D)."),
+    new_code_cell('''import torch
+from nbcore import analysis
+from nbcore.model import NanoDiT
+data_dir = ex.ensure_data(p, ctx.run_dir, ctx.seed)
+val = suite.load_val_batch(data_dir, 64)
+torch.manual_seed(0)
+arm_cfg = p.model_config(ex.Arm("patch-sincos", {"patch_pos_embed": "sincos"}))
+norms = analysis.patch_token_norms(NanoDiT(arm_cfg), val["dino_patches"])
+rows = [{"what": "content, raw projection", **{k: f"{v:.2f}" for k, v in norms["content"].items()}},
+        {"what": "content, patch_norm", **{k: f"{v:.2f}" for k, v in norms["content_normed"].items()}},
+        {"what": "sin-cos position", "p10": "", "p50": f"{norms['position']:.2f}", "p90": "", "max": ""}]
+ctx.save(viz.plot_table(rows, title=f"context patch key: content vs position norm (D={arm_cfg.hidden_size}, {p.name} data)"),
+         "patch_content_vs_position.png")
+for r in rows:
+    print(r)
+print(f"adjacent positions: 1 - cosine = {norms['neighbour_distinct']:.3f}")
+ctx.metrics["patch_token_norms"] = norms
+ctx.check(abs(norms["content_normed"]["p50"] - arm_cfg.hidden_size ** 0.5) < 0.01 * arm_cfg.hidden_size ** 0.5,
+          "patch_norm gives every context patch the content norm sqrt(D)")'''),
     new_markdown_cell("## A production-size forward (B = 1)"),
     new_code_cell('''from nbcore.checks import production_forward as prod_fwd
 run_prod = production_forward if production_forward is not None else p.name != "smoke"
@@ -254,8 +278,14 @@ if has_maps:
                              ["mass"]), "mass_over_training.png")
     ctx.metrics["mass_over_training"] = over
     loc_over = analysis.locality_over_training(ckpts, batch, p.routing_steps, ctx.device, seed=ctx.seed)
-    ctx.save(viz.plot_curves({"co-located patch share / uniform": [{"step": r["step"], "ratio": r["ratio"]} for r in loc_over]},
+    ctx.save(viz.plot_curves({"head average": [{"step": r["step"], "ratio": r["ratio"]} for r in loc_over],
+                              "most local head": [{"step": r["step"], "ratio": r["max_head_ratio"]} for r in loc_over]},
                              ["ratio"]), "locality_over_training.png")
+    last = loc_over[-1]
+    ctx.save(viz.plot_head_heatmap(last["per_head"], f"{best.run}, step {last['step']}: co-located patch share / uniform",
+                                   "share / uniform (1 = position-blind)"), "locality_per_head.png")
+    print(f"most local head at step {last['step']}: {last['max_head_ratio']:.2f} x uniform (head average {last['ratio']:.2f})")
+    ctx.metrics["locality_max_head"] = last["max_head_ratio"]
     print("co-located share / uniform over training:", [(r["step"], round(r["ratio"], 2)) for r in loc_over])
     ctx.metrics["locality_over_training"] = loc_over
     M = batch["text_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
@@ -331,6 +361,21 @@ for arm, seeds_ in ex.seed_groups(res).items():
     for r in sweep:
         print(f"{best.run} patch scale {r['patch_scale']:.1f}: layout error {ex._ci(r['layout_error'])}, recall {ex._ci(r['shape_recall'])}")
     ctx.metrics["patch_scale_sweep"] = {"arm": best.run, "rows": sweep}'''),
+    new_markdown_cell("## What each arm draws\nThe first 8 validation scenes, one shared noise draw, guidance on "
+                      "(reconstruction), every run at its last milestone; then the same scenes over the milestones "
+                      "of the baseline and of the best patch arm; then the best arm's worst-scoring scenes beside "
+                      "their sources."),
+    new_code_cell('''pics = ex.pictures(p, ctx.run_dir, arms, n=8, device=ctx.device)
+ctx.save(viz.sample_grid(pics["rows"], pics["source"], pics["captions"],
+                         f"reconstruction, guidance on (text {p.text_scale} / DINO {p.dino_scale}), step {p.steps}, shared noise"),
+         "samples_by_arm.png")
+for a in (ex.BASELINE, best):
+    over = ex.pictures_over_training(p, ctx.run_dir, a, n=8, device=ctx.device)
+    ctx.save(viz.sample_grid(over["rows"], over["source"], over["captions"], f"{a.run}: reconstruction over training (guidance on)"),
+             f"samples_over_training_{a.run}.png")
+worst = ex.worst_scenes(p, ctx.run_dir, best, k=8, device=ctx.device)
+ctx.save(viz.sample_grid(worst["rows"], worst["source"], worst["captions"],
+                         f"{best.run}: its 8 worst scenes of {p.final_scenes} (layout error, guidance on)"), "worst_scenes.png")'''),
     new_markdown_cell("## What the numbers say"),
     new_code_cell('''sentences = ex.conclusions(res)
 for line in sentences:

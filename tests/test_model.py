@@ -653,3 +653,102 @@ def test_routing_masses_against_a_hand_computed_reference(arm_name):
         assert (rec.mass[..., 1] == 0).all()
     else:
         assert (rec.mass[..., 1] > 0).all()
+
+
+# ----------------------------------------------------------------------------- patch norm, gate, rotary positions
+
+def test_patch_norm_gives_every_context_patch_the_same_content_norm():
+    cfg = replace(TINY, patch_pos_embed="none", patch_norm=True)
+    model = make_model(cfg)
+    inp = make_inputs(cfg)
+    inp["dino_patches"][:, :5] *= 30                                   # a few loud patches
+    seen = []
+    hook = model.blocks[0].cross_attn.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    with torch.no_grad():
+        model(**inp)
+    hook.remove()
+    a, b = cfg.context_spans(inp["text_emb"].shape[1])["patches"]
+    norms = seen[0][:, a:b].norm(dim=-1)                               # (B, P)
+    torch.testing.assert_close(norms, torch.full_like(norms, cfg.hidden_size ** 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_a_config_saved_before_patch_norm_keeps_its_architecture():
+    old = {k: v for k, v in TINY.to_dict().items() if k not in ("patch_norm", "context_gate")}
+    assert ModelConfig(**old).patch_norm is False and ModelConfig(**old).context_gate is False
+    assert all(p.patch_norm for p in PRESETS.values())                 # new models normalise
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+def test_gated_warm_start_is_exactly_the_prepatch_function_at_step_0(pos):
+    """With ``context_gate`` the new keys (CLS, patches) get weight 0 at init: a warm start from the
+    pre-patch model gives its outputs; the gate still receives a gradient there."""
+    base = make_model(replace(TINY, use_dino_patches=False))
+    cfg = replace(TINY, patch_pos_embed=pos, context_gate=True)
+    torch.manual_seed(3)
+    model = NanoDiT(cfg)
+    report = load_warm_start(model, base.state_dict())
+    assert sorted(report["new"]) == model.new_parameter_names()
+    assert all(f"blocks.{i}.cross_attn.gate" in report["new"] for i in range(cfg.depth))
+    inp = make_inputs(cfg, lengths=[5, 32])
+    with torch.no_grad():
+        want = base(**{**inp, "dino_patches": None})
+    got = model(**inp)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    gate_grads = torch.stack([b.cross_attn.gate.grad for b in model.blocks])          # (depth, nh)
+    assert gate_grads.abs().sum() > 0 and torch.isfinite(gate_grads).all()
+
+
+def test_key_gain_equals_removing_the_keys_and_scaling_their_weights():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    gain = torch.ones(3, 7)
+    gain[:, 4:] = 0
+    torch.testing.assert_close(attend(q, k, v, key_gain=gain), attend(q, k[:, :, :4], v[:, :, :4]), atol=1e-6, rtol=1e-5)
+    gain[:, 4:] = 2.0   # a gain of 2 = the key counted twice
+    k2, v2 = torch.cat([k, k[:, :, 4:]], 2), torch.cat([v, v[:, :, 4:]], 2)
+    torch.testing.assert_close(attend(q, k, v, key_gain=gain), attend(q, k2, v2), atol=1e-6, rtol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+    from nbcore.model import rope_2d
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 16), torch.randn(1, 16)
+    at = lambda x, r, c: rope_2d(x, torch.tensor([float(r)]), torch.tensor([float(c)]))
+    s1 = (at(q, 1, 2) * at(k, 3.5, 0.5)).sum()
+    s2 = (at(q, 4, 5) * at(k, 6.5, 3.5)).sum()                          # same offset (2.5, -1.5)
+    s3 = (at(q, 4, 5) * at(k, 3.5, 0.5)).sum()                          # another offset
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+    assert (s1 - s3).abs() > 1e-3
+    torch.testing.assert_close(at(q, 0, 0), q)                          # position 0: no rotation
+
+
+def test_rotary_patches_leave_text_and_cls_scores_unrotated():
+    """In the rope arm only the patch keys' scores depend on the query token's place: with equal
+    weights, the rope arm and the position-free arm give text and CLS keys the same relative
+    weights (their ratio), block by block, head by head and token by token."""
+    cfg_rope = replace(TINY, patch_pos_embed="rope")
+    model = make_model(cfg_rope)
+    other = NanoDiT(replace(TINY, patch_pos_embed="none"))
+    other.load_state_dict(model.state_dict())
+    inp = make_inputs(cfg_rope, lengths=[5, 32])
+    masses = []
+    with torch.no_grad():
+        for m in (model, other):
+            with capture(m) as rec:
+                m(**inp)
+            masses.append(rec.mass[0, 0])                                # (B, nh, N, 3), block 0
+    ratio = lambda mass: mass[..., 0] / mass[..., 1]                      # text mass / CLS mass
+    torch.testing.assert_close(ratio(masses[0]), ratio(masses[1]), rtol=1e-4, atol=1e-5)
+    assert (masses[0][..., 2] - masses[1][..., 2]).abs().max() > 1e-4     # the patches' mass does move
+
+
+def test_rotary_fused_and_explicit_paths_agree():
+    cfg = replace(TINY, patch_pos_embed="rope")
+    model = make_model(cfg)
+    inp = make_inputs(cfg, lengths=[5, 32])
+    with torch.no_grad():
+        fused = model(**inp)
+        with capture(model):
+            explicit = model(**inp)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
