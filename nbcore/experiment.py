@@ -20,6 +20,13 @@ scenes, one shared noise draw, guidance off (v = v_full) and on (the profile's n
     textonly   own text, null DINO: does text still place shapes (text control)?
     dinoonly   null text, own DINO: the patch route alone (its positive control)
     swap       text of scene i, DINO of scene i+1 (guidance on): whose layout does it follow?
+    unplaced swap  the seed plan's swap: scene i's caption *without places* ("a large red circle",
+               as real captions read; the world's training captions always name places, so this
+               caption is new to every model) with the DINO of scene j, the next scene with as many
+               shapes: scored against the hybrid scene (i's shapes -- kind, colour, size -- at j's
+               places, in caption order): low = layout from DINO, content from text
+               (``swap_unplaced``), and against scene j itself (``swap_unplaced_dino``: low = the
+               DINO's content copied too)
 Calibration rows go through the same metrics: ``untrained`` (a random-init model through the
 same sampler), ``layout_blind`` (each scene redrawn with its shapes at shuffled places: what "no
 layout" scores), ``oracle`` (the source through the codec: the ceiling). Means carry 95% bootstrap
@@ -48,7 +55,8 @@ from .codec import codec_from_stats
 from .metrics import bootstrap_ci, paired_bootstrap_diff, shape_layout_per_sample, psnr
 from .model import NanoDiT, ModelConfig, preset as model_preset
 from .sample import Guidance, load_model_with_info, sample
-from .shapes import Scene, ShapesWorld, make_dataset, shuffle_layout
+from .encoders import data_encoders
+from .shapes import Scene, Shape, ShapesWorld, make_dataset, shuffle_layout
 from .train import TrainConfig, load_train_log, train
 from .utils import load_checkpoint, write_json
 from .validate import load_val_batch
@@ -58,7 +66,7 @@ __all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY
            "results_table", "LAYOUT_METRICS"]
 
 LAYOUT_METRICS = ("layout_error", "shape_recall", "placement_error", "mask_iou")
-MODES = ("recon", "textonly", "dinoonly", "swap_dino", "swap_text")
+MODES = ("recon", "textonly", "dinoonly", "swap_dino", "swap_text", "swap_unplaced", "swap_unplaced_dino")
 
 
 # --------------------------------------------------------------------------- arms
@@ -384,14 +392,30 @@ class Evaluator:
         self.noise = torch.randn(self.batch["latent"].shape, generator=torch.Generator().manual_seed(0))
         self.source = self.batch["png"]
         self.perm = torch.roll(torch.arange(self.n), -1)                               # DINO of scene i + 1
+        self.run_dir = Path(run_dir)
+        self.pair = _same_count_partner(self.scenes)                                   # DINO of scene j(i)
+        self.hybrid = [Scene([Shape(a.kind, a.colour, b.cx, b.cy, a.size, a.r)
+                              for a, b in zip(self.scenes[i].shapes, self.scenes[j].shapes)])
+                       for i, j in enumerate(self.pair.tolist())]                      # i's shapes at j's places
+        self._unplaced = None
+
+    def unplaced_text(self) -> dict:
+        """text_emb, text_mask of every scene's caption without places, encoded and normalised as
+        the data's captions are (the data's own text encoder)."""
+        if self._unplaced is None:
+            enc = data_encoders(self.run_dir / "data" / "stats.json", self.p.model_config())
+            cond = enc.condition(self.source, [s.caption(places=False) for s in self.scenes])
+            self._unplaced = {"text_emb": cond["text_emb"], "text_mask": cond["text_mask"]}
+        return self._unplaced
 
     def generate(self, model: NanoDiT, mode: str, guidance: Guidance) -> torch.Tensor:
-        """Images (n, 3, S, S) for ``mode`` recon | textonly | dinoonly | swap."""
+        """Images (n, 3, S, S) for ``mode`` recon | textonly | dinoonly | swap | swap_unplaced."""
         b = self.batch
-        perm = self.perm
         cond = {} if mode == "dinoonly" else dict(text_emb=b["text_emb"], text_mask=b["text_mask"])
-        if mode in ("recon", "swap", "dinoonly"):
-            idx = perm if mode == "swap" else torch.arange(self.n)
+        if mode == "swap_unplaced":
+            cond = dict(self.unplaced_text())
+        if mode in ("recon", "swap", "dinoonly", "swap_unplaced"):
+            idx = {"swap": self.perm, "swap_unplaced": self.pair}.get(mode, torch.arange(self.n))
             cond.update(dino_emb=b["dino_emb"][idx],
                         dino_patches=b["dino_patches"][idx] if model.cfg.use_dino_patches else None)
         z = sample(model, noise=self.noise, steps=self.p.sample_steps, guidance=guidance, device=self.device,
@@ -415,19 +439,42 @@ class Evaluator:
         swap = self.generate(model, "swap", guidance)
         out["swap_dino"] = self.score(swap, [self.scenes[i] for i in self.perm.tolist()])
         out["swap_text"] = self.score(swap)
+        unplaced = self.generate(model, "swap_unplaced", guidance)
+        out["swap_unplaced"] = self.score(unplaced, self.hybrid)
+        out["swap_unplaced_dino"] = self.score(unplaced, [self.scenes[j] for j in self.pair.tolist()])
         return out
 
     def rows(self) -> dict:
-        """The calibration rows' scores (the same for guidance off and on)."""
+        """The calibration rows' scores {row: {mode: scores}} (the same for guidance off and on):
+        the same images for every mode scored against the mode's target scenes; the unplaced swap's
+        layout-blind and oracle rows are the hybrid scenes drawn at shuffled and at their own places."""
         cfg = self.p.model_config()
         torch.manual_seed(0)
         untrained = NanoDiT(replace(cfg, use_dino_patches=False)).eval()
         rng = np.random.default_rng(0)
-        blind = self.world.render_batch([shuffle_layout(s, rng, margin=self.world.rules.margin) for s in self.scenes])
+        margin = self.world.rules.margin
+        blind = self.world.render_batch([shuffle_layout(s, rng, margin=margin) for s in self.scenes])
+        hybrid_blind = self.world.render_batch([shuffle_layout(s, rng, margin=margin) for s in self.hybrid])
         codec = lambda x: self.codec.decode(self.codec.encode(x))
-        return {"untrained": self.score(self.generate(untrained, "textonly", Guidance.off())),
-                "layout_blind": self.score(codec(blind)),
-                "oracle": self.score(codec(self.source))}
+        untrained_images = self.generate(untrained, "textonly", Guidance.off())
+        images = {"untrained": (untrained_images, untrained_images), "layout_blind": (codec(blind), codec(hybrid_blind)),
+                  "oracle": (codec(self.source), codec(self.world.render_batch(self.hybrid)))}
+        out = {}
+        for row, (own, hyb) in images.items():
+            same = self.score(own)
+            out[row] = {m: same for m in MODES}
+            out[row]["swap_unplaced"] = self.score(hyb, self.hybrid)
+        return out
+
+
+def _same_count_partner(scenes: list[Scene]) -> torch.Tensor:
+    """(n,) for each scene i the next scene j != i (cyclically) with as many shapes, else i + 1."""
+    n = len(scenes)
+    out = []
+    for i in range(n):
+        js = [(i + k) % n for k in range(1, n)]
+        out.append(next((j for j in js if len(scenes[j].shapes) == len(scenes[i].shapes)), (i + 1) % n))
+    return torch.tensor(out)
 
 
 def _summary(scores: dict, n_boot: int) -> dict:
@@ -509,7 +556,7 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
     {arm: paired (arm - baseline) intervals}, "weights": {arm: which weights}, "settings"}. The
     unguided swap is not sampled (the swap is a guided probe): its row entries are None."""
     cache = Path(run_dir) / "eval.json"
-    settings = {"format": 3, "n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
+    settings = {"format": 4, "n": p.final_scenes, "steps": p.sample_steps, "guidance": [p.text_scale, p.dino_scale],
                 "arms": [a.run for a in arms], "ckpts": {a.run: str(checkpoints(run_dir, a)[-1][1]) for a in arms}}
     if cache.exists():
         old = json.loads(cache.read_text())
@@ -521,9 +568,8 @@ def evaluate(p: Profile, run_dir, arms: list[Arm], device: str = "cpu") -> dict:
     with _pool(p, device) as pool:
         rows_job = pool.submit(_score_rows, p, run_dir, device)
         jobs = {a.run: pool.submit(_score_arm, p, run_dir, a, device) for a in arms}
-        # a calibration row is the same images for every mode and guidance setting
-        per_scene: dict = {row: {g: {m: sc for m in MODES} for g in ("off", "on")}
-                           for row, sc in rows_job.result().items()}
+        # a calibration row is the same for both guidance settings
+        per_scene: dict = {row: {g: sc for g in ("off", "on")} for row, sc in rows_job.result().items()}
         for run, job in jobs.items():
             per_scene[run] = job.result()
             say(f"evaluated {run} ({time.time() - t0:.0f} s)")
@@ -659,6 +705,19 @@ def conclusions(res: dict, baseline: str = "baseline", metric: str = "layout_err
                 parts.append(f"{what[mode]}, guidance {g}: {verdict} ({'; '.join(_d(c) for c in cs)})")
         out.append(f"{arm} - {baseline} ({metric}, paired, {len(seeds)} seed{'s' * (len(seeds) > 1)}): "
                    + "; ".join(parts) + ".")
+    hyb_blind = rows["layout_blind"]["on"].get("swap_unplaced")
+    if hyb_blind is not None:
+        follow, partly = [], []
+        for arm, seeds in groups.items():
+            cs = [rows[r]["on"]["swap_unplaced"][metric] for r in seeds]
+            if all(c["hi"] < hyb_blind[metric]["mean"] for c in cs):
+                follow.append(f"{arm} ({', '.join(_ci(c) for c in cs)})")
+            elif any(c["hi"] < hyb_blind[metric]["mean"] for c in cs):
+                partly.append(arm)
+        out.append("Unplaced swap (caption without places + another scene's DINO), below the layout-blind row's "
+                   f"{hyb_blind[metric]['mean']:.3f} in every seed -- the layout follows the DINO and the content the "
+                   f"text: {'; '.join(follow) if follow else 'no arm'}"
+                   + (f"; in some seeds only: {', '.join(partly)}" if partly else "") + ".")
     floors = [run for run in res.get("plateau", {}) if plateau(res, run)["still_improving"]]
     if floors:
         out.append("Still improving at the last milestone (paired interval of the last step's change below 0), "

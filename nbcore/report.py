@@ -131,15 +131,17 @@ def _rows_table(res: dict, metric: str) -> list[str]:
     """Calibration rows (the same images in every column: their mean) and every run (intervals
     where a claim rests on them, means for the swap probes)."""
     cols = [("recon", "off"), ("recon", "on"), ("textonly", "on"), ("dinoonly", "on"), ("swap_dino", "on"),
-            ("swap_text", "on")]
-    full = {("recon", "off"), ("recon", "on"), ("textonly", "on"), ("dinoonly", "on")}
+            ("swap_text", "on"), ("swap_unplaced", "on"), ("swap_unplaced_dino", "on")]
+    full = {("recon", "off"), ("recon", "on"), ("textonly", "on"), ("dinoonly", "on"), ("swap_unplaced", "on")}
     mean = lambda c: "—" if c is None or c.get("mean") is None else f"{c['mean']:.3f}"
-    out = ["| row | recon, guidance off | recon, on | text only, on | DINO only, on | swap vs DINO source, on "
-           "| swap vs text source, on |", "|" + "---|" * (len(cols) + 1)]
+    out = ["| row | recon, guidance off | recon, on | text only, on | DINO only, on | swap vs DINO source "
+           "| swap vs text source | unplaced swap vs (text's shapes at DINO's places) | unplaced swap vs DINO source |",
+           "|" + "---|" * (len(cols) + 1)]
     for row in ("untrained", "layout_blind", "oracle"):
         r = res["rows"][row]
         out.append(f"| {LABELS[row]} | " + " | ".join(
-            (_ci if (m, g) == ("recon", "off") else mean)(r[g][m][metric]) for m, g in cols) + " |")
+            (_ci if (m, g) in {("recon", "off"), ("swap_unplaced", "on")} else mean)(r[g][m][metric])
+            for m, g in cols) + " |")
     for run in (r for runs in seed_groups(res).values() for r in runs):
         r = res["rows"][run]
         out.append(f"| {_label(run)} | " + " | ".join(
@@ -189,7 +191,7 @@ def research_section(results_dir, link: str | None = None, metric: str = "layout
     lines = [BEGIN, "", _provenance(meta, res["settings"]), "",
              f"Layout error (mean [95% interval over scenes]; lower is better: 0 = every captioned shape found "
              f"where the scene has it, a missed shape costs 0.52). Swap = text of scene i with DINO of scene i+1, "
-             f"scored against each source's scene. Results files: `{rel}/eval.json`, `{rel}/run.json`.", ""]
+             f"scored against each source's scene (guidance on). Unplaced swap = scene i's caption without places ('a large red circle', as real captions read; new to every model, whose training captions always name places) with the DINO of the next scene j with as many shapes, scored against i's shapes at j's places (low: layout from DINO, content from text) and against scene j. Results files: `{rel}/eval.json`, `{rel}/run.json`.", ""]
     lines += _rows_table(res, metric)
     lines += ["", "Paired differences over the same scenes, each seed against its own seed's baseline (bold: the "
                   "interval excludes 0), and the plateau test:", ""]

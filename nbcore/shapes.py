@@ -168,8 +168,9 @@ class Shape:
             return (self.cx, self.cy + self.radius / 3)
         return (self.cx, self.cy)
 
-    def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.kind} {_where(*self.region)}"
+    def phrase(self, places: bool = True) -> str:
+        """'a large red circle at the top left' (without ``places``: 'a large red circle')."""
+        return f"a {self.size} {self.colour} {self.kind}" + (f" {_where(*self.region)}" if places else "")
 
 
 @dataclass
@@ -177,9 +178,10 @@ class Scene:
     """A list of non-overlapping shapes on the plain background."""
     shapes: list[Shape] = field(default_factory=list)
 
-    def caption(self) -> str:
-        """'a large red circle at the top left and a small blue square at the bottom right'."""
-        parts = [s.phrase() for s in self.shapes]
+    def caption(self, places: bool = True) -> str:
+        """'a large red circle at the top left and a small blue square at the bottom right' (without
+        ``places``: 'a large red circle and a small blue square', as real captions mostly read)."""
+        parts = [s.phrase(places) for s in self.shapes]
         if len(parts) <= 2:
             return " and ".join(parts)
         return ", ".join(parts[:-1]) + " and " + parts[-1]

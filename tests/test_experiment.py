@@ -134,3 +134,13 @@ class _InlineExecutor:
         f = Future()
         f.set_result(fn(*args))
         return f
+
+
+def test_unplaced_swap_pairs_scenes_with_as_many_shapes():
+    from nbcore.shapes import Scene, Shape
+    one = lambda x: Scene([Shape("circle", "red", x, 0.5, "small")])
+    two = Scene([Shape("square", "blue", 0.2, 0.2, "large"), Shape("circle", "green", 0.8, 0.8, "small")])
+    scenes = [one(0.2), two, one(0.7), two]
+    assert ex._same_count_partner(scenes).tolist() == [2, 3, 0, 1]
+    assert two.caption(places=False) == "a large blue square and a small green circle"
+    assert "top" in two.caption() and "left" in two.caption()
