@@ -42,6 +42,7 @@ FIGURES = (
     ("04_attention_routing", "locality_per_head.png", "routing: co-located patch share per block and head (best context arm)"),
     ("04_attention_routing", "locality_over_training.png", "routing over training: head average and the most local head"),
     ("01_architecture", "patch_content_vs_position.png", "content against position norm of a context patch key"),
+    ("06_dino_swap_demo", "swap_grid.png", "notebook 06: DINO swaps on the best patch arm"),
 )
 
 LABELS = {
