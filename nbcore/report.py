@@ -150,6 +150,21 @@ def _rows_table(res: dict, metric: str) -> list[str]:
     return out
 
 
+def _shape_metrics_table(res: dict) -> list[str]:
+    """Beside layout error: shape recall (higher is better), placement error of the found shapes and
+    mask IoU (higher is better), reconstruction and text only, guidance on (means; intervals in eval.json)."""
+    keys = [("recon", "shape_recall"), ("recon", "placement_error"), ("recon", "mask_iou"),
+            ("textonly", "shape_recall"), ("textonly", "placement_error"), ("textonly", "mask_iou")]
+    out = ["| row | recon: recall ↑ | recon: placement error ↓ | recon: mask IoU ↑ | text only: recall ↑ "
+           "| text only: placement error ↓ | text only: mask IoU ↑ |", "|" + "---|" * (len(keys) + 1)]
+    mean = lambda c: "—" if c is None or c.get("mean") is None else f"{c['mean']:.3f}"
+    for run in ["layout_blind", "oracle"] + [r for runs in seed_groups(res).values() for r in runs]:
+        r = res["rows"][run]["on"]
+        name = LABELS[run] if run in ("layout_blind", "oracle") else _label(run)
+        out.append(f"| {name} | " + " | ".join(mean(r[m].get(k)) for m, k in keys) + " |")
+    return out
+
+
 def _diffs_table(res: dict, metric: str) -> list[str]:
     cols = [("recon", "on"), ("recon", "off"), ("textonly", "on"), ("textonly", "off"), ("dinoonly", "on")]
     out = ["| run − its seed's baseline | recon, guidance on | recon, off | text only, on | text only, off "
@@ -194,6 +209,8 @@ def research_section(results_dir, link: str | None = None, metric: str = "layout
              f"where the scene has it, a missed shape costs 0.52). Swap = text of scene i with DINO of scene i+1, "
              f"scored against each source's scene (guidance on). Unplaced swap = scene i's caption without places ('a large red circle', as real captions read; new to every model, whose training captions always name places) with the DINO of the next scene j with as many shapes, scored against i's shapes at j's places (low: layout from DINO, content from text) and against scene j. Results files: `{rel}/eval.json`, `{rel}/run.json`.", ""]
     lines += _rows_table(res, metric)
+    lines += ["", "The shapes found (guidance on):", ""]
+    lines += _shape_metrics_table(res)
     lines += ["", "Paired differences over the same scenes, each seed against its own seed's baseline (bold: the "
                   "interval excludes 0), and the plateau test:", ""]
     lines += _diffs_table(res, metric)
