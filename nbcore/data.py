@@ -85,7 +85,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.tariterators import url_opener
 
-from .utils import ArgParser, load_checkpoint, write_json
+from .stats import MEMBER_OF, DataError, Stats, StatsAccumulator
 
 __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "SampleSpec", "SampleRule",
            "compute_stats", "shard_list", "expand_shards", "read_tar", "shard_samples", "decode_sample",
@@ -93,25 +93,9 @@ __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "SampleSpec"
            "REQUIRED", "MEMBER_OF"]
 
 REQUIRED = ("latent.npy", "dinov3.npy", "t5.npy", "txt")
-NORMALISED = ("dinov3", "dinov3_patches", "t5")
 BLOCK = 512                            # tar block size
-# The one adapter between the two vocabularies: a batch carries the model's argument names
-# (NanoDiT.forward: dino_emb, dino_patches, text_emb, text_mask); the on-disk members, decoded
-# samples and stats.json keep the member names (dinov3.npy -> "dinov3"). ``collate`` maps them.
-MEMBER_OF = {"dino_emb": "dinov3", "dino_patches": "dinov3_patches", "text_emb": "t5"}
-
 
 # --------------------------------------------------------------------------- errors and counts
-
-class DataError(ValueError):
-    """A malformed sample or shard: the message names shard, key and reason. ``lost``: samples this
-    error stands for (a truncated shard can lose many)."""
-
-    def __init__(self, message: str, shard: str | None = None, key: str | None = None,
-                 reason: str | None = None, lost: int = 1):
-        super().__init__(message)
-        self.shard, self.key, self.reason, self.lost = shard, key, reason, lost
-
 
 class _Bad(Exception):
     """Internal: one sample is bad for ``reason``; turned into a DataError naming shard and key."""
@@ -162,126 +146,6 @@ class SkipOrRaise:
             raise exn
         self.counts.skipped[exn.reason] += exn.lost
         return True
-
-
-# --------------------------------------------------------------------------- statistics
-
-@dataclass
-class Stats:
-    """Per-channel mean/std of the conditioning (``dinov3``, ``dinov3_patches``, ``t5`` real tokens
-    only) plus latent statistics for information (latents are not normalised: the codec / VAE
-    scaling already did that). ``normalise(name, x)`` = (x - mean) / std over the last dim."""
-    entries: dict = field(default_factory=dict)    # name -> {"mean": [...], "std": [...], "count": n}
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        """Every entry finite, with mean and std of one length and std > 0: a NaN or a zero std
-        here would turn every normalised batch into NaN / Inf."""
-        for name, e in self.entries.items():
-            try:
-                mean = np.asarray(e["mean"], dtype=np.float64)
-                std = np.asarray(e["std"], dtype=np.float64)
-            except (KeyError, TypeError, ValueError) as err:
-                raise DataError(f"statistics {name!r}: needs numeric 'mean' and 'std' lists ({err})") from None
-            if mean.ndim != 1 or mean.shape != std.shape or not len(mean):
-                raise DataError(f"statistics {name!r}: mean {mean.shape} and std {std.shape} must be equal-length lists")
-            bad = int((~np.isfinite(mean)).sum() + (~np.isfinite(std)).sum())
-            if bad:
-                raise DataError(f"statistics {name!r}: {bad} non-finite values in mean / std")
-            if (std <= 0).any():
-                raise DataError(f"statistics {name!r}: std <= 0 in {int((std <= 0).sum())} of {len(std)} "
-                                "channels (constant data? normalising would divide by zero)")
-
-    @classmethod
-    def load(cls, path) -> "Stats":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"stats file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        missing = [k for k in NORMALISED if k not in d] if isinstance(d, dict) else list(NORMALISED)
-        if missing:
-            raise DataError(f"{path}: missing statistics for {missing}")
-        try:
-            return cls({k: v for k, v in d.items() if k not in ("meta", "nonfinite")}, d.get("meta", {}))
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from None
-
-    def save(self, path) -> Path:
-        return write_json({**self.entries, "meta": self.meta}, path)
-
-    def dim(self, name: str) -> int:
-        return len(self.entries[name]["mean"])
-
-    def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.__dict__.setdefault("_cache", {})
-        if name not in cache:
-            e = self.entries[name]
-            cache[name] = (torch.tensor(e["mean"], dtype=torch.float32), torch.tensor(e["std"], dtype=torch.float32))
-        return cache[name]
-
-    def normalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.tensors(name)
-        return (x - mean.to(x.device)) / std.to(x.device)
-
-    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) as float32 numpy arrays (the loader normalises in numpy)."""
-        mean, std = self.tensors(name)
-        return mean.numpy(), std.numpy()
-
-    def denormalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.tensors(name)
-        return x * std.to(x.device) + mean.to(x.device)
-
-    def normalise_condition(self, cond: dict) -> dict:
-        """``cond`` (model names: dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt),
-        text_mask (B, L)) normalised as ``collate`` does, text padding rows zero; a new dict, other
-        keys passed through."""
-        out = dict(cond)
-        for k, member in MEMBER_OF.items():
-            if cond.get(k) is not None:
-                out[k] = self.normalise(member, cond[k])
-        if cond.get("text_mask") is not None and cond.get("text_emb") is not None:
-            out["text_emb"] = out["text_emb"] * cond["text_mask"][..., None]            # (B, L, Dt)
-        return out
-
-
-class StatsAccumulator:
-    """Running float64 sums per channel; ``result()`` -> Stats. Arrays: latent (C, H, W), dinov3
-    (Dd,), dinov3_patches (P, Dd), t5 (L_valid, Dt) real tokens."""
-
-    def __init__(self):
-        self.s: dict = {}
-
-    def _acc(self, name: str, rows: np.ndarray) -> None:
-        rows = rows.astype(np.float64).reshape(-1, rows.shape[-1])                    # (K, D)
-        if name not in self.s:
-            self.s[name] = [0, np.zeros(rows.shape[1]), np.zeros(rows.shape[1])]
-        e = self.s[name]
-        if e[1].shape[0] != rows.shape[1]:
-            raise DataError(f"statistics: {name} has dim {rows.shape[1]}, earlier samples had {e[1].shape[0]}")
-        e[0] += rows.shape[0]
-        e[1] += rows.sum(0)
-        e[2] += (rows * rows).sum(0)
-
-    def add(self, latent: np.ndarray, dinov3: np.ndarray, dinov3_patches: np.ndarray, t5: np.ndarray) -> None:
-        self._acc("latent", np.moveaxis(latent, 0, -1))                               # (H, W, C)
-        self._acc("dinov3", dinov3[None])
-        self._acc("dinov3_patches", dinov3_patches)
-        if len(t5):
-            self._acc("t5", t5)
-
-    def result(self, eps: float = 1e-6) -> Stats:
-        if "dinov3" not in self.s:
-            raise DataError("statistics: no samples")
-        out = {}
-        for name, (n, s1, s2) in self.s.items():
-            mean = s1 / n
-            std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-            out[name] = {"mean": mean.tolist(), "std": np.maximum(std, eps).tolist(), "count": int(n)}
-        return Stats(out)
 
 
 # --------------------------------------------------------------------------- the rule for a sample
@@ -999,77 +863,6 @@ def check_shards(shards, strict: bool = False, progress: bool = True, stats="aut
             "spec": {**spec.sizes(), **({"multiple": spec.multiple} if spec.multiple else {})}}
 
 
-def _model_spec(preset_name: str | None, checkpoint: str | None, stats=None) -> SampleSpec | None:
-    """The CLI's ``--preset`` / ``--checkpoint``: the model config to check against. A preset is
-    taken as training takes it: its architecture at the sizes ``stats`` (a path, or None) records
-    (``nbcore.train.model_config_for_data``)."""
-    if checkpoint:
-        ck = load_checkpoint(checkpoint)
-        if "config" not in ck:
-            raise DataError(f"{checkpoint}: not an nbcore checkpoint (no 'config')")
-        return SampleSpec.from_model(ck["config"])
-    if preset_name:
-        # the CLI is the top layer: the library part of this module does not import the model
-        from .model import PRESETS
-        from .train import model_config_for_data
-        if preset_name not in PRESETS:
-            raise ValueError(f"--preset {preset_name!r}: not a model preset; choose from {sorted(PRESETS)}")
-        cfg = PRESETS[preset_name]
-        return SampleSpec.from_model(model_config_for_data(cfg, Stats.load(stats)) if stats else cfg)
-    return None
-
-
-def main(argv=None) -> int:
-    ap = ArgParser(prog="python -m nbcore.data", description="WebDataset shard tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ck = sub.add_parser("check", help="count samples, patches and bad samples per shard, with the training "
-                                      "loader's rule (last line: JSON)")
-    ck.add_argument("shards", help="folder, brace pattern or glob, quoted: 'DIR/train-{000000..000009}.tar'")
-    ck.add_argument("--strict", action="store_true", help="exit non-zero at the first bad sample")
-    ck.add_argument("--stats", default="auto",
-                    help="stats.json to check sizes against: auto (beside the shards, as training), none, or a PATH")
-    model = ck.add_mutually_exclusive_group()
-    model.add_argument("--preset", default=None, metavar="NAME",
-                       help="also check against this model preset (nbcore.model.PRESETS: tiny, production, ...) at the data's "
-                            "sizes, as training builds it")
-    model.add_argument("--checkpoint", default=None, help="also check against this checkpoint's model sizes")
-    st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
-    st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
-    st.add_argument("--out", required=True, help="where to write stats.json")
-    args = ap.parse_args(argv)
-    try:
-        expand_shards(args.shards)
-    except FileNotFoundError as e:                  # a pattern that matches nothing: a bad argument
-        ap.error(str(e))
-    try:
-        if args.cmd == "check":
-            if args.checkpoint and not Path(args.checkpoint).is_file():
-                ap.error(f"--checkpoint {args.checkpoint}: no such file")
-            if args.stats not in ("auto", "none") and not Path(args.stats).is_file():
-                ap.error(f"--stats {args.stats}: no such file")
-            stats = None if args.stats == "none" else args.stats
-            stats_path = default_stats(expand_shards(args.shards)) if stats == "auto" else stats
-            try:
-                expect = _model_spec(args.preset, args.checkpoint, stats_path)
-            except ValueError as e:    # an unknown preset, an unreadable checkpoint: bad arguments
-                ap.error(str(e).splitlines()[0])
-            res = check_shards(args.shards, strict=args.strict, stats=stats, expect=expect)
-            for shard, c in res["per_shard"].items():
-                print(f"{shard}: {c['samples']} samples, {c['with_patches']} with patches, "
-                      f"{c['good']} good, skipped {c['skipped'] or 0}")
-            summary = {k: v for k, v in res.items() if k != "per_shard"}
-            print(json.dumps(summary))
-        else:
-            stats = compute_stats(args.shards, progress=True)
-            stats.save(args.out)
-            print(f"wrote {args.out} ({stats.meta['samples']} samples, skipped {stats.meta['skipped']})")
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0]}")
-    return 0
-
-
-if __name__ == "__main__":
-    # run the imported module's main, not this __main__ copy: classes like Stats must be the ones
-    # other modules check with isinstance (nbcore.codec, nbcore.train)
-    from nbcore.data import main as _main
+if __name__ == "__main__":   # python -m nbcore.data: the command line is nbcore.cli.data's
+    from nbcore.cli.data import main as _main
     sys.exit(_main())

@@ -53,7 +53,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import StatsAccumulator, shard_records
+from .codec import PixelCodec
+from .data import shard_records
+from .stats import StatsAccumulator
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Rules", "RULES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
@@ -408,36 +410,6 @@ def _pixel_stats(image_size: int) -> tuple[tuple[float, float, float], float]:
     mean = imgs.mean(dim=(0, 2, 3))
     std = (imgs - mean[None, :, None, None]).std()
     return tuple(round(float(v), 6) for v in mean), round(float(std), 6)
-
-
-class PixelCodec:
-    """Stand-in for the VAE (no learned compression): pixel_unshuffle by 2 -> 12 channels per
-    2x2 cell, shift by the world's mean colour, scale to about unit std, then a fixed orthonormal
-    map 12 -> C (C >= 12; orthonormal columns, so ``decode(encode(x)) == x`` up to float rounding).
-
-    ``encode(images (B, 3, S, S) in [0, 1]) -> latents (B, C, S/2, S/2)``;
-    ``decode(latents) -> images (B, 3, S, S)`` clamped to [0, 1].
-    """
-
-    def __init__(self, channels: int, shift=(0.0, 0.0, 0.0), scale: float = 1.0, seed: int = 777):
-        if channels < 12:
-            raise ValueError(f"the pixel codec needs >= 12 latent channels to be invertible, got {channels}")
-        self.channels, self.scale = channels, float(scale)
-        self.shift = torch.tensor(shift, dtype=torch.float32).repeat_interleave(4)     # (12,) unshuffle order c*4 + k
-        q, _ = torch.linalg.qr(torch.randn(channels, 12, generator=_gen(seed), dtype=torch.float64))
-        self.weight = q.float().contiguous()                                           # (C, 12), W^T W = I
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.pixel_unshuffle(images.float(), 2)                                       # (B, 12, h, w)
-        x = (x - self.shift.to(x.device)[None, :, None, None]) * self.scale
-        return torch.einsum("ck,bkhw->bchw", self.weight.to(x.device), x)             # (B, C, h, w)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = torch.einsum("ck,bchw->bkhw", self.weight.to(latents.device), latents.float())  # (B, 12, h, w)
-        x = x / self.scale + self.shift.to(x.device)[None, :, None, None]
-        return F.pixel_shuffle(x, 2).clamp(0, 1)                                       # (B, 3, S, S)
 
 
 # --------------------------------------------------------------------------- the world

@@ -114,17 +114,19 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.codec import ShapesPixelCodec, codec_spec_from_stats
-from nbcore.data import SampleSpec, SkipCounter, Stats, make_loader, shard_list
-from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text, preset
-from nbcore.utils import (ArgParser, CheckpointError, HookUnavailable, atomic_save, bad_arguments,
-                          check_checkpoint_file, check_writable, load_checkpoint, resolve_device, seed_everything)
-from nbcore.validate import sample_grid_hook, validation_hook
+from nbcore.codec import codec_spec_from_stats
+from nbcore.data import SampleSpec, SkipCounter, make_loader, shard_list
+from nbcore.model import PRESETS, ModelConfig, NanoDiT, load_warm_start, prepare_text
+from nbcore.sizes import (DATA_SIZES, check_fits_data, check_model_config, data_sizes, data_stats,
+                          model_config_for_data)
+from nbcore.stats import Stats
+from nbcore.utils import (CheckpointError, HookUnavailable, atomic_save, load_checkpoint, resolve_device,
+                          seed_everything)
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
            "batch_to_device", "load_train_log", "NonFiniteLossError", "TooManySkipsError", "DROPOUT_CASES",
            "check_model_config", "parse_model_overrides", "skip_allowance", "reduce_metrics", "metrics_to_host",
-           "DATA_SIZES", "data_stats", "data_sizes", "model_config_for_data", "check_fits_data", "main"]
+           "DATA_SIZES", "data_stats", "data_sizes", "model_config_for_data", "check_fits_data"]
 
 # The four per-sample conditioning cases, in the order of ``sample_dropout``'s probabilities.
 DROPOUT_CASES = ("both_dropped", "text_only", "dino_only", "both_kept")
@@ -305,76 +307,6 @@ def parse_model_overrides(preset_name: str, text: str, stats: Stats | None = Non
     if stats is not None:
         check_fits_data(cfg, stats, "--model-overrides", where)
     return cfg
-
-
-def check_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
-    """``base`` with ``overrides`` applied, refusing (ValueError, one line) an unknown field, a value
-    of the wrong type (``"depth": "3"``), a size below 1 (``"depth": 0`` would train nothing),
-    and sizes that do not divide (hidden by heads, input by patch)."""
-    types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(ModelConfig)}
-    unknown = set(overrides) - set(types)
-    if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) in overrides: {sorted(unknown)}")
-    for k, v in overrides.items():
-        want = types[k]
-        ok = (isinstance(v, bool) if want is bool else
-              (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if want is float else
-              (isinstance(v, int) and not isinstance(v, bool)) if want is int else isinstance(v, want))
-        if not ok:
-            raise ValueError(f"model override {k}={v!r}: must be {want.__name__}")
-        if want in (int, float) and not v > 0:
-            raise ValueError(f"model override {k}={v!r}: must be > 0")
-    cfg = dataclasses.replace(base, **overrides)  # ModelConfig checks heads | hidden and the pos-embed name
-    if cfg.input_size % cfg.patch_size:
-        raise ValueError(f"input_size {cfg.input_size} not divisible by patch_size {cfg.patch_size}")
-    return cfg
-
-
-# The ModelConfig sizes a dataset fixes (``data_sizes``); the preset supplies the rest.
-DATA_SIZES = ("in_channels", "input_size", "text_dim", "dino_dim", "dino_grid")
-
-
-def data_stats(folder) -> Stats | None:
-    """The statistics of a data folder (FOLDER/stats.json, ``Stats.load``'s checks), or None when
-    the folder has none (or ``folder`` is empty)."""
-    path = Path(folder) / "stats.json" if folder else None
-    return Stats.load(path) if path is not None and path.is_file() else None
-
-
-def data_sizes(stats: Stats) -> dict[str, int]:
-    """The model sizes a dataset's statistics fix, by ModelConfig field (DATA_SIZES order):
-    ``in_channels`` = C (the ``latent`` entry's length), ``input_size`` = meta ``image_size`` // the
-    codec's downsampling (the square bucket's latent side; the pixel codec's is 2), ``text_dim`` =
-    Dt (``t5``), ``dino_dim`` = Dd (``dinov3``), ``dino_grid`` = sqrt(P), P the patch rows per CLS row
-    in the entries' counts (``SampleSpec.from_stats``). A size the statistics do not record (older
-    data: no latent entry, no image size or codec; P not a square) is left out."""
-    spec = SampleSpec.from_stats(stats).sizes()                      # C, Dd, Dt; P from the counts
-    grid = math.isqrt(spec.get("P", 0))
-    meta = stats.meta or {}
-    codec = codec_spec_from_stats(stats) or {}
-    down = codec.get("downsample", ShapesPixelCodec.downsample if codec.get("kind") == "pixel" else None)
-    side = meta["image_size"] // int(down) if isinstance(meta.get("image_size"), int) and down else None
-    got = {"in_channels": spec.get("C"), "input_size": side, "text_dim": spec["Dt"], "dino_dim": spec["Dd"],
-           "dino_grid": grid if grid and grid * grid == spec.get("P") else None}
-    return {k: v for k, v in got.items() if v is not None}
-
-
-def model_config_for_data(base: ModelConfig, stats: Stats) -> ModelConfig:
-    """``base`` (a preset: the architecture) with the sizes the data fixes (``data_sizes``); checked
-    by ``check_model_config`` (ValueError, one line, e.g. a latent side the patch size does not
-    divide). Shapes-world data made at a preset gives exactly that preset."""
-    return check_model_config(base, data_sizes(stats))
-
-
-def check_fits_data(cfg: ModelConfig, stats: Stats, what: str, where: str = "stats.json") -> None:
-    """ValueError, one line naming both, when ``cfg`` (from ``what``: "--model-overrides", a preset,
-    a checkpoint) has a size other than the data's (``data_sizes``, from ``where``); the DINO grid
-    counts only for a model that reads the patches."""
-    data = data_sizes(stats)
-    bad = [k for k, v in data.items() if getattr(cfg, k) != v and (k != "dino_grid" or cfg.use_dino_patches)]
-    if bad:
-        raise ValueError(f"data has {', '.join(f'{k} {data[k]}' for k in bad)} ({where}), "
-                         f"the model {', '.join(f'{k} {getattr(cfg, k)}' for k in bad)} ({what})")
 
 
 def skip_allowance(max_skips: float, read: int) -> int:
@@ -1260,136 +1192,6 @@ def train(cfg: TrainConfig, data=None, val_fn=None, sample_fn=None) -> dict:
         trainer.close()
 
 
-# --------------------------------------------------------------------------- CLI
-
-# One help line per TrainConfig field (tests/test_cli.py checks every flag has one); choices where
-# the config accepts a fixed set.
-_FLAG_HELP = {
-    "preset": "model preset: the architecture (hidden size, depth, heads, patch, text_len); sizes from the data",
-    "use_dino_patches": "condition on the DINO patch tokens (--no-use-dino-patches: the pre-patch model)",
-    "patch_pos_embed": "position embedding of the patches in the context",
-    "model": "JSON object of ModelConfig fields over the preset, e.g. '{\"depth\": 2}'; the sizes (in_channels, "
-             "input_size, text_dim, dino_dim, dino_grid) come from the data's stats.json, a pinned one must agree",
-    "data": "folder with train-*.tar shards (+ stats.json, which gives the model its sizes)",
-    "out": "output folder: ckpt/, log.jsonl, val/, samples/",
-    "shuffle": "shuffle buffer of the loader in samples (0 = off)",
-    "num_workers": "DataLoader worker processes per rank",
-    "steps": "optimiser steps (including skipped ones)",
-    "batch_size": "samples per process and micro-batch",
-    "grad_accum": "micro-batches per optimiser step",
-    "lr": "peak learning rate (AdamW)",
-    "warmup": "linear warmup steps",
-    "schedule": "learning rate after warmup",
-    "lr_min_ratio": "cosine ends at lr * lr_min_ratio",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "grad_clip": "max total gradient norm (0 = no clipping; the norm is still logged)",
-    "ema_decay": "EMA decay of the averaged weights",
-    "p_drop_both": "probability a sample drops text and DINO",
-    "p_text_only": "probability a sample keeps only the text (DINO dropped)",
-    "p_dino_only": "probability a sample keeps only DINO (text dropped)",
-    "timestep_sampling": "distribution of the training timesteps t",
-    "logit_mean": "mean of the logit-normal t",
-    "logit_std": "std of the logit-normal t",
-    "loss_bins": "t-bins of the logged loss by timestep",
-    "device": "auto | cpu | cuda | cuda:N",
-    "seed": "seed of the init, the data order and the t / noise / dropout draws",
-    "compile": "torch.compile the model",
-    "progress": "show a progress bar",
-    "log_every": "steps between log records",
-    "ckpt_every": "steps between OUT/ckpt/last.pt writes (0 = only at the end)",
-    "milestone_every": "steps between kept OUT/ckpt/step_XXXXXX.pt copies: model + EMA, no optimiser state (0 = none)",
-    "val_every": "steps between validation runs on the val shards (0 = off)",
-    "sample_every": "steps between sample grids in OUT/samples (0 = off)",
-    "val_n": "samples scored by each validation run",
-    "val_sample_steps": "Euler steps of the validation and sample-grid hooks",
-    "nan_max_consecutive": "stop after this many non-finite steps in a row",
-    "warm_start": "checkpoint to warm-start from (e.g. a pre-patch run)",
-    "warm_start_lr_scale": "learning-rate factor when warm-starting",
-    "new_param_lr_scale": "extra learning-rate factor of the parameters the pre-patch model lacks",
-    "warm_start_weights": "which weights of the warm-start checkpoint",
-    "resume": "auto (OUT/ckpt/last.pt if present, else the newest readable milestone, its optimiser restarted), "
-              "none, or a checkpoint PATH",
-    "max_skips": "bad samples skipped before the run stops: a fraction of the samples read (< 1, rounded up) "
-                 "or a count (>= 1)",
-    "strict": "stop at the first bad sample instead of skipping and counting it",
-}
-_FLAG_CHOICES = {
-    "preset": sorted(PRESETS), "patch_pos_embed": ["none", "learned", "sincos"],
-    "schedule": ["cosine", "constant"], "timestep_sampling": ["logit_normal", "uniform"],
-    "warm_start_weights": ["model", "ema"],
-}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m nbcore.train",
-                  description="Train NanoDiT with flow matching (one process, or DDP under torchrun).")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        typ = str(f.type)
-        text = _FLAG_HELP[f.name]
-        if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default=default, help=f"{text} (default: auto)")
-            p.add_argument("--no-resume", dest="resume", action="store_const", const="none", help="start fresh")
-            continue
-        if f.name == "model":   # a ModelConfig: on the command line, JSON fields over the preset
-            p.add_argument("--model-overrides", dest="model_overrides", default="", metavar="JSON",
-                           help=f"{text} (default: none: the preset with the data's sizes)")
-            continue
-        if f.name == "data":
-            p.add_argument(flag, required=True, metavar="DIR", help=text)
-            continue
-        if f.name == "max_skips":
-            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default})")
-            continue
-        if typ.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{text} (default: {'the preset' if default is None else default})")
-        else:
-            conv = {"int": int, "float": float}.get(typ.split(" ")[0], str)
-            shown = "the preset's" if default is None else repr(default)
-            p.add_argument(flag, type=conv, default=default, choices=_FLAG_CHOICES.get(f.name),
-                           help=f"{text} (default: {shown})")
-    return p
-
-
-def _check_args(cfg: TrainConfig) -> None:
-    """Everything that can be checked before a run starts; ValueError with one line."""
-    if not cfg.data:
-        raise ValueError("--data DIR is required (a folder of train-*.tar shards)")
-    if not Path(cfg.data).is_dir():
-        raise ValueError(f"--data {cfg.data}: folder does not exist")
-    shard_list(cfg.data, "train")                       # FileNotFoundError: no train shards
-    cfg.model_config(data_stats(cfg.data))              # sizes from the data; pinned ones must agree
-    resolve_device(cfg.device)                          # a typo, or CUDA missing
-    if cfg.warm_start:
-        check_checkpoint_file(cfg.warm_start, "--warm-start")
-    if cfg.resume not in ("", "auto", "none"):
-        check_checkpoint_file(cfg.resume, "--resume")
-    check_writable(cfg.out, "--out")
-
-
-def main(argv=None) -> int:
-    args = vars(_parser().parse_args(argv))
-    overrides = args.pop("model_overrides")
-    try:
-        model = parse_model_overrides(args["preset"], overrides, stats=data_stats(args["data"]),
-                                      where=str(Path(args["data"]) / "stats.json"),
-                                      use_dino_patches=args["use_dino_patches"], patch_pos_embed=args["patch_pos_embed"])
-        cfg = TrainConfig(**args, model=model)
-        _check_args(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise bad_arguments("nbcore.train", e) from None
-    try:
-        summary = train(cfg, val_fn=validation_hook, sample_fn=sample_grid_hook)
-    except (ValueError, FileNotFoundError, KeyError, OSError, NonFiniteLossError, TooManySkipsError) as e:
-        # DataError, CheckpointError are ValueErrors: one line naming the file and what is wrong
-        raise SystemExit(f"nbcore.train: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python -m nbcore.train: the command line is nbcore.cli.train's
+    from nbcore.cli.train import main as _main
+    sys.exit(_main())

@@ -8,9 +8,10 @@ import importlib
 import pytest
 
 from nbcore.model import PRESETS
-from nbcore.train import _FLAG_HELP, TrainConfig
+from nbcore.cli.train import _FLAG_HELP
+from nbcore.train import TrainConfig
 
-CLIS = ["nbcore.shapes", "nbcore.data", "nbcore.train", "nbcore.validate", "nbcore.bench", "nbcore.runner",
+CLIS = ["nbcore.shapes", "nbcore.cli.data", "nbcore.cli.train", "nbcore.validate", "nbcore.bench", "nbcore.runner",
         "nbcore.encoders", "nbcore.pretrained"]
 
 
@@ -58,7 +59,7 @@ def test_every_flag_has_help(module, monkeypatch):
 # flag -> its choices / flags that must be required, per CLI ("sub-command flag" for sub-commands)
 CHOICES = {
     "nbcore.shapes": {"make --preset": set(PRESETS)},
-    "nbcore.train": {"--preset": set(PRESETS), "--patch-pos-embed": {"none", "learned", "sincos"},
+    "nbcore.cli.train": {"--preset": set(PRESETS), "--patch-pos-embed": {"none", "learned", "sincos"},
                      "--schedule": {"cosine", "constant"}, "--timestep-sampling": {"logit_normal", "uniform"},
                      "--warm-start-weights": {"model", "ema"}},
     "nbcore.validate": {"--formula": {"independent", "nested"}, "--split": {"val", "train"}},
@@ -68,8 +69,8 @@ CHOICES = {
 }
 REQUIRED = {
     "nbcore.shapes": {"make --n"},
-    "nbcore.data": {"stats --out"},
-    "nbcore.train": {"--data"},
+    "nbcore.cli.data": {"stats --out"},
+    "nbcore.cli.train": {"--data"},
     "nbcore.validate": {"--data"},
     "nbcore.runner": {"run --profile"},
     "nbcore.encoders": {"precompute --dino", "precompute --t5", "precompute --vae"},

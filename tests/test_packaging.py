@@ -37,9 +37,9 @@ def test_ci_runs_the_readme_test_command():
     assert command in readme
 
 
-CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.train:main", "nbcore-validate": "nbcore.validate:main",
+CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.cli.train:main", "nbcore-validate": "nbcore.validate:main",
                    "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.shapes:main",
-                   "nbcore-data": "nbcore.data:main", "nbcore-bench": "nbcore.bench:main",
+                   "nbcore-data": "nbcore.cli.data:main", "nbcore-bench": "nbcore.bench:main",
                    "nbcore-encoders": "nbcore.encoders:main"}
 
 

@@ -353,7 +353,7 @@ def test_non_checkpoint_warm_start_refused_in_one_line(tiny_shards, tmp_path):
     (["--steps", "x"], "invalid int value"),
 ])
 def test_bad_train_arguments_one_line_exit_2(tiny_shards, tmp_path, capsys, extra, needle):
-    from nbcore.train import main
+    from nbcore.cli.train import main
     afile = tmp_path / "a-file"
     afile.write_text("x")
     extra = [str(tmp_path) if a == "FOLDER" else str(afile / "out") if a == "UNDER_A_FILE" else a for a in extra]
