@@ -29,12 +29,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
+from .checkpoint import checkpoint_data, checkpoint_step, read_model
 from .codec import codec_spec_from_stats, spec_of
-from .data import Stats
 from .model import ModelConfig, NanoDiT
-from .utils import load_checkpoint, repo_root, resolve_device, write_json
+from .stats import Stats
+from .utils import resolve_device, write_json
 
 __all__ = ["save_pretrained", "from_pretrained", "checkpoint_step", "checkpoint_data", "model_card", "FORMAT", "main"]
 
@@ -43,34 +43,6 @@ CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.json",
 # What of a run's TrainConfig a reader of the card needs (the rest stays in the checkpoint).
 _TRAIN_KEYS = ("preset", "data", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup", "ema_decay",
                "seed", "p_drop_both", "p_text_only", "p_dino_only", "timestep_sampling", "warm_start")
-
-
-def checkpoint_step(path) -> int:
-    """The ``step`` of a training checkpoint, its tensors memory-mapped and never read (a
-    multi-gigabyte checkpoint costs milliseconds, not a full load)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "step" not in ck:
-        raise KeyError(f"{path} has no 'step' entry (keys: {sorted(ck)}): not an nbcore training checkpoint")
-    return int(ck["step"])
-
-
-def checkpoint_data(ck: dict) -> tuple[Stats | None, dict | None]:
-    """(the data statistics, the codec spec) a loaded training checkpoint was trained with: its own
-    ``stats`` (stats.json's layout) and ``codec`` entries when it carries them; else the stats.json
-    of its train_config's data folder (a relative folder is tried from the cwd, then from the
-    repository root) and no codec (the stats record theirs). None where nothing says."""
-    codec = dict(ck["codec"]) if isinstance(ck.get("codec"), dict) else None
-    if isinstance(ck.get("stats"), dict):
-        entries = {k: v for k, v in ck["stats"].items() if k not in ("meta", "nonfinite")}
-        return Stats(entries, dict(ck["stats"].get("meta") or {})), codec
-    data = (ck.get("train_config") or {}).get("data") or ""
-    for folder in ([Path(data)] + ([repo_root() / data] if not Path(data).is_absolute() else [])) if data else []:
-        if (folder / STATS).is_file():
-            return Stats.load(folder / STATS), codec
-    return None, codec
 
 
 def _as_stats(stats) -> Stats | None:
@@ -83,12 +55,7 @@ def _source(src, weights: str) -> tuple[ModelConfig, dict, dict | None]:
     """(config, state dict, checkpoint dict or None) of a checkpoint path, a loaded checkpoint or a model."""
     if isinstance(src, NanoDiT):
         return src.cfg, src.state_dict(), None
-    ck = load_checkpoint(src) if isinstance(src, (str, Path)) else src
-    if not isinstance(ck, dict) or "config" not in ck:
-        raise ValueError(f"not an nbcore checkpoint (no 'config'): {src if isinstance(src, (str, Path)) else type(src).__name__}")
-    if weights not in ck:
-        raise KeyError(f"checkpoint has no {weights!r} weights (keys: {sorted(ck)})")
-    return ModelConfig(**ck["config"]), ck[weights], ck
+    return read_model(src, weights)
 
 
 def model_card(config: dict, params: int) -> str:
