@@ -1,4 +1,4 @@
-"""Reading WebDataset shards of the DESIGN.md data contract, on webdataset's pipeline.
+"""Reading WebDataset shards of the docs/DESIGN.md data contract, on webdataset's pipeline.
 
 One sample per key; members ``latent.npy`` (C, H, W), ``dinov3.npy`` (Dd,), ``dinov3_patches.npy``
 (P, Dd), ``t5.npy`` (L_valid, Dt) real tokens only, ``txt``, optional ``png`` and ``json``. The

@@ -28,7 +28,7 @@ horizontally); ``--max-aspect`` bounds it. Keeping DINO's view undistorted would
 non-square patch grid, which the data contract (P = g * g) and the model's fixed P do not allow.
 
 CLI: ``python -m nbcore.encoders precompute IMAGES_DIR OUT_DIR --dino DIR --t5 DIR --vae DIR``
-turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the DESIGN.md data contract
+turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the docs/DESIGN.md data contract
 (``train-NNNNNN.tar``, optional ``val-NNNNNN.tar``) plus ``stats.json``.
 
 - Size: by default the short side is resized to ``--image-size`` and the centre cropped to a square

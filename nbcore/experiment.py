@@ -1,6 +1,6 @@
 """The experiment: profiles, arms, the training schedule, and the calibrated evaluation.
 
-One question (DESIGN.md): do DINOv3 patch tokens put the blobs in the right places while text keeps
+One question (docs/DESIGN.md): do DINOv3 patch tokens put the blobs in the right places while text keeps
 control? A ``Profile`` fixes the world, the schedule and the evaluation; an ``Arm`` is one model
 design trained under it. Notebooks 03-06 and ``nbcore.runner`` call the functions below.
 

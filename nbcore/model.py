@@ -8,15 +8,15 @@ Shape legend
     N = h*w = (H/p)(W/p) image tokens, L text tokens, P DINO patches (g x g grid), M = L + 1 + P context,
     D hidden, nh heads, hd = D / nh head dim, Dt text dim, Dd DINO dim.
 
-Cross-attention context (DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
+Cross-attention context (docs/DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
 With ``use_dino_patches=False`` the context is the text alone and the CLS acts only through adaLN:
 exactly the pre-patch architecture, so its checkpoints warm-start the patch model.
 
 The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of that:
-    patch_context  patches in the cross-attention context (the default; DESIGN.md's model)
+    patch_context  patches in the cross-attention context (the default; docs/DESIGN.md's model)
     patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
                    patch covers, before the first block (zero-initialised: see initialize_weights)
-    cls_position   "middle" [text | CLS | patches] (DESIGN.md), "start" [CLS | text | patches], or
+    cls_position   "middle" [text | CLS | patches] (docs/DESIGN.md), "start" [CLS | text | patches], or
                    "none" (CLS only through adaLN, as in the pre-patch model). Start and middle are
                    the same function: text and CLS keys carry no position and attention over keys is
                    order-free, so moving CLS permutes the keys (the seed plan's open question 4 is
@@ -68,7 +68,7 @@ class ModelConfig:
     # are added to.
     patch_pos_embed: str = "none"
     # Where the CLS token sits in the context (seed open question 4): "middle" = [text | CLS |
-    # patches] (DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
+    # patches] (docs/DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
     # through adaLN, as in the pre-patch model). With the patches out of the context (tie only) CLS
     # stays in by default: the arm then differs from the context arms only in where the patches go.
     cls_position: str = "middle"

@@ -1,6 +1,6 @@
 """Euler sampler for NanoDiT with multi-branch classifier-free guidance.
 
-Flow matching (DESIGN.md): ``x_t = (1 - t) x0 + t noise``, the model predicts ``v = noise - x0``,
+Flow matching (docs/DESIGN.md): ``x_t = (1 - t) x0 + t noise``, the model predicts ``v = noise - x0``,
 so ``dx/dt = v`` and sampling integrates from t = 1 (pure noise) to t = 0 with Euler steps
 ``x <- x + (t_next - t) v`` on a uniform grid of ``steps`` intervals.
 

@@ -32,7 +32,7 @@ P = g*g patches, Dd patch/CLS dim, L tokens, Dt token dim, r mixing rank.
 
 CLI: ``python -m nbcore.shapes make OUT_DIR --n N --seed S [--preset micro|tiny|production]
 [--val-fraction F] [--shard-size K]`` writes ``OUT_DIR/{train,val}-NNNNNN.tar`` and
-``OUT_DIR/stats.json`` (the DESIGN.md data contract).
+``OUT_DIR/stats.json`` (the docs/DESIGN.md data contract).
 """
 from __future__ import annotations
 

@@ -289,7 +289,7 @@ def test_padding_gets_zero_attention():
 
 
 # ----------------------------------------------------------------------------- arms (issue 16)
-# CHECK_ARMS: context only (DESIGN.md), CLS first, tie + context, tie only (CLS kept), tie only
+# CHECK_ARMS: context only (docs/DESIGN.md), CLS first, tie + context, tie only (CLS kept), tie only
 # without CLS (the pre-patch model plus the tie), and the pre-patch model.
 
 ARMS = sorted(CHECK_ARMS)
