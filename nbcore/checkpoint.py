@@ -42,13 +42,14 @@ import numpy as np
 import torch
 
 from .codec import codec_spec_from_stats
-from .model import ModelConfig
+from .model import ModelConfig, load_warm_start
+from .sizes import DATA_SIZES
 from .stats import Stats
 from .utils import CheckpointError, atomic_save, load_checkpoint, repo_root
 
 __all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint",
            "read_training_checkpoint", "find_resume", "rng_state", "set_rng_state", "read_model",
-           "checkpoint_step", "checkpoint_data", "differences"]
+           "checkpoint_step", "checkpoint_data", "differences", "warm_start"]
 
 STATS_JSON = "stats.json"
 
@@ -206,3 +207,21 @@ def checkpoint_data(ck: dict) -> tuple[Stats | None, dict | None]:
         if (folder / STATS_JSON).is_file():
             return Stats.load(folder / STATS_JSON), codec
     return None, codec
+
+
+def warm_start(model, path, weights: str, model_cfg: ModelConfig) -> dict:
+    """Load the ``weights`` ("model" or "ema") of the checkpoint at ``path`` into ``model`` by name
+    (``nbcore.model.load_warm_start``) and return its report; ValueError naming the differing sizes
+    when tensors are shape-mismatched, or when none matched; KeyError without those weights."""
+    ck = load_checkpoint(path)
+    if weights not in ck:
+        raise KeyError(f"warm-start checkpoint {path} has no {weights!r} weights (keys: {sorted(ck)})")
+    report = load_warm_start(model, ck[weights])
+    if report["mismatched"]:
+        sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
+        theirs, ours = differences(ck["config"], model_cfg.to_dict(), sizes) if "config" in ck else ("", "")
+        why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
+        raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
+    if not report["loaded"]:
+        raise ValueError(f"warm start from {path}: no tensor matched this model")
+    return report

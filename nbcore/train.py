@@ -79,16 +79,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nbcore.checkpoint import (differences, find_resume, read_training_checkpoint, save_training_checkpoint,
-                               set_rng_state, training_checkpoint)
+                               set_rng_state, training_checkpoint, warm_start)
 from nbcore.data import SkipCounter
+from nbcore.distributed import gather_objects, init_distributed
 from nbcore.ema import EMA
 from nbcore.flow import DROPOUT_CASES, batch_to_device, flow_matching_loss, sample_dropout, sample_timesteps
-from nbcore.model import NanoDiT, load_warm_start
+from nbcore.model import NanoDiT
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
 from nbcore.train_config import TrainConfig, check_model_config, parse_model_overrides, skip_allowance
-from nbcore.train_log import add_metrics, bin_means, finite_or_none, load_train_log, metrics_to_host, reduce_metrics
-from nbcore.utils import HookUnavailable, load_checkpoint, resolve_device, seed_everything
+from nbcore.train_log import (add_metrics, bin_means, count_step, finite_or_none, load_train_log, metrics_to_host,
+                              new_window, reduce_metrics, truncate_log)
+from nbcore.utils import HookUnavailable, seed_everything
 
 # names importable from here as before the split (tests, notebooks, other branches)
 __all__ = ["TrainConfig", "Trainer", "train", "flow_matching_loss", "sample_dropout", "sample_timesteps",
@@ -155,7 +157,8 @@ class Trainer:
         # the data's stats.json (None with the caller's batches): the model's sizes; carried in checkpoints
         self.data_stats = data_stats(cfg.data) if data is None else None
         self.model_cfg = cfg.model_config(self.data_stats)
-        self._init_dist()
+        self.world, self.rank, self.local_rank, self.device, self._own_pg = init_distributed(cfg.device)
+        self.is_main = self.rank == 0
         try:
             self._build(data, val_fn, sample_fn)
         except BaseException:
@@ -220,38 +223,11 @@ class Trainer:
             fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return fwd
 
-    def _init_dist(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.is_main = self.rank == 0
-        device = resolve_device(self.cfg.device)
-        if device.type == "cuda" and self.world > 1:
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        elif device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self._own_pg = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            self._own_pg = True
-
     def _warm_start(self, path) -> dict:
-        ck = load_checkpoint(path)
-        key = self.cfg.warm_start_weights
-        if key not in ck:
-            raise KeyError(f"warm-start checkpoint {path} has no {key!r} weights (keys: {sorted(ck)})")
-        report = load_warm_start(self.model, ck[key])
-        if report["mismatched"]:
-            sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
-            theirs, ours = differences(ck["config"], self.model_cfg.to_dict(), sizes) if "config" in ck else ("", "")
-            why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
-            raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
-        if not report["loaded"]:
-            raise ValueError(f"warm start from {path}: no tensor matched this model")
+        """Load the warm-start checkpoint's weights into the model (``nbcore.checkpoint.warm_start``)."""
+        report = warm_start(self.model, path, self.cfg.warm_start_weights, self.model_cfg)
         if self.is_main:
-            print(f"warm start from {path} ({key} weights, lr x{self.cfg.warm_start_lr_scale}): "
+            print(f"warm start from {path} ({self.cfg.warm_start_weights} weights, lr x{self.cfg.warm_start_lr_scale}): "
                   f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {report['unexpected']}, "
                   f"mismatched {report['mismatched']}", file=sys.stderr)
         return report
@@ -291,19 +267,10 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}" + (
                 f"; optimiser state restarted (fresh AdamW moments, lr schedule at update {self.n_updates})"
                 if self.optimizer_restarted else ""), file=sys.stderr)
-            self._truncate_log(self.step)
+            truncate_log(self.log_path, self.step)
             for tmp in self.ckpt_dir.glob("*.tmp"):  # a write torn by a kill
                 tmp.unlink()
         return position
-
-    def _truncate_log(self, step: int):
-        """Drop log records after the resumed step (a killed run logged past its last checkpoint)."""
-        if not self.log_path.exists():
-            return
-        keep = [json.dumps(r) for r in load_train_log(self.log_path, kind=None) if r.get("step", 0) <= step]
-        tmp = self.log_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.log_path)
 
     # -- logging / checkpoints
     def _log(self, rec: dict):
@@ -315,12 +282,8 @@ class Trainer:
         """Write OUT/ckpt/last.pt (and the lean step_XXXXXX.pt, without optimiser and scheduler, when
         ``milestone``) atomically; collective in DDP. Keys: ``nbcore.checkpoint``'s."""
         pos, gen, done = self.stream.position(), self.gen.get_state(), self.stream.done.to_dict()
-        if self.world > 1:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, (pos, gen, done))
-            positions, gens, dones = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
-        else:
-            positions, gens, dones = [pos], [gen], [done]
+        gathered = gather_objects((pos, gen, done), self.world)
+        positions, gens, dones = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
         path = self.ckpt_dir / "last.pt"
         if self.is_main:
             save_training_checkpoint(training_checkpoint(self, positions, gens, dones), self.ckpt_dir, milestone)
@@ -430,10 +393,8 @@ class Trainer:
         mine = self.stream.counts()
         if self.world == 1:
             return mine
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, mine.to_dict())
         total = SkipCounter()
-        for g in gathered:
+        for g in gather_objects(mine.to_dict(), self.world):
             total.add(g)
         return total
 
@@ -463,7 +424,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (self.is_main and cfg.progress),
                    dynamic_ncols=True)
         start_step, t0 = self.step, time.perf_counter()
-        window = self._new_window(t0)
+        window = new_window(cfg.loss_bins, t0)
         try:
             while True:
                 if self.step > start_step:
@@ -471,11 +432,11 @@ class Trainer:
                 if self.step >= cfg.steps:
                     break
                 s = self.train_step()
-                self._count(s, window)
+                count_step(s, window, self._recent)
                 bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    window = self._new_window(self._log_train(s, window, t0))
+                    window = new_window(cfg.loss_bins, self._log_train(s, window, t0))
             data = self._data_counts()
             self._check_skips(data)
             last_ckpt = self._checkpoint_once()
@@ -514,23 +475,6 @@ class Trainer:
             self._hook("val", self.val_fn)
         if cfg.sample_every and step % cfg.sample_every == 0:
             self._hook("samples", self.sample_fn)
-
-    def _new_window(self, since: float) -> dict:
-        """Sums over the steps of one log record, started at time ``since``: the applied steps' loss,
-        count and loss by t-bin; samples; skipped steps."""
-        nb = self.cfg.loss_bins
-        return {"since": since, "loss": 0.0, "applied": 0, "bin_sum": [0.0] * nb, "bin_count": [0.0] * nb,
-                "samples": 0.0, "skipped": 0}
-
-    def _count(self, s: dict, window: dict) -> None:
-        """Add a step's metrics to the log window and, when applied, to the summary's recent steps."""
-        if s["applied"]:
-            applied = {"loss": s["loss"], "applied": 1, "bin_sum": s["bin_sum"], "bin_count": s["bin_count"]}
-            add_metrics(window, applied)
-            self._recent.append(applied)
-        else:
-            window["skipped"] += 1
-        window["samples"] += s["samples"]
 
     def _log_train(self, s: dict, window: dict, t0: float) -> float:
         """Write a ``train`` record: step ``s``'s metrics and the window's, summed over ranks (the

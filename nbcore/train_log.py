@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["load_train_log", "finite_or_none", "metrics_to_host", "reduce_metrics", "add_metrics", "bin_means"]
+__all__ = ["load_train_log", "truncate_log", "finite_or_none", "metrics_to_host", "reduce_metrics", "add_metrics",
+           "bin_means", "new_window", "count_step"]
 
 
 def load_train_log(path, kind: str | None = "train") -> list[dict]:
@@ -87,3 +89,34 @@ def add_metrics(total: dict, part: dict) -> dict:
 
 def bin_means(bin_sum: list[float], bin_count: list[float]) -> list[float | None]:
     return [a / c if c else None for a, c in zip(bin_sum, bin_count)]
+
+
+def truncate_log(path, step: int) -> None:
+    """Drop the records of ``path`` (a log.jsonl) after ``step``: a killed run logged past its last
+    checkpoint, and the run that resumes from it logs those steps again."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [json.dumps(r) for r in load_train_log(path, kind=None) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def new_window(loss_bins: int, since: float) -> dict:
+    """Sums over the steps of one log record, started at time ``since``: the applied steps' loss,
+    count and loss by t-bin; samples; skipped steps."""
+    return {"since": since, "loss": 0.0, "applied": 0, "bin_sum": [0.0] * loss_bins,
+            "bin_count": [0.0] * loss_bins, "samples": 0.0, "skipped": 0}
+
+
+def count_step(s: dict, window: dict, recent) -> None:
+    """Add a step's metrics ``s`` to the log ``window`` and, when applied, to ``recent`` (a deque:
+    the applied steps behind the summary's final loss)."""
+    if s["applied"]:
+        applied = {"loss": s["loss"], "applied": 1, "bin_sum": s["bin_sum"], "bin_count": s["bin_count"]}
+        add_metrics(window, applied)
+        recent.append(applied)
+    else:
+        window["skipped"] += 1
+    window["samples"] += s["samples"]
