@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_folder import PretrainedMixin
+
 __all__ = ["ModelConfig", "NanoDiT", "PRESETS", "CONDITION_KEYS", "attend", "prepare_text", "load_warm_start",
            "initialize_weights", "sincos_2d", "patch_cover_weights", "preset"]
 
@@ -286,7 +288,9 @@ class FinalLayer(nn.Module):
 
 # --------------------------------------------------------------------------- model
 
-class NanoDiT(nn.Module):
+class NanoDiT(PretrainedMixin, nn.Module):
+    config_class = ModelConfig   # what from_pretrained builds (nbcore.model_folder: from_pretrained, save_pretrained)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

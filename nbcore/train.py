@@ -79,12 +79,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nbcore.checkpoint import (differences, find_resume, read_training_checkpoint, save_training_checkpoint,
-                               set_rng_state, training_checkpoint, warm_start)
+                               read_weights, set_rng_state, training_checkpoint)
 from nbcore.data import SkipCounter
 from nbcore.distributed import gather_objects, init_distributed
 from nbcore.ema import EMA
 from nbcore.flow import DROPOUT_CASES, batch_to_device, flow_matching_loss, sample_dropout, sample_timesteps
-from nbcore.model import NanoDiT
+from nbcore.model import NanoDiT, load_warm_start
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
 from nbcore.train_config import TrainConfig, check_model_config, parse_model_overrides, skip_allowance
@@ -136,6 +136,22 @@ def _lr_lambda(cfg: TrainConfig):
         frac = min(1.0, (n - cfg.warmup) / span)
         return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
     return f
+
+
+def _warm_start(model: NanoDiT, path, weights: str, model_cfg) -> dict:
+    """Load the ``weights`` ("model" or "ema") of the checkpoint at ``path`` into ``model`` by name
+    (``nbcore.model.load_warm_start``) and return its report; ValueError naming the differing sizes
+    when tensors are shape-mismatched, or when none matched; KeyError without those weights."""
+    state, config = read_weights(path, weights)
+    report = load_warm_start(model, state)
+    if report["mismatched"]:
+        sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
+        theirs, ours = differences(config, model_cfg.to_dict(), sizes) if config is not None else ("", "")
+        why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
+        raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
+    if not report["loaded"]:
+        raise ValueError(f"warm start from {path}: no tensor matched this model")
+    return report
 
 
 # --------------------------------------------------------------------------- trainer
@@ -225,7 +241,7 @@ class Trainer:
 
     def _warm_start(self, path) -> dict:
         """Load the warm-start checkpoint's weights into the model (``nbcore.checkpoint.warm_start``)."""
-        report = warm_start(self.model, path, self.cfg.warm_start_weights, self.model_cfg)
+        report = _warm_start(self.model, path, self.cfg.warm_start_weights, self.model_cfg)
         if self.is_main:
             print(f"warm start from {path} ({self.cfg.warm_start_weights} weights, lr x{self.cfg.warm_start_lr_scale}): "
                   f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {report['unexpected']}, "
