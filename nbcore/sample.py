@@ -18,7 +18,7 @@ nulls the patches but keeps the CLS, yet its learned null lives in the raw input
 (``drop_dino`` swaps ``dino_patches`` for ``model.null_dino_patches`` before projection), so the
 ``cls`` branch is made exactly by *passing* ``model.null_dino_patches`` as the patches with
 ``drop_dino=False``: the network then sees precisely the tokens it sees for dropped patches, with
-the real CLS. Caveat (honest, see seed open question 3): the default training dropout drops CLS and
+the real CLS. Caveat (whether a separate patch guidance scale helps): the default training dropout drops CLS and
 patches together, so (real CLS, null patches) is a combination the model never saw in training;
 the patch direction ``v_dino - v_cls`` is therefore meaningful only for a model trained with a
 separate patch-drop probability. The feature computes that branch correctly; whether it helps is

@@ -41,8 +41,8 @@ Design notes (why, not what):
   let the loader split shards by rank itself. ``batch_size`` is per process and micro-batch; the
   global batch is ``batch_size * world_size * grad_accum``. Rank 0 alone writes logs, checkpoints,
   validation metrics and sample grids.
-- Warm start (``warm_start=CKPT``, seed Phase 7.1): loads the checkpoint's ``model`` weights by
-  default (the raw trained weights, as the seed's loader reads ``checkpoint['model']``;
+- Warm start (``warm_start=CKPT``): loads the checkpoint's ``model`` weights by
+  default (the raw trained weights, the ones a resumed run continues from;
   ``warm_start_weights="ema"`` takes the EMA instead) through ``nbcore.model.load_warm_start``,
   prints and logs its report, refuses shape mismatches, initialises the EMA from the result and
   scales the learning rate by ``warm_start_lr_scale`` (0.5). Optimiser state is not carried over.

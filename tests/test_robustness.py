@@ -1,4 +1,4 @@
-"""Issue 13, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
+"""Robustness, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
 checkpoint, every user error is one clear line (exit 2 for bad arguments), never advice to load
 with ``weights_only=False``.
 
