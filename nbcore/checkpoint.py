@@ -47,7 +47,8 @@ from .codec import codec_spec_from_stats
 from .stats import Stats
 from .utils import CheckpointError, atomic_save, load_checkpoint, repo_root
 
-__all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint",
+__all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint", "restore_training",
+           "read_config",
            "read_training_checkpoint", "find_resume", "rng_state", "set_rng_state", "read_model",
            "read_weights", "training_summary", "SUMMARY_KEYS", "checkpoint_step", "checkpoint_data", "differences"]
 
@@ -96,6 +97,48 @@ def read_training_checkpoint(path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: not an nbcore training checkpoint (missing {missing})")
     return ck
+
+
+def restore_training(trainer, path, ck: dict) -> dict:
+    """Load a training checkpoint ``ck`` (read from ``path``) into a ``nbcore.train.Trainer``: model,
+    EMA, optimiser and scheduler (a lean milestone has none: ``trainer.optimizer_restarted`` is set
+    and the trainer restarts its schedule), step and counters, the global RNG states and this rank's
+    generator. Returns the data position to continue from (the epoch start when the world size
+    changed). ValueError naming both when the checkpoint's model is not the run's."""
+    if ck["config"] != trainer.model_cfg.to_dict():
+        theirs, ours = differences(ck["config"], trainer.model_cfg.to_dict())
+        src = (f" (sizes from {Path(trainer.cfg.data) / 'stats.json'})"
+               if trainer.data_stats is not None and trainer.cfg.model is None else "")
+        raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
+    trainer.model.load_state_dict(ck["model"])
+    trainer.ema.load_state_dict(ck["ema"])
+    trainer.step, trainer.n_updates = int(ck["step"]), int(ck["n_updates"])
+    trainer.optimizer_restarted = "optimizer" not in ck
+    if not trainer.optimizer_restarted:
+        trainer.optimizer.load_state_dict(ck["optimizer"])
+        trainer.scheduler.load_state_dict(ck["scheduler"])
+    trainer.skipped, trainer.streak = int(ck["skipped"]), int(ck["streak"])
+    set_rng_state(ck["rng"])
+    ds = ck["data_state"]
+    if ds["world_size"] == trainer.world:
+        trainer.gen.set_state(ck["rng"]["train"][trainer.rank])
+        position = dict(ds["ranks"][trainer.rank])
+        counts = ck.get("data_counts")   # older checkpoints have none
+        if counts:
+            position["done"] = counts[trainer.rank]
+    else:
+        print(f"warning: resuming with world size {trainer.world} (checkpoint {ds['world_size']}): "
+              "data order and noise are not the uninterrupted run's", file=sys.stderr)
+        position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
+    return position
+
+
+def read_config(src) -> dict:
+    """The ModelConfig dict of a checkpoint (any nbcore checkpoint: ``config``); ValueError when it has none."""
+    ck = load_checkpoint(src)
+    if not isinstance(ck, dict) or "config" not in ck:
+        raise ValueError(f"{src}: not an nbcore checkpoint (no 'config')")
+    return dict(ck["config"])
 
 
 def find_resume(ckpt_dir, resume: str, verbose: bool = True) -> tuple[Path, dict, dict | None] | None:

@@ -79,7 +79,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nbcore.checkpoint import (differences, find_resume, read_training_checkpoint, save_training_checkpoint,
-                               read_weights, set_rng_state, training_checkpoint)
+                               read_weights, restore_training, training_checkpoint)
 from nbcore.data import SkipCounter
 from nbcore.distributed import gather_objects, init_distributed
 from nbcore.ema import EMA
@@ -249,36 +249,13 @@ class Trainer:
         return report
 
     def _resume(self, path, ck: dict) -> dict:
-        """Load a checkpoint's state into this run; returns the data position to continue from. A
-        lean milestone (no optimiser state) restarts AdamW's moments, the schedule at its n_updates."""
-        if ck["config"] != self.model_cfg.to_dict():
-            theirs, ours = differences(ck["config"], self.model_cfg.to_dict())
-            src = (f" (sizes from {Path(self.cfg.data) / 'stats.json'})"
-                   if self.data_stats is not None and self.cfg.model is None else "")
-            raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.step, self.n_updates = int(ck["step"]), int(ck["n_updates"])
-        self.optimizer_restarted = "optimizer" not in ck
+        """Load a checkpoint's state into this run (``nbcore.checkpoint.restore_training``); returns the
+        data position to continue from. A lean milestone (no optimiser state) restarts AdamW's moments,
+        the schedule at its n_updates."""
+        position = restore_training(self, path, ck)
         if self.optimizer_restarted:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg),
                                                                last_epoch=self.n_updates - 1)  # lands at n_updates
-        else:
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self.scheduler.load_state_dict(ck["scheduler"])
-        self.skipped, self.streak = int(ck["skipped"]), int(ck["streak"])
-        set_rng_state(ck["rng"])
-        ds = ck["data_state"]
-        if ds["world_size"] == self.world:
-            self.gen.set_state(ck["rng"]["train"][self.rank])
-            position = dict(ds["ranks"][self.rank])
-            counts = ck.get("data_counts")   # older checkpoints have none
-            if counts:
-                position["done"] = counts[self.rank]
-        else:
-            print(f"warning: resuming with world size {self.world} (checkpoint {ds['world_size']}): "
-                  "data order and noise are not the uninterrupted run's", file=sys.stderr)
-            position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
         if self.is_main:
             print(f"resumed from {path} at step {self.step}" + (
                 f"; optimiser state restarted (fresh AdamW moments, lr schedule at update {self.n_updates})"

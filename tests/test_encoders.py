@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from nbcore.data import check_shards, make_loader, shard_list, Stats
+from nbcore.cli.encoders import main
 from nbcore.encoders import (MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket,
-                             main, precompute)
+                             precompute)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left", "right", "bottom", "and",
          "small", "large"]   # caption words of the generated folders: all in the stand-in tokenizer's vocabulary
