@@ -28,8 +28,8 @@ differ. Under DDP, OUT must be on a filesystem every rank sees.
 
 Readers of a model (``read_model``: config + weights; ``read_weights``: a warm start's weights;
 ``checkpoint_data``: stats + codec; ``training_summary``; ``checkpoint_step``) go through this module,
-which imports no model (``nbcore.model_folder`` builds models from what it reads); older checkpoints without ``stats`` / ``codec`` /
-``data_counts`` still load.
+which imports no model (``nbcore.model_folder`` builds models from what it reads); older checkpoints
+without ``stats`` / ``codec`` / ``data_counts`` still load.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ from .utils import CheckpointError, atomic_save, load_checkpoint, repo_root
 __all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint", "restore_training",
            "read_config",
            "read_training_checkpoint", "find_resume", "rng_state", "set_rng_state", "read_model",
-           "read_weights", "training_summary", "SUMMARY_KEYS", "checkpoint_step", "checkpoint_data", "differences"]
+           "read_weights", "step_of", "training_summary", "SUMMARY_KEYS", "checkpoint_step", "checkpoint_data",
+           "differences"]
 
 STATS_JSON = "stats.json"
 
@@ -240,6 +241,12 @@ def read_weights(path, weights: str) -> tuple[dict, dict | None]:
 # What of a run's TrainConfig a model card needs (the rest stays in the checkpoint).
 SUMMARY_KEYS = ("preset", "data", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup", "ema_decay",
                 "seed", "p_drop_both", "p_text_only", "p_dino_only", "timestep_sampling", "warm_start")
+
+
+def step_of(ck: dict) -> int | None:
+    """A loaded checkpoint's ``step``, None when it records none."""
+    step = ck.get("step")
+    return int(step) if isinstance(step, (int, float)) else None
 
 
 def training_summary(ck: dict) -> dict | None:

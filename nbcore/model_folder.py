@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_data, read_model, training_summary
+from .checkpoint import checkpoint_data, read_model, step_of, training_summary
 from .codec import codec_spec_from_stats, spec_of
 from .stats import Stats
 from .utils import resolve_device, write_json
@@ -152,10 +152,8 @@ class PretrainedMixin:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"{name}: {which} weights do not fit the stored config: {first}") from None
         stats, codec = checkpoint_data(ck)
-        step = ck.get("step")
-        info = {"path": name, "format": "checkpoint", "weights": which,
-                "step": int(step) if isinstance(step, (int, float)) else None, "config": cfg, "codec": codec,
-                "stats": stats, "training": training_summary(ck),
+        info = {"path": name, "format": "checkpoint", "weights": which, "step": step_of(ck), "config": cfg,
+                "codec": codec, "stats": stats, "training": training_summary(ck),
                 "data": dict(stats.meta) if stats is not None else None, "metrics": None}
         return model, info
 
