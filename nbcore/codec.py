@@ -5,8 +5,8 @@
 JSON-able description from which ``codec_from_spec`` rebuilds an equivalent codec. ``channels`` (C)
 and ``downsample`` (f) describe the latent grid. Two implementations:
 
-- ``ShapesPixelCodec``: the shapes world's ``PixelCodec`` (``nbcore.shapes``; f = 2, no learned
-  compression) behind this interface.
+- ``ShapesPixelCodec``: the shapes world's ``PixelCodec`` (defined here, made by ``nbcore.shapes``;
+  f = 2, no learned compression) behind this interface.
   spec ``{"kind": "pixel", "channels", "shift": [r, g, b], "scale", "seed"}``.
 - ``VAECodec``: a diffusers ``AutoencoderKL`` from a LOCAL folder (``local_files_only``). Latents are
   ``(posterior mean - shift_factor) * scaling_factor``, the scaled latents the model sees.
@@ -27,15 +27,49 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .data import Stats
-from .shapes import PixelCodec
+from .stats import Stats
 from .utils import resolve_device
 
-__all__ = ["Codec", "ShapesPixelCodec", "VAECodec", "as_codec", "spec_of", "codec_from_spec",
+__all__ = ["Codec", "PixelCodec", "ShapesPixelCodec", "VAECodec", "as_codec", "spec_of", "codec_from_spec",
            "codec_spec_from_stats", "codec_from_stats", "record_codec", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- the shapes world's pixel codec
+
+class PixelCodec:
+    """Stand-in for the VAE (no learned compression): pixel_unshuffle by 2 -> 12 channels per
+    2x2 cell, shift by the world's mean colour, scale to about unit std, then a fixed orthonormal
+    map 12 -> C (C >= 12; orthonormal columns, so ``decode(encode(x)) == x`` up to float rounding).
+
+    ``encode(images (B, 3, S, S) in [0, 1]) -> latents (B, C, S/2, S/2)``;
+    ``decode(latents) -> images (B, 3, S, S)`` clamped to [0, 1].
+    """
+
+    def __init__(self, channels: int, shift=(0.0, 0.0, 0.0), scale: float = 1.0, seed: int = 777):
+        if channels < 12:
+            raise ValueError(f"the pixel codec needs >= 12 latent channels to be invertible, got {channels}")
+        self.channels, self.scale = channels, float(scale)
+        self.shift = torch.tensor(shift, dtype=torch.float32).repeat_interleave(4)     # (12,) unshuffle order c*4 + k
+        q, _ = torch.linalg.qr(torch.randn(channels, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        self.weight = q.float().contiguous()                                           # (C, 12), W^T W = I
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.pixel_unshuffle(images.float(), 2)                                       # (B, 12, h, w)
+        x = (x - self.shift.to(x.device)[None, :, None, None]) * self.scale
+        return torch.einsum("ck,bkhw->bchw", self.weight.to(x.device), x)             # (B, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("ck,bchw->bkhw", self.weight.to(latents.device), latents.float())  # (B, 12, h, w)
+        x = x / self.scale + self.shift.to(x.device)[None, :, None, None]
+        return F.pixel_shuffle(x, 2).clamp(0, 1)                                       # (B, 3, S, S)
+
+
 # PixelCodec's own default seed (its weights are a function of it), read from its signature so the
 # two cannot drift apart.
 _PIXEL_SEED = inspect.signature(PixelCodec.__init__).parameters["seed"].default

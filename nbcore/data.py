@@ -1,4 +1,4 @@
-"""Reading WebDataset shards of the DESIGN.md data contract, on webdataset's pipeline.
+"""Reading WebDataset shards of the docs/DESIGN.md data contract, on webdataset's pipeline.
 
 One sample per key; members ``latent.npy`` (C, H, W), ``dinov3.npy`` (Dd,), ``dinov3_patches.npy``
 (P, Dd), ``t5.npy`` (L_valid, Dt) real tokens only, ``txt``, optional ``png`` and ``json``. The
@@ -37,20 +37,8 @@ raises ``DataError`` naming shard and key, or, with ``on_error="skip"``, is skip
 reason. Counts from every worker arrive with the batches and accumulate in ``loader.counts``;
 an error in a worker arrives the same way and is raised in the main process as the same DataError.
 
-Why the tar reading is hand-written (``read_tar``), not webdataset's ``tar_file_expander`` +
-``group_by_keys``: both read with Python's ``tarfile``, which takes a header cut short (or a
-corrupt header) after the first member as a normal end of archive, and webdataset then yields a
-sample cut inside a member as a whole (smaller) sample. Measured on a 60-sample shapes-world
-shard (2.5 MB, tiny preset) cut at 300 random byte offsets: webdataset's reader lost samples
-without an error at 31 of 300 cuts, the reader before this one at 5 of 300; cut inside the
-header that starts each sample, both lose samples silently at 59 of 59 cuts. ``read_tar`` uses
-tarfile's stream reader too, but (1) checks the end-of-archive marker after the last member (at
-least two zero blocks from tarfile's offset to the end, a multiple of 512 bytes) and (2) compares
-the samples read with the count the writer recorded (``stats.json`` beside the shards,
-``meta.shards``: file name -> ``nsamples``, ``filesize``, as in webdataset's wids shard index), so
-a cut anywhere is reported as ``truncated_tar`` with the number of samples lost
-(1 when nothing was recorded): 0 of the 300 random and 0 of the 59 header cuts pass silently, and
-with the recorded count the number lost is exact at every cut.
+The tar reading is hand-written (``nbcore.tar_reader.read_tar``: it reports a shard cut anywhere as
+``truncated_tar`` with the samples lost; its docstring says why webdataset's reader is not used).
 
 The fast ``.npy`` parse (``_npy_bytes``) is kept instead of webdataset's decoders (np.load): per
 member of a tiny-preset sample it takes 10-14 us against np.load's 127-201 us (measured on this
@@ -70,8 +58,7 @@ import os
 import random
 import re
 import sys
-import tarfile
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -85,7 +72,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.tariterators import url_opener
 
-from .utils import ArgParser, load_checkpoint, write_json
+from .stats import MEMBER_OF, DataError, Stats, StatsAccumulator
+from .tar_reader import read_tar
 
 __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "SampleSpec", "SampleRule",
            "compute_stats", "shard_list", "expand_shards", "read_tar", "shard_samples", "decode_sample",
@@ -93,25 +81,9 @@ __all__ = ["DataError", "SkipCounter", "Stats", "StatsAccumulator", "SampleSpec"
            "REQUIRED", "MEMBER_OF"]
 
 REQUIRED = ("latent.npy", "dinov3.npy", "t5.npy", "txt")
-NORMALISED = ("dinov3", "dinov3_patches", "t5")
-BLOCK = 512                            # tar block size
-# The one adapter between the two vocabularies: a batch carries the model's argument names
-# (NanoDiT.forward: dino_emb, dino_patches, text_emb, text_mask); the on-disk members, decoded
-# samples and stats.json keep the member names (dinov3.npy -> "dinov3"). ``collate`` maps them.
-MEMBER_OF = {"dino_emb": "dinov3", "dino_patches": "dinov3_patches", "text_emb": "t5"}
-
+COMPLETE = REQUIRED + ("dinov3_patches.npy",)   # a sample with these members looks whole
 
 # --------------------------------------------------------------------------- errors and counts
-
-class DataError(ValueError):
-    """A malformed sample or shard: the message names shard, key and reason. ``lost``: samples this
-    error stands for (a truncated shard can lose many)."""
-
-    def __init__(self, message: str, shard: str | None = None, key: str | None = None,
-                 reason: str | None = None, lost: int = 1):
-        super().__init__(message)
-        self.shard, self.key, self.reason, self.lost = shard, key, reason, lost
-
 
 class _Bad(Exception):
     """Internal: one sample is bad for ``reason``; turned into a DataError naming shard and key."""
@@ -162,126 +134,6 @@ class SkipOrRaise:
             raise exn
         self.counts.skipped[exn.reason] += exn.lost
         return True
-
-
-# --------------------------------------------------------------------------- statistics
-
-@dataclass
-class Stats:
-    """Per-channel mean/std of the conditioning (``dinov3``, ``dinov3_patches``, ``t5`` real tokens
-    only) plus latent statistics for information (latents are not normalised: the codec / VAE
-    scaling already did that). ``normalise(name, x)`` = (x - mean) / std over the last dim."""
-    entries: dict = field(default_factory=dict)    # name -> {"mean": [...], "std": [...], "count": n}
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        """Every entry finite, with mean and std of one length and std > 0: a NaN or a zero std
-        here would turn every normalised batch into NaN / Inf."""
-        for name, e in self.entries.items():
-            try:
-                mean = np.asarray(e["mean"], dtype=np.float64)
-                std = np.asarray(e["std"], dtype=np.float64)
-            except (KeyError, TypeError, ValueError) as err:
-                raise DataError(f"statistics {name!r}: needs numeric 'mean' and 'std' lists ({err})") from None
-            if mean.ndim != 1 or mean.shape != std.shape or not len(mean):
-                raise DataError(f"statistics {name!r}: mean {mean.shape} and std {std.shape} must be equal-length lists")
-            bad = int((~np.isfinite(mean)).sum() + (~np.isfinite(std)).sum())
-            if bad:
-                raise DataError(f"statistics {name!r}: {bad} non-finite values in mean / std")
-            if (std <= 0).any():
-                raise DataError(f"statistics {name!r}: std <= 0 in {int((std <= 0).sum())} of {len(std)} "
-                                "channels (constant data? normalising would divide by zero)")
-
-    @classmethod
-    def load(cls, path) -> "Stats":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"stats file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        missing = [k for k in NORMALISED if k not in d] if isinstance(d, dict) else list(NORMALISED)
-        if missing:
-            raise DataError(f"{path}: missing statistics for {missing}")
-        try:
-            return cls({k: v for k, v in d.items() if k not in ("meta", "nonfinite")}, d.get("meta", {}))
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from None
-
-    def save(self, path) -> Path:
-        return write_json({**self.entries, "meta": self.meta}, path)
-
-    def dim(self, name: str) -> int:
-        return len(self.entries[name]["mean"])
-
-    def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.__dict__.setdefault("_cache", {})
-        if name not in cache:
-            e = self.entries[name]
-            cache[name] = (torch.tensor(e["mean"], dtype=torch.float32), torch.tensor(e["std"], dtype=torch.float32))
-        return cache[name]
-
-    def normalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.tensors(name)
-        return (x - mean.to(x.device)) / std.to(x.device)
-
-    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) as float32 numpy arrays (the loader normalises in numpy)."""
-        mean, std = self.tensors(name)
-        return mean.numpy(), std.numpy()
-
-    def denormalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.tensors(name)
-        return x * std.to(x.device) + mean.to(x.device)
-
-    def normalise_condition(self, cond: dict) -> dict:
-        """``cond`` (model names: dino_emb (B, Dd), dino_patches (B, P, Dd), text_emb (B, L, Dt),
-        text_mask (B, L)) normalised as ``collate`` does, text padding rows zero; a new dict, other
-        keys passed through."""
-        out = dict(cond)
-        for k, member in MEMBER_OF.items():
-            if cond.get(k) is not None:
-                out[k] = self.normalise(member, cond[k])
-        if cond.get("text_mask") is not None and cond.get("text_emb") is not None:
-            out["text_emb"] = out["text_emb"] * cond["text_mask"][..., None]            # (B, L, Dt)
-        return out
-
-
-class StatsAccumulator:
-    """Running float64 sums per channel; ``result()`` -> Stats. Arrays: latent (C, H, W), dinov3
-    (Dd,), dinov3_patches (P, Dd), t5 (L_valid, Dt) real tokens."""
-
-    def __init__(self):
-        self.s: dict = {}
-
-    def _acc(self, name: str, rows: np.ndarray) -> None:
-        rows = rows.astype(np.float64).reshape(-1, rows.shape[-1])                    # (K, D)
-        if name not in self.s:
-            self.s[name] = [0, np.zeros(rows.shape[1]), np.zeros(rows.shape[1])]
-        e = self.s[name]
-        if e[1].shape[0] != rows.shape[1]:
-            raise DataError(f"statistics: {name} has dim {rows.shape[1]}, earlier samples had {e[1].shape[0]}")
-        e[0] += rows.shape[0]
-        e[1] += rows.sum(0)
-        e[2] += (rows * rows).sum(0)
-
-    def add(self, latent: np.ndarray, dinov3: np.ndarray, dinov3_patches: np.ndarray, t5: np.ndarray) -> None:
-        self._acc("latent", np.moveaxis(latent, 0, -1))                               # (H, W, C)
-        self._acc("dinov3", dinov3[None])
-        self._acc("dinov3_patches", dinov3_patches)
-        if len(t5):
-            self._acc("t5", t5)
-
-    def result(self, eps: float = 1e-6) -> Stats:
-        if "dinov3" not in self.s:
-            raise DataError("statistics: no samples")
-        out = {}
-        for name, (n, s1, s2) in self.s.items():
-            mean = s1 / n
-            std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-            out[name] = {"mean": mean.tolist(), "std": np.maximum(std, eps).tolist(), "count": int(n)}
-        return Stats(out)
 
 
 # --------------------------------------------------------------------------- the rule for a sample
@@ -463,144 +315,6 @@ def _recorded(url: str) -> dict | None:
     return rec if isinstance(rec, dict) and isinstance(rec.get("nsamples"), int) else None
 
 
-# --------------------------------------------------------------------------- reading tars
-
-def _split_name(name: str) -> tuple[str | None, str | None]:
-    """WebDataset convention: key = path up to the first dot of the basename, member = the rest."""
-    d, base = os.path.split(name)
-    if "." not in base:
-        return None, None
-    stem, ext = base.split(".", 1)
-    return (os.path.join(d, stem) if d else stem), ext.lower()
-
-
-class _Tail:
-    """A non-seekable byte stream (a ``pipe:``, a URL) that remembers the last ``keep`` bytes read
-    with their offsets, so the end of a tar can be inspected after tarfile has read past its last
-    header (tarfile reads ahead by at most 10 KiB). Local files are seeked instead."""
-
-    def __init__(self, f, keep: int = 1 << 16):
-        self.f, self.keep, self.pos = f, keep, 0
-        self.chunks: deque = deque()     # (offset, bytes)
-        self.kept = 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        if b:
-            self.chunks.append((self.pos, b))
-            self.pos += len(b)
-            self.kept += len(b)
-            while self.kept - len(self.chunks[0][1]) >= self.keep:
-                self.kept -= len(self.chunks.popleft()[1])
-        return b
-
-    def rest(self, offset: int) -> tuple[bytes | None, int]:
-        """(the bytes from ``offset`` to the end of the stream or None if not kept, stream length)."""
-        while self.read(1 << 16):
-            pass
-        if not self.chunks or self.chunks[0][0] > offset:
-            return None, self.pos
-        return b"".join(b for _, b in self.chunks)[offset - self.chunks[0][0]:], self.pos
-
-
-def _seek_rest(f, offset: int) -> tuple[bytes, int]:
-    """(the bytes of a seekable file from ``offset`` to its end, file length)."""
-    f.seek(offset)
-    tail = f.read()
-    return tail, offset + len(tail)
-
-
-def _end_problem(tail: bytes | None, size: int) -> str | None:
-    """What is wrong with the end of a tar, given ``tail`` (the bytes from where tarfile expected
-    the next header to the end) and the stream ``size``: it must be an end-of-archive marker,
-    >= 2 zero blocks, the length a multiple of 512. None when it is (or ``tail`` is unknown: the
-    recorded count still applies)."""
-    if tail is None:
-        return None
-    if not tail:
-        return "no end-of-archive marker: the file ends right after the last complete member"
-    if tail.count(0) != len(tail):
-        return (f"no end-of-archive marker: the {len(tail)} bytes after the last complete member are no "
-                "readable tar header (cut or corrupt; tarfile reads this as a normal end)")
-    if len(tail) < 2 * BLOCK or size % BLOCK:
-        return f"end-of-archive marker cut short ({len(tail)} zero bytes, a tar ends with >= {2 * BLOCK})"
-    return None
-
-
-def read_tar(stream, url: str, recorded: dict | None = None):
-    """Raw samples {"__key__", "__url__", member: bytes} of one tar stream, in order.
-
-    Truncation, wherever the cut: the complete samples come first, then one sample marked
-    ``__truncated__`` (the reason) and ``__lost__`` (samples lost: ``recorded["nsamples"]`` minus
-    the samples read when the writer's count is known, else 1). Its key is the sample whose
-    member was being read, or a placeholder when the tar breaks between samples. A clean end
-    without the end-of-archive marker, or fewer samples than recorded, is a truncation too.
-    """
-    cur: dict | None = None
-    reading = None        # key of the member whose data is being read
-    n_read = 0
-    expected = recorded.get("nsamples") if recorded else None
-    seekable = getattr(stream, "seekable", None) is not None and stream.seekable()
-    src = stream if seekable else _Tail(stream)
-    problem, size = None, None
-    try:
-        with tarfile.open(fileobj=src, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, member = _split_name(info.name)
-                if key is None:
-                    continue
-                reading = key
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"{member}: {len(data)} of {info.size} bytes")
-                reading = None
-                if cur is not None and cur["__key__"] != key:
-                    n_read += 1
-                    yield cur
-                    cur = None
-                if cur is None:
-                    cur = {"__key__": key, "__url__": url}
-                if member in cur:
-                    raise tarfile.ReadError(f"duplicate member {member} for key {key}")
-                cur[member] = data
-                tar.members = []    # streaming: do not keep every TarInfo
-            if tar.fileobj.comptype == "tar":      # compressed tars: offsets are not file offsets
-                tail, size = _seek_rest(stream, tar.offset) if seekable else src.rest(tar.offset)
-                problem = _end_problem(tail, size)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        err = f"{type(e).__name__}: {e}"
-        if cur is not None and reading is not None and reading != cur["__key__"]:
-            n_read += 1
-            yield cur                              # complete: the next sample's member broke
-            cur = None
-        elif cur is not None and reading is None and all(m in cur for m in REQUIRED + ("dinov3_patches.npy",)):
-            n_read += 1
-            yield cur                              # broke between members after a complete-looking sample
-            cur = None
-        if cur is None:
-            cur = {"__key__": reading or "<after the last complete sample>", "__url__": url}
-        cur["__truncated__"] = err
-        cur["__lost__"] = max(1, expected - n_read) if expected is not None else 1
-        yield cur
-        return
-    if cur is not None:
-        n_read += 1
-        yield cur
-    if expected is not None and n_read < expected:
-        detail = f"{n_read} samples read, the writer recorded {expected}"
-        if recorded.get("filesize") is not None and size is not None:
-            detail += f" ({size} bytes, written {recorded['filesize']})"
-        if problem:
-            detail += f"; {problem}"
-        yield {"__key__": "<after the last complete sample>", "__url__": url,
-               "__truncated__": detail, "__lost__": expected - n_read}
-    elif problem and expected is None:
-        yield {"__key__": "<after the last complete sample>", "__url__": url,
-               "__truncated__": problem + "; at least one sample lost", "__lost__": 1}
-
-
 def _open_error(exn: Exception) -> bool:
     """url_opener's handler: a shard that cannot be opened is a DataError naming it."""
     url = exn.args[-1] if exn.args else "?"
@@ -613,7 +327,7 @@ def shard_samples(sources):
     webdataset's ``url_opener`` (local paths, ``pipe:`` commands, remote URLs)."""
     for src in url_opener(sources, handler=_open_error):
         try:
-            yield from read_tar(src["stream"], src["url"], _recorded(src["url"]))
+            yield from read_tar(src["stream"], src["url"], _recorded(src["url"]), complete=COMPLETE)
         finally:
             close = getattr(src["stream"], "close", None)
             if close is not None:
@@ -999,77 +713,6 @@ def check_shards(shards, strict: bool = False, progress: bool = True, stats="aut
             "spec": {**spec.sizes(), **({"multiple": spec.multiple} if spec.multiple else {})}}
 
 
-def _model_spec(preset_name: str | None, checkpoint: str | None, stats=None) -> SampleSpec | None:
-    """The CLI's ``--preset`` / ``--checkpoint``: the model config to check against. A preset is
-    taken as training takes it: its architecture at the sizes ``stats`` (a path, or None) records
-    (``nbcore.train.model_config_for_data``)."""
-    if checkpoint:
-        ck = load_checkpoint(checkpoint)
-        if "config" not in ck:
-            raise DataError(f"{checkpoint}: not an nbcore checkpoint (no 'config')")
-        return SampleSpec.from_model(ck["config"])
-    if preset_name:
-        # the CLI is the top layer: the library part of this module does not import the model
-        from .model import PRESETS
-        from .train import model_config_for_data
-        if preset_name not in PRESETS:
-            raise ValueError(f"--preset {preset_name!r}: not a model preset; choose from {sorted(PRESETS)}")
-        cfg = PRESETS[preset_name]
-        return SampleSpec.from_model(model_config_for_data(cfg, Stats.load(stats)) if stats else cfg)
-    return None
-
-
-def main(argv=None) -> int:
-    ap = ArgParser(prog="python -m nbcore.data", description="WebDataset shard tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ck = sub.add_parser("check", help="count samples, patches and bad samples per shard, with the training "
-                                      "loader's rule (last line: JSON)")
-    ck.add_argument("shards", help="folder, brace pattern or glob, quoted: 'DIR/train-{000000..000009}.tar'")
-    ck.add_argument("--strict", action="store_true", help="exit non-zero at the first bad sample")
-    ck.add_argument("--stats", default="auto",
-                    help="stats.json to check sizes against: auto (beside the shards, as training), none, or a PATH")
-    model = ck.add_mutually_exclusive_group()
-    model.add_argument("--preset", default=None, metavar="NAME",
-                       help="also check against this model preset (nbcore.model.PRESETS: tiny, production, ...) at the data's "
-                            "sizes, as training builds it")
-    model.add_argument("--checkpoint", default=None, help="also check against this checkpoint's model sizes")
-    st = sub.add_parser("stats", help="compute normalisation statistics -> stats.json")
-    st.add_argument("shards", help="folder, brace pattern or glob of the shards to average over (quoted)")
-    st.add_argument("--out", required=True, help="where to write stats.json")
-    args = ap.parse_args(argv)
-    try:
-        expand_shards(args.shards)
-    except FileNotFoundError as e:                  # a pattern that matches nothing: a bad argument
-        ap.error(str(e))
-    try:
-        if args.cmd == "check":
-            if args.checkpoint and not Path(args.checkpoint).is_file():
-                ap.error(f"--checkpoint {args.checkpoint}: no such file")
-            if args.stats not in ("auto", "none") and not Path(args.stats).is_file():
-                ap.error(f"--stats {args.stats}: no such file")
-            stats = None if args.stats == "none" else args.stats
-            stats_path = default_stats(expand_shards(args.shards)) if stats == "auto" else stats
-            try:
-                expect = _model_spec(args.preset, args.checkpoint, stats_path)
-            except ValueError as e:    # an unknown preset, an unreadable checkpoint: bad arguments
-                ap.error(str(e).splitlines()[0])
-            res = check_shards(args.shards, strict=args.strict, stats=stats, expect=expect)
-            for shard, c in res["per_shard"].items():
-                print(f"{shard}: {c['samples']} samples, {c['with_patches']} with patches, "
-                      f"{c['good']} good, skipped {c['skipped'] or 0}")
-            summary = {k: v for k, v in res.items() if k != "per_shard"}
-            print(json.dumps(summary))
-        else:
-            stats = compute_stats(args.shards, progress=True)
-            stats.save(args.out)
-            print(f"wrote {args.out} ({stats.meta['samples']} samples, skipped {stats.meta['skipped']})")
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0]}")
-    return 0
-
-
-if __name__ == "__main__":
-    # run the imported module's main, not this __main__ copy: classes like Stats must be the ones
-    # other modules check with isinstance (nbcore.codec, nbcore.train)
-    from nbcore.data import main as _main
+if __name__ == "__main__":   # python -m nbcore.data: the command line is nbcore.cli.data's
+    from nbcore.cli.data import main as _main
     sys.exit(_main())

@@ -1,14 +1,14 @@
 """The experiment: profiles, arms, the training schedule, and the calibrated evaluation.
 
-One question (DESIGN.md): do DINOv3 patch tokens put the blobs in the right places while text keeps
+One question (docs/DESIGN.md): do DINOv3 patch tokens put the blobs in the right places while text keeps
 control? A ``Profile`` fixes the world, the schedule and the evaluation; an ``Arm`` is one model
 design trained under it. Notebooks 03-06 and ``nbcore.runner`` call the functions below.
 
 Schedule: equal optimiser steps for every arm, every arm with ``seeds`` training seeds
     baseline       pre-patch model from scratch, ``steps`` steps, a milestone every ``milestone_every``
-    warm arms      start from the same seed's baseline milestone at ``warm_from`` (the seed plan's
+    warm arms      start from the same seed's baseline milestone at ``warm_from`` (the design's
                    path) and train ``steps - warm_from`` more: ``steps`` in all, on the baseline's axis
-    scratch arms   from step 0 for ``steps`` steps (the seed plan's fallback "restart from step 0")
+    scratch arms   from step 0 for ``steps`` steps (the fallback: restart from step 0)
     seeds          seed s of every arm (its initialisation, data order and dropout draws; a warm arm
                    also its own baseline), so training noise is measured, not assumed
 Runs are independent processes, ``workers`` at a time, one torch thread each (a model this small
@@ -20,7 +20,7 @@ scenes, one shared noise draw, guidance off (v = v_full) and on (the profile's n
     textonly   own text, null DINO: does text still place shapes (text control)?
     dinoonly   null text, own DINO: the patch route alone (its positive control)
     swap       text of scene i, DINO of scene i+1 (guidance on): whose layout does it follow?
-    unplaced swap  the seed plan's swap: scene i's caption *without places* ("a large red circle",
+    unplaced swap  the DINO swap as the design defines it: scene i's caption *without places* ("a large red circle",
                as real captions read; the world's training captions always name places, so this
                caption is new to every model) with the DINO of scene j, the next scene with as many
                shapes: scored against the hybrid scene (i's shapes -- kind, colour, size -- at j's
@@ -99,13 +99,13 @@ class Arm:
 BASELINE = Arm("baseline", {"use_dino_patches": False})
 HEADLINE_ARMS = (
     BASELINE,
-    Arm("patch-sincos", {"patch_pos_embed": "sincos", "context_gate": True}, "warm"),   # the seed plan's path
+    Arm("patch-sincos", {"patch_pos_embed": "sincos", "context_gate": True}, "warm"),   # the warm-start path
     Arm("patch-sincos-scratch", {"patch_pos_embed": "sincos"}, "scratch"),
     Arm("patch-rope-scratch", {"patch_pos_embed": "rope"}, "scratch"),     # position-aware cross-attention
-    Arm("tied+context", {"patch_tie": True, "context_gate": True}, "warm"),  # beyond the seed plan
+    Arm("tied+context", {"patch_tie": True, "context_gate": True}, "warm"),  # patches also tied to their image tokens
 )
 SECONDARY_ARMS = (
-    Arm("patch-none", {"patch_pos_embed": "none", "context_gate": True}, "warm"),   # the seed plan's model
+    Arm("patch-none", {"patch_pos_embed": "none", "context_gate": True}, "warm"),   # patches as they come, no positions
     Arm("patch-learned", {"patch_pos_embed": "learned", "context_gate": True}, "warm"),
     Arm("patch-rope", {"patch_pos_embed": "rope", "context_gate": True}, "warm"),
     Arm("patch-sincos-ungated", {"patch_pos_embed": "sincos"}, "warm"),    # the warm start without the gate
@@ -137,7 +137,7 @@ class Profile:
     ema_decay: float = 0.995
     arms: tuple = HEADLINE_ARMS
     seeds: int = 2                       # training seeds of every arm (module docstring)
-    warm_lr_scale: float = 1.0           # TrainConfig.warm_start_lr_scale of the warm arms (seed plan: 0.5)
+    warm_lr_scale: float = 1.0           # TrainConfig.warm_start_lr_scale of the warm arms (the design suggests 0.5)
     new_param_lr_scale: float = 1.0      # TrainConfig.new_param_lr_scale of the warm arms
     workers: int = 2                     # training processes at a time
     # evaluation
@@ -625,7 +625,7 @@ def loss_curves(p: Profile, run_dir, arms) -> dict:
 
 
 def patch_scale_sweep(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]:
-    """Open question 3 on one arm: reconstruction layout metrics with nested guidance at the
+    """Does a separate patch guidance scale help? On one arm: reconstruction layout metrics with nested guidance at the
     profile's text / DINO scales and each separate patch scale of ``p.patch_scales``
     (``Guidance.patch_scale``; its caveat: the CLS-without-patches branch is a combination the
     default dropout never trains). ``final_scenes`` scenes, cached in ``RUN/sweep.json``."""

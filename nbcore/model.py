@@ -8,22 +8,22 @@ Shape legend
     N = h*w = (H/p)(W/p) image tokens, L text tokens, P DINO patches (g x g grid), M = L + 1 + P context,
     D hidden, nh heads, hd = D / nh head dim, Dt text dim, Dd DINO dim.
 
-Cross-attention context (DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
+Cross-attention context (docs/DESIGN.md): [text (L) | CLS (1) | patches (P)], each projected to D first.
 With ``use_dino_patches=False`` the context is the text alone and the CLS acts only through adaLN:
 exactly the pre-patch architecture, so its checkpoints warm-start the patch model.
 
-The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of that:
-    patch_context  patches in the cross-attention context (the default; DESIGN.md's model)
+The arms of the experiment (``nbcore.experiment``) are ``ModelConfig`` switches on top of that:
+    patch_context  patches in the cross-attention context (the default; docs/DESIGN.md's model)
     patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
                    patch covers, before the first block (zero-initialised: see initialize_weights)
     patch_norm     LayerNorm on the projected context patches before their position (presets: on)
     context_gate   a per-head gain on the non-text keys, 0 at init: a warm start from the pre-patch
                    model is exactly its function at step 0, and the gain can only open
     patch_pos_embed  none | learned | sincos (added to the patch) | rope (rotary, in the attention)
-    cls_position   "middle" [text | CLS | patches] (DESIGN.md), "start" [CLS | text | patches], or
+    cls_position   "middle" [text | CLS | patches] (docs/DESIGN.md), "start" [CLS | text | patches], or
                    "none" (CLS only through adaLN, as in the pre-patch model). Start and middle are
                    the same function: text and CLS keys carry no position and attention over keys is
-                   order-free, so moving CLS permutes the keys (the seed plan's open question 4 is
+                   order-free, so moving CLS permutes the keys (where to put CLS is
                    moot here; tests/test_model.py checks it, the cpu runs measured it)
 Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the context.
 """
@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .model_folder import PretrainedMixin
 
 __all__ = ["ModelConfig", "NanoDiT", "PRESETS", "CONDITION_KEYS", "attend", "prepare_text", "load_warm_start",
            "initialize_weights", "sincos_2d", "patch_cover_weights", "preset"]
@@ -88,8 +90,8 @@ class ModelConfig:
     # |.| cannot be driven below 0, so the gate opens at the optimiser's pace. Uses the explicit
     # attention path (of ``attend``).
     context_gate: bool = False
-    # Where the CLS token sits in the context (seed open question 4): "middle" = [text | CLS |
-    # patches] (DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
+    # Where the CLS token sits in the context (where to put CLS): "middle" = [text | CLS |
+    # patches] (docs/DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
     # through adaLN, as in the pre-patch model). With the patches out of the context (tie only) CLS
     # stays in by default: the arm then differs from the context arms only in where the patches go.
     cls_position: str = "middle"
@@ -358,7 +360,9 @@ class FinalLayer(nn.Module):
 
 # --------------------------------------------------------------------------- model
 
-class NanoDiT(nn.Module):
+class NanoDiT(PretrainedMixin, nn.Module):
+    config_class = ModelConfig   # what from_pretrained builds (nbcore.model_folder: from_pretrained, save_pretrained)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -535,7 +539,7 @@ def initialize_weights(model: NanoDiT) -> None:
       no new context keys (``patch_context=False, cls_position="none"``) is exactly the pre-patch
       function at step 0, and adding the tie to a trained context arm leaves that arm's function
       unchanged. (With CLS or patches in the context, the new keys change it as said above.)
-    - Learned nulls start at zero (seed plan); a learned patch position table at N(0, 0.02).
+    - Learned nulls start at zero; a learned patch position table at N(0, 0.02).
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -584,7 +588,7 @@ def prepare_text(text_emb: torch.Tensor, text_mask: torch.Tensor | None, multipl
 # --------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, ModelConfig] = {
-    # The seed plan's model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
+    # The full-size model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
     # DINOv3 1024-d with a 14x14 patch grid -> context 512 + 1 + 196 = 709.
     "production": ModelConfig(patch_norm=True),
     # The shapes world on a 2-core CPU: 64 px images -> 12x32x32 latents (pixel codec), patch 2
@@ -594,7 +598,7 @@ PRESETS: dict[str, ModelConfig] = {
     # loss near 0.74 where patch 2 reaches 0.14 in the same 1000 steps (README, research section).
     "tiny": ModelConfig(in_channels=12, input_size=32, patch_size=2, hidden_size=96, depth=3,
                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8, patch_norm=True),
-    # A cheaper CPU world (issue 16: cheaper steps, not shorter training): 32 px images -> 12x16x16
+    # A cheaper CPU world (cheaper steps, not shorter training): 32 px images -> 12x16x16
     # latents, patch 2 (8x8 = 64 image tokens of 48 values), a 4x4 DINO grid of 8 px patches
     # (context 32 + 1 + 16 = 49); each patch covers 2x2 image tokens.
     "micro": ModelConfig(in_channels=12, input_size=16, patch_size=2, hidden_size=96, depth=3,

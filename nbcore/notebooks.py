@@ -104,7 +104,7 @@ def load_val_batch(data_dir, n: int, device=None) -> dict:
     return batch
 
 
-if __name__ == "__main__":   # DESIGN.md's entry point `python -m nbcore.notebooks run ...`: the runner's CLI
+if __name__ == "__main__":   # docs/DESIGN.md's entry point `python -m nbcore.notebooks run ...`: the runner's CLI
     import sys
 
     from .runner import main

@@ -32,11 +32,10 @@ P = g*g patches, Dd patch/CLS dim, L tokens, Dt token dim, r mixing rank.
 
 CLI: ``python -m nbcore.shapes make OUT_DIR --n N --seed S [--preset micro|tiny|production]
 [--val-fraction F] [--shard-size K]`` writes ``OUT_DIR/{train,val}-NNNNNN.tar`` and
-``OUT_DIR/stats.json`` (the DESIGN.md data contract).
+``OUT_DIR/stats.json`` (the docs/DESIGN.md data contract).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -53,7 +52,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import StatsAccumulator, shard_records
+from .codec import PixelCodec
+from .data import shard_records
+from .stats import StatsAccumulator
 
 __all__ = ["COLOURS", "BACKGROUND", "KINDS", "SIZES", "Rules", "RULES", "Shape", "Scene", "ShapesWorld", "WorldSizes", "WORLDS",
            "StandInTextEncoder", "StandInPatchEncoder", "PixelCodec", "colour_mask",
@@ -412,36 +413,6 @@ def _pixel_stats(image_size: int) -> tuple[tuple[float, float, float], float]:
     return tuple(round(float(v), 6) for v in mean), round(float(std), 6)
 
 
-class PixelCodec:
-    """Stand-in for the VAE (no learned compression): pixel_unshuffle by 2 -> 12 channels per
-    2x2 cell, shift by the world's mean colour, scale to about unit std, then a fixed orthonormal
-    map 12 -> C (C >= 12; orthonormal columns, so ``decode(encode(x)) == x`` up to float rounding).
-
-    ``encode(images (B, 3, S, S) in [0, 1]) -> latents (B, C, S/2, S/2)``;
-    ``decode(latents) -> images (B, 3, S, S)`` clamped to [0, 1].
-    """
-
-    def __init__(self, channels: int, shift=(0.0, 0.0, 0.0), scale: float = 1.0, seed: int = 777):
-        if channels < 12:
-            raise ValueError(f"the pixel codec needs >= 12 latent channels to be invertible, got {channels}")
-        self.channels, self.scale = channels, float(scale)
-        self.shift = torch.tensor(shift, dtype=torch.float32).repeat_interleave(4)     # (12,) unshuffle order c*4 + k
-        q, _ = torch.linalg.qr(torch.randn(channels, 12, generator=_gen(seed), dtype=torch.float64))
-        self.weight = q.float().contiguous()                                           # (C, 12), W^T W = I
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.pixel_unshuffle(images.float(), 2)                                       # (B, 12, h, w)
-        x = (x - self.shift.to(x.device)[None, :, None, None]) * self.scale
-        return torch.einsum("ck,bkhw->bchw", self.weight.to(x.device), x)             # (B, C, h, w)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = torch.einsum("ck,bchw->bkhw", self.weight.to(latents.device), latents.float())  # (B, 12, h, w)
-        x = x / self.scale + self.shift.to(x.device)[None, :, None, None]
-        return F.pixel_shuffle(x, 2).clamp(0, 1)                                       # (B, 3, S, S)
-
-
 # --------------------------------------------------------------------------- the world
 
 @dataclass(frozen=True)
@@ -658,36 +629,6 @@ def write_image_folder(out_dir, n: int, image_size: int = 64, seed: int = 0, rul
     return out
 
 
-# --------------------------------------------------------------------------- CLI
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nbcore.shapes", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    mk = sub.add_parser("make", help="write shapes-world shards + stats.json")
-    mk.add_argument("out_dir", help="output folder (e.g. outputs/data/shapes)")
-    mk.add_argument("--n", type=int, required=True, help="total samples (train + val)")
-    mk.add_argument("--seed", type=int, default=0, help="world seed: the scenes (default 0)")
-    mk.add_argument("--preset", default="tiny", choices=sorted(WORLDS), help="sizes of this model preset (default tiny)")
-    mk.add_argument("--rules", default="standard", choices=sorted(RULES),
-                    help="what scenes hold: standard (1-3 shapes, 6 colours) or easy (1-2 larger shapes, 4 colours)")
-    mk.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in the val split (default 0.1)")
-    mk.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    mk.add_argument("--batch-size", type=int, default=256, help="samples encoded together")
-    args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error("--n must be >= 1")
-    if not 0 <= args.val_fraction < 1:
-        ap.error("--val-fraction must be in [0, 1)")
-    if args.shard_size < 1 or args.batch_size < 1:
-        ap.error("--shard-size and --batch-size must be >= 1")
-    try:
-        out = make_dataset(args.out_dir, args.n, args.seed, args.preset, args.val_fraction,
-                           args.shard_size, args.batch_size, rules=args.rules)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {args.out_dir}: {e}")
-    print(f"wrote {args.n} samples to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python -m nbcore.shapes: the command line is nbcore.cli.shapes's
+    from nbcore.cli.shapes import main as _main
+    sys.exit(_main())

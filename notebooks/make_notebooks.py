@@ -81,7 +81,7 @@ NB01 = nb([
                       "cross-attention context `[text | CLS | patches]`, parameter counts, the parameters the "
                       "patch model adds, and the four CFG modes. Everything here is computed by `nbcore`."),
     *header("01_architecture", "production_forward = None   # one batch-1 forward of the production preset (None: all profiles but smoke)\n"),
-    new_markdown_cell("## Both presets\n`production` is the seed plan's model; `tiny` is the shapes world on a CPU. "
+    new_markdown_cell("## Both presets\n`production` is the full-size model; `tiny` is the shapes world on a CPU. "
                       "`use_dino_patches=False` is exactly the pre-patch architecture."),
     new_code_cell('''from nbcore.checks import architecture_summary
 from nbcore.model import PRESETS
@@ -289,10 +289,10 @@ if has_maps:
     print("co-located share / uniform over training:", [(r["step"], round(r["ratio"], 2)) for r in loc_over])
     ctx.metrics["locality_over_training"] = loc_over
     M = batch["text_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
-    answer, share = analysis.risk5_answer(over, tabs, loc, M)
+    answer, share = analysis.cls_use_answer(over, tabs, loc, M)
     print(answer)
     ctx.metrics["cls_share_vs_uniform"] = share
-    ctx.metrics["answer_risk5"] = answer
+    ctx.metrics["cls_use_answer"] = answer
 else:
     print(f"{best.run} has no patches in its context (tied only): no patch maps")'''),
     new_code_cell("ctx.finish()"),

@@ -377,7 +377,7 @@ def run(*args, capsys=None):
     """Run the CLI in-process (fast) when capsys is given, else as ``python -m nbcore.data``."""
     if capsys is None:
         return subprocess.run([sys.executable, "-m", "nbcore.data", *args], capture_output=True, text=True)
-    from nbcore.data import main
+    from nbcore.cli.data import main
     try:
         code = main(list(args))
     except SystemExit as e:

@@ -1,4 +1,4 @@
-"""Issue 13, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
+"""Robustness, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
 checkpoint, every user error is one clear line (exit 2 for bad arguments), never advice to load
 with ``weights_only=False``.
 
@@ -84,7 +84,7 @@ def one_line(stderr: str, after_progress: bool = False) -> str:
 @pytest.mark.parametrize("flag,value", [("--text-scale", "nan"), ("--dino-scale", "inf"), ("--patch-scale", "-inf"),
                                         ("--interval", "nan")])
 def test_nonfinite_guidance_scale_refused(tiny_shards, tmp_path, capsys, flag, value):
-    from nbcore.validate import main
+    from nbcore.cli.validate import main
     ck = atomic_save({"config": {}, "model": {}}, tmp_path / "c.pt")   # never read: the arguments fail first
     args = [str(ck), "--data", str(tiny_shards), "--out", str(tmp_path / "o"), f"{flag}={value}"]
     if flag == "--interval":
@@ -353,7 +353,7 @@ def test_non_checkpoint_warm_start_refused_in_one_line(tiny_shards, tmp_path):
     (["--steps", "x"], "invalid int value"),
 ])
 def test_bad_train_arguments_one_line_exit_2(tiny_shards, tmp_path, capsys, extra, needle):
-    from nbcore.train import main
+    from nbcore.cli.train import main
     afile = tmp_path / "a-file"
     afile.write_text("x")
     extra = [str(tmp_path) if a == "FOLDER" else str(afile / "out") if a == "UNDER_A_FILE" else a for a in extra]

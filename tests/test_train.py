@@ -407,7 +407,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_shards):
 
 
 def test_cli_help_and_bad_arguments(tmp_path, capsys):
-    from nbcore.train import main
+    from nbcore.cli.train import main
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
@@ -589,7 +589,7 @@ def test_training_takes_the_datas_sizes_and_checkpoints_carry_stats_and_codec(tm
                                                                                capsys):
     from nbcore.codec import codec_from_spec
     from nbcore.pretrained import checkpoint_step, from_pretrained, save_pretrained
-    from nbcore.train import main
+    from nbcore.cli.train import main
     data = tmp_path / "data"
     shutil.copytree(micro_shards, data)
     stats_json = json.loads((data / "stats.json").read_text())
