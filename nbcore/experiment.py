@@ -45,7 +45,7 @@ from .model import NanoDiT, ModelConfig, preset as model_preset
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import Scene, ShapesWorld, make_dataset, shuffle_layout
 from .train import TrainConfig, load_train_log, train
-from .utils import load_checkpoint, write_json
+from .utils import load_checkpoint, pool_worker_init, write_json
 from .validate import load_val_batch
 
 __all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY_ARMS", "profile",
@@ -464,9 +464,9 @@ def _workers(p: Profile, device: str) -> int:
 
 def _pool(p: Profile, device: str):
     """Worker processes for independent jobs (training arms, scoring arms): ``_workers`` spawned
-    one-thread processes."""
+    one-thread processes that end when their parent dies (``pool_worker_init``)."""
     return ProcessPoolExecutor(_workers(p, device), mp_context=mp.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
+                               initializer=pool_worker_init, initargs=(1,))
 
 
 def _score_arm(p: Profile, run_dir, arm: Arm, device: str) -> dict:
