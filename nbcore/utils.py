@@ -133,11 +133,35 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error(e)
+        if cause is not None:   # a full disk surfaces as torch's "enforce fail at inline_container": say what it is
+            raise WriteError(cause.errno, f"{path}: cannot write ({cause.strerror or cause}); "
+                                          f"the previous {path.name}, if any, is intact") from None
         raise
     return path
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota): one line naming the path and the
+    reason, e.g. "No space left on device"."""
+
+    def __str__(self):
+        return str(self.strerror)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or its cause / context: torch wraps write errors in a
+    RuntimeError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
