@@ -164,14 +164,15 @@ def _os_error(e: BaseException) -> OSError | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
     """Read a checkpoint written by ``atomic_save`` with ``weights_only=True`` (no pickled code).
 
     Anything else raises ``CheckpointError`` (or FileNotFoundError) with one line naming the file
     and what is wrong: a folder, an empty or truncated file, a file that is not a torch zip
     archive, or one holding objects beyond tensors and plain types. The message never suggests
     ``weights_only=False``: an nbcore checkpoint never needs it, and a file that does could run
-    code when loaded.
+    code when loaded. ``mmap``: map the storages instead of reading them (a cheap look at the
+    plain entries).
     """
     path = Path(path)
     if not path.exists():
@@ -188,7 +189,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch's pickle-protocol warning adds nothing here
-            ck = torch.load(path, map_location=map_location, weights_only=True)
+            ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f", e.g. {found.group(1)}" if found else ""
