@@ -37,6 +37,7 @@ import errno
 import html
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -134,6 +135,62 @@ class _Echo(threading.Thread):
         while not self.stop.wait(self.every):
             self._flush()
         self._flush()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (from /proc: Linux; elsewhere none are found)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parent_of.items() if p == parent]
+        out += kids
+        todo += kids
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_kernels(grace_s: float = 60.0) -> None:
+    """Ctrl-C: SIGTERM to each notebook kernel this runner started (a child in its own session) and
+    its process group, its training workers included, which write a checkpoint at the step reached
+    (``nbcore.train``); wait up to ``grace_s`` for them to end. Then papermill finds a dead kernel
+    instead of trading messages with a dying one (tracebacks on the terminal)."""
+    kernels = [k for k in _descendants(os.getpid()) if _session(k) == k]
+    procs = kernels + [p for k in kernels for p in _descendants(k)]
+    for k in kernels:
+        try:
+            os.killpg(k, signal.SIGTERM)
+        except OSError:
+            pass
+    end = time.time() + grace_s
+    while time.time() < end and any(_running(p) for p in procs):
+        time.sleep(0.1)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _ctrl_c(signum, frame) -> None:
+    """SIGINT handler while notebooks run: stop the kernels cleanly, then KeyboardInterrupt (a second
+    Ctrl-C meanwhile interrupts the wait)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_kernels()
+    raise KeyboardInterrupt
 
 
 def _export_html(nb_path: Path) -> Path | None:
@@ -281,6 +338,8 @@ def _run_locked(run_dir: Path, profile: str, selected: list, declared: dict, par
     status = 0
     bar = tqdm(selected, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
     nb, t0 = None, time.perf_counter()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _ctrl_c) if main_thread else None
     try:
         for nb in bar:
             bar.set_postfix_str(nb)
@@ -324,6 +383,9 @@ def _run_locked(run_dir: Path, profile: str, selected: list, declared: dict, par
                 break
     except KeyboardInterrupt:   # Ctrl-C: one line and an index of what finished, no traceback
         return _interrupted(run_dir, entries, meta, nb, t0, t_run, bar)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     bar.close()
     meta.update(wall_s=time.perf_counter() - t_run, status="failed" if status else "ok")
     _write_index(run_dir, entries, meta)

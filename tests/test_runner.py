@@ -181,3 +181,33 @@ def test_killed_runner_leaves_no_training_process(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_real_runner(tmp_path):
+    """SIGINT to a runner whose notebook is busy in its kernel: exit 130, no traceback, the index says
+    what finished and what was interrupted, and the kernel does not outlive the runner."""
+    pids = tmp_path / "kernel.pid"
+    body = f"import os, time\nopen({str(pids)!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+    nbs = _notebooks(tmp_path / "nbs", "x = 1\n", names=("01_architecture",))
+    _notebooks(tmp_path / "nbs2", body, names=("02_checks",))
+    (tmp_path / "nbs2" / "02_checks.ipynb").rename(nbs / "02_checks.ipynb")
+    script = ("import sys; from nbcore import runner; sys.exit(runner.run_suite('smoke', only=['1', '2'], name='r', "
+              f"out_root={str(tmp_path / 'runs')!r}, notebooks_dir={str(nbs)!r}, progress=False))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + 120
+        while time.time() < end and not (pids.exists() and pids.read_text()):
+            time.sleep(0.2)
+        kernel = int(pids.read_text())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert "interrupted" in last and "02_checks" in last and "01_architecture ok" in last
+        meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+        assert meta["meta"]["status"] == "interrupted" and meta["notebooks"]["02_checks"]["status"] == "interrupted"
+        assert _wait_gone([kernel], 20) == []
+    finally:
+        proc.kill()
