@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from nbcore import experiment as ex, runner
+from nbcore import runner
 
 
 def _alive(pid: int) -> bool:
