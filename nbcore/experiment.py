@@ -42,10 +42,11 @@ import torch
 from .codec import codec_from_stats
 from .metrics import bootstrap_ci, paired_bootstrap_diff, shape_layout_per_sample, psnr
 from .model import NanoDiT, ModelConfig, preset as model_preset
+from .preemption import pool_worker_init
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import Scene, ShapesWorld, make_dataset, shuffle_layout
 from .train import TrainConfig, load_train_log, train
-from .utils import load_checkpoint, pool_worker_init, write_json
+from .utils import load_checkpoint, write_json
 from .validate import load_val_batch
 
 __all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY_ARMS", "profile",

@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import pickle
 import random
 import re
-import signal
 import sys
 import tempfile
-import threading
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -93,26 +89,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {device!r}: unsupported (use auto, cpu, cuda[:i] or mps)")
     return dev
-
-
-def pool_worker_init(threads: int = 1, grace_s: float = 60.0) -> None:
-    """Initialiser of a worker process: ``threads`` torch threads, and a daemon thread that ends the
-    worker when its parent dies (a notebook kernel killed with its runner): SIGTERM to itself
-    first, so a training run writes a checkpoint at the step reached (``nbcore.train``), then a
-    hard exit after ``grace_s`` seconds. Without it a killed parent leaves its workers training on
-    as orphans."""
-    torch.set_num_threads(threads)
-    spawner = multiprocessing.parent_process()    # recorded at spawn: the parent may be gone already
-    parent = spawner.pid if spawner is not None else os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def seed_everything(seed: int) -> None:

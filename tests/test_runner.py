@@ -64,15 +64,25 @@ def test_bad_arguments_exit_2_and_leave_nothing(tmp_path, capsys, args, needle):
     assert not out.exists()                                          # no empty run folder left behind
 
 
+# A runner holding RUN's lock, as RunLock leaves it (without importing nbcore: fast)
+_HOLD = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, json.dumps({"pid": os.getpid(), "started": "2026-01-01 00:00:00", "command": "runner run"}).encode())
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
 def test_second_runner_on_a_busy_folder_is_refused(tmp_path, capsys):
     """A runner holds RUN's lock; another on the same name stops in one line naming it (pid and
     start time) and touches nothing: the first's arm folders stay."""
     run_dir = tmp_path / "runs" / "busy"
     (run_dir / "train" / "baseline").mkdir(parents=True)
     (run_dir / "train" / "baseline" / "last.pt").write_text("the first runner's")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nbcore.runner import RunLock; "
-                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(run_dir)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir / runner.RunLock.NAME)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
@@ -89,9 +99,11 @@ def test_second_runner_on_a_busy_folder_is_refused(tmp_path, capsys):
 
 def test_lock_of_a_killed_runner_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "r"
-    dead = subprocess.Popen([sys.executable, "-c", "import sys, os; from nbcore.runner import RunLock; "
-                             "RunLock(sys.argv[1]).acquire(); os.kill(os.getpid(), 9)", str(run_dir)])
+    run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", _HOLD.replace('print("held", flush=True)', "os.kill(os.getpid(), 9)"),
+                             str(tmp_path / "r" / runner.RunLock.NAME)])
     dead.wait()
+    assert dead.returncode == -9
     lock = runner.RunLock(run_dir)
     lock.acquire()
     assert f"pid {dead.pid}" in capsys.readouterr().err                # says whose lock it took over
@@ -139,6 +151,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_parent(tmp_path):
     """kill -9 of the process that owns the pool (the notebook kernel under the runner): its
     workers, busy in a job, end within seconds instead of running on as orphans."""
@@ -211,3 +224,46 @@ def test_ctrl_c_of_a_real_runner(tmp_path):
         assert _wait_gone([kernel], 20) == []
     finally:
         proc.kill()
+
+
+_TRAINING_PARENT = """
+import sys, time
+from nbcore import experiment as ex
+from nbcore.train import TrainConfig, parse_model_overrides, train
+if __name__ == "__main__":
+    data, out = sys.argv[1], sys.argv[2]
+    cfg = TrainConfig(preset="tiny", model=parse_model_overrides("tiny", '{"depth": 1, "hidden_size": 32, "num_heads": 2}'),
+                      data=data, out=out, steps=100000, batch_size=4, log_every=1, ckpt_every=100000,
+                      milestone_every=0, device="cpu", progress=False)
+    pool = ex._pool(ex.PROFILES["smoke"], "cpu")
+    f = pool.submit(train, cfg)
+    time.sleep(0.5)
+    print(" ".join(str(p) for p in pool._processes), flush=True)
+    f.result()
+"""
+
+
+@pytest.mark.slow
+def test_orphaned_training_worker_checkpoints_and_ends(tmp_path, tiny_shards):
+    """The pool's parent killed while a worker trains: the worker writes last.pt at the step it reached
+    (SIGTERM from its watchdog, ``nbcore.train``'s handler) and ends, instead of training on."""
+    from nbcore.train import load_train_log
+    from nbcore.utils import load_checkpoint
+    script = tmp_path / "parent.py"
+    script.write_text(_TRAINING_PARENT)
+    out = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, str(script), str(tiny_shards), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        end = time.time() + 120
+        while time.time() < end and not ((out / "log.jsonl").exists() and load_train_log(out)):
+            time.sleep(0.1)
+        assert load_train_log(out), "training did not start"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(pids, 60) == []
+        k = load_checkpoint(out / "ckpt" / "last.pt")["step"]
+        assert k >= 1 and k == max(r["step"] for r in load_train_log(out))
+    finally:
+        parent.kill()
