@@ -265,7 +265,7 @@ def checkpoint_step(path) -> int:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ck = load_checkpoint(path, mmap=True)   # one line for a malicious or foreign file (CheckpointError)
     if "step" not in ck:
         raise KeyError(f"{path} has no 'step' entry (keys: {sorted(ck)}): not an nbcore training checkpoint")
     return int(ck["step"])

@@ -31,6 +31,12 @@ CLI: ``python -m nbcore.encoders precompute IMAGES_DIR OUT_DIR --dino DIR --t5 D
 turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the docs/DESIGN.md data contract
 (``train-NNNNNN.tar``, optional ``val-NNNNNN.tar``) plus ``stats.json``.
 
+- Images are read as a viewer shows them (``as_rgb``): EXIF orientation applied, every PIL mode
+  (16-bit greyscale at its real value, palette, CMYK, alpha composited on white) to 8-bit RGB.
+  Captions are UTF-8, else read as cp1252 (else latin-1) and named in the summary
+  (``read_caption``). Every file left out is named by reason in the summary's ``skips`` (no
+  caption, caption without an image, unreadable caption, unreadable image) and on stderr.
+
 - Size: by default the short side is resized to ``--image-size`` and the centre cropped to a square
   (512 -> 64x64 latents with an 8x VAE). ``--buckets``: aspect-ratio buckets of about
   ``image_size^2`` pixels, sides multiples of ``--bucket-step`` px (default 8 latent cells, so
@@ -72,7 +78,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .codec import DTYPES, VAECodec, _local_dir
@@ -80,7 +86,8 @@ from .data import compute_stats, shard_list
 from .shapes import encode_sample_members
 from .utils import resolve_device, write_json
 
-__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "load_image", "find_pairs", "aspect_buckets",
+__all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "as_rgb", "load_image", "read_caption",
+           "scan_folder", "find_pairs", "aspect_buckets",
            "choose_bucket", "precompute", "tiny_random_encoders", "DataEncoders", "data_encoders", "MANIFEST"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -279,6 +286,27 @@ class _LazyText:
 
 # --------------------------------------------------------------------------- images
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def as_rgb(im) -> Image.Image:
+    """A PIL image as a viewer shows it, in 8-bit RGB: EXIF orientation applied; 16-bit greyscale
+    (``I;16*``, and ``I``, the mode older Pillow gives 16-bit PNGs) scaled by 255/65535 to its real
+    8-bit value (``convert`` would clip it: 30000 of 65535 to white); float ``F`` taken as 0..255
+    (Pillow's own convention); palette, CMYK, 1-bit, YCbCr through Pillow's conversions; alpha (and
+    a palette's or greyscale's transparency) composited on white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _SIXTEEN_BIT or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)                                            # (H, W)
+        a = a / 257.0 if im.mode in _SIXTEEN_BIT else a
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in _ALPHA or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def _fit(im, size: tuple[int, int]):
     """PIL RGB image -> resized to cover (H, W) = size, centre-cropped to it (the smallest crop)."""
     H, W = size
@@ -296,11 +324,11 @@ def _to_tensor_u8(im) -> torch.Tensor:
 
 
 def load_image(path, size: int | tuple[int, int]) -> torch.Tensor:
-    """RGB image -> resized to cover ``size`` (a side: square; or (H, W)) and centre-cropped:
-    (3, H, W) float32 in [0, 1]."""
+    """An image file as a viewer shows it (``as_rgb``) -> resized to cover ``size`` (a side: square;
+    or (H, W)) and centre-cropped: (3, H, W) float32 in [0, 1]."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     with Image.open(path) as im:
-        return _to_tensor_u8(_fit(im.convert("RGB"), hw)).float() / 255                # (3, H, W)
+        return _to_tensor_u8(_fit(as_rgb(im), hw)).float() / 255                       # (3, H, W)
 
 
 def aspect_buckets(image_size: int, step: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
@@ -341,7 +369,7 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
-                im = im.convert("RGB")
+                im = as_rgb(im)
                 size = (self.image_size, self.image_size) if self.buckets is None else choose_bucket(*im.size, self.buckets)
                 return i, _to_tensor_u8(_fit(im, size)), None
         except Exception as e:  # PIL raises many types for broken files
@@ -352,25 +380,76 @@ def _identity(x):
     return x
 
 
-def find_pairs(images_dir) -> tuple[list[tuple[str, Path, str]], list[Path]]:
-    """(key, image path, caption) for every image with a ``.txt`` beside it, sorted by name; plus
-    the images that lack a caption. Keys are file stems with dots replaced (WebDataset splits keys
-    at the first dot)."""
+CAPTION_FALLBACK = "cp1252"   # then latin-1, which reads any byte
+
+
+def read_caption(path) -> tuple[str, str | None]:
+    """A caption file -> (text stripped, note): UTF-8 (a BOM dropped), else the file is read as
+    cp1252 (Windows' Western encoding, the usual non-UTF-8 caption), else as latin-1; the note
+    says which fallback was used (None for UTF-8)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError:
+        pass
+    for enc in (CAPTION_FALLBACK, "latin-1"):
+        try:
+            return raw.decode(enc).strip(), f"not UTF-8, read as {enc}"
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes every byte")
+
+
+@dataclass
+class ImageFolder:
+    """What ``scan_folder`` found: ``pairs`` (key, image path, caption) sorted by name, and what it
+    left out or read differently, by file name: ``no_caption`` (images), ``orphan_captions``
+    (``.txt`` without an image), ``caption_unreadable`` ("name.txt: reason"), ``caption_fallbacks``
+    ("name.txt: not UTF-8, read as cp1252")."""
+    pairs: list
+    no_caption: list
+    orphan_captions: list
+    caption_unreadable: list
+    caption_fallbacks: list
+
+
+def scan_folder(images_dir) -> ImageFolder:
+    """Every image with a ``.txt`` caption beside it (``read_caption``: a caption in another encoding
+    is read with a stated fallback), and every file left out, named. Keys are file stems with dots
+    replaced (WebDataset splits keys at the first dot)."""
     d = Path(images_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"images folder not found: {d}")
-    pairs, missing, seen = [], [], {}
-    for img in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+    found = ImageFolder([], [], [], [], [])
+    seen: dict = {}
+    images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    stems = {p.with_suffix("") for p in images}
+    found.orphan_captions = sorted(p.name for p in d.glob("*.txt") if p.with_suffix("") not in stems)
+    for img in images:
         txt = img.with_suffix(".txt")
         if not txt.exists():
-            missing.append(img)
+            found.no_caption.append(img)
             continue
         key = img.stem.replace(".", "_")
         if key in seen:
             raise ValueError(f"two images share the key {key!r}: {seen[key].name} and {img.name}")
         seen[key] = img
-        pairs.append((key, img, txt.read_text(encoding="utf-8").strip()))
-    return pairs, missing
+        try:
+            caption, note = read_caption(txt)
+        except OSError as e:
+            found.caption_unreadable.append(f"{txt.name}: {e.strerror or e}")
+            continue
+        if note:
+            found.caption_fallbacks.append(f"{txt.name}: {note}")
+        found.pairs.append((key, img, caption))
+    return found
+
+
+def find_pairs(images_dir) -> tuple[list[tuple[str, Path, str]], list[Path]]:
+    """(key, image path, caption) for every image with a ``.txt`` beside it, sorted by name; plus
+    the images that lack a caption (``scan_folder`` has the rest of what was left out)."""
+    found = scan_folder(images_dir)
+    return found.pairs, found.no_caption
 
 
 # --------------------------------------------------------------------------- plumbing stand-ins
@@ -495,13 +574,16 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     module docstring). ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects.
 
     Returns a summary {"train", "val" (samples written), "skipped_no_caption", "unreadable" (count;
-    "unreadable_files" names up to 10), "captions_truncated", "latent_shape" (C, S/f, S/f of the
+    "unreadable_files" names up to 10), "skips" (reason -> every file left out: "no caption",
+    "caption without an image", "unreadable caption", "unreadable image"), "caption_fallbacks"
+    (captions not in UTF-8, read as cp1252 or latin-1, ``read_caption``), "captions_truncated", "latent_shape" (C, S/f, S/f of the
     square), "buckets" ("HxW" px -> count), "dino_patches" (P, Dd), "text_dim", "shards_kept" (from
     an interrupted run), "shards_written", "images", "seconds", "images_per_s"}.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
-    pairs, missing = find_pairs(images_dir)
+    found = scan_folder(images_dir)
+    pairs, missing = found.pairs, found.no_caption
     if not pairs:
         raise ValueError(f"no image + .txt caption pairs in {images_dir}")
     dino = DinoV3Encoder(dino, device, dino_dtype or dtype) if isinstance(dino, (str, Path)) else dino
@@ -550,7 +632,11 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     write_json(manifest, out / MANIFEST)
     totals = _totals(manifest)
     info = manifest["info"]
+    skips = {"no caption": [p.name for p in missing], "caption without an image": found.orphan_captions,
+             "unreadable caption": found.caption_unreadable, "unreadable image": totals["unreadable"]}
     summary = {"train": totals["train"], "val": totals["val"], "skipped_no_caption": len(missing),
+               "skips": {reason: files for reason, files in skips.items() if files},
+               "caption_fallbacks": found.caption_fallbacks,
                "unreadable": len(totals["unreadable"]), "unreadable_files": totals["unreadable"][:10],
                "captions_truncated": totals["captions_truncated"],
                "latent_shape": [info.get("latent_channels"), image_size // vae.downsample, image_size // vae.downsample],

@@ -54,6 +54,7 @@ import torch
 from .codec import codec_from_stats
 from .metrics import bootstrap_ci, paired_bootstrap_diff, shape_layout_per_sample, psnr
 from .model import NanoDiT, ModelConfig, preset as model_preset
+from .preemption import pool_worker_init
 from .sample import Guidance, load_model_with_info, sample
 from .encoders import data_encoders
 from .shapes import Scene, Shape, ShapesWorld, make_dataset, shuffle_layout
@@ -526,9 +527,9 @@ def _workers(p: Profile, device: str) -> int:
 
 def _pool(p: Profile, device: str):
     """Worker processes for independent jobs (training arms, scoring arms): ``_workers`` spawned
-    one-thread processes."""
+    one-thread processes that end when their parent dies (``pool_worker_init``)."""
     return ProcessPoolExecutor(_workers(p, device), mp_context=mp.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
+                               initializer=pool_worker_init, initargs=(1,))
 
 
 def _score_arm(p: Profile, run_dir, arm: Arm, device: str) -> dict:

@@ -24,6 +24,13 @@ or with ``weights="model"``). With ``output_loading_info=True`` it returns ``(mo
 None; ``nbcore.codec.codec_from_spec`` builds it), "stats" (Stats or None), "training", "data",
 "metrics"}.
 
+A folder cannot change silently: model.safetensors' metadata records the ``model_config`` it was
+saved with, and ``from_pretrained`` refuses a config.json that disagrees with it (an edit of the
+heads keeps every shape and would load, with other outputs), non-finite weights (also refused by
+``save_pretrained``), and a malformed config.json (not JSON, no ``model_config``, a field of the
+wrong type): each one ``ValueError`` line naming the file and the field (``read_config``).
+Folders written before the metadata recorded the config load as before.
+
 This module imports no model: the class that inherits the mixin names its config class
 (``config_class``), so the dependency points down (model -> model_folder -> checkpoint).
 """
@@ -41,7 +48,7 @@ from .codec import codec_spec_from_stats, spec_of
 from .stats import Stats
 from .utils import resolve_device, write_json
 
-__all__ = ["PretrainedMixin", "model_card", "FORMAT", "FORMAT_VERSION", "CONFIG", "WEIGHTS", "STATS", "CARD"]
+__all__ = ["PretrainedMixin", "model_card", "read_config", "FORMAT", "FORMAT_VERSION", "CONFIG", "WEIGHTS", "STATS", "CARD"]
 
 FORMAT, FORMAT_VERSION = "nbcore.pretrained", 1
 CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.json", "README.md"
@@ -107,25 +114,18 @@ class PretrainedMixin:
 
     @classmethod
     def _from_folder(cls, d: Path):
-        from safetensors.torch import load_file
-
         if not (d / CONFIG).is_file():
             raise FileNotFoundError(f"{d / CONFIG} not found: not a model folder written by save_pretrained")
-        config = json.loads((d / CONFIG).read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{d / CONFIG} is not an nbcore.pretrained config (format {config.get('format')!r})")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{d} has format version {config['format_version']}; this nbcore reads <= {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = set(config["model_config"]) - known
-        if unknown:
-            raise ValueError(f"{d / CONFIG}: {cls.config_class.__name__} fields this nbcore does not know: "
-                             f"{sorted(unknown)} (newer nbcore?)")
+        config = read_config(d / CONFIG, cls.config_class)
         cfg = cls.config_class(**config["model_config"])
         if not (d / WEIGHTS).is_file():
             raise FileNotFoundError(f"{d / WEIGHTS} not found")
         model = cls(cfg)
-        model.load_state_dict(load_file(str(d / WEIGHTS), device="cpu"))
+        try:
+            model.load_state_dict(_read_weights(d / WEIGHTS, cfg, d / CONFIG))
+        except RuntimeError as e:   # torch lists every mismatch on its own line: the first says enough
+            detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e).splitlines()[0]]
+            raise ValueError(f"{d / WEIGHTS} does not fit {d / CONFIG}: {detail[0]}") from None
         absolute = _absolute_from(d)
         stats = Stats.load(d / STATS) if (d / STATS).is_file() else None
         if stats is not None:
@@ -178,6 +178,8 @@ class PretrainedMixin:
             spec = ck_codec
         else:
             spec = codec_spec_from_stats(st) if st is not None else None
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        _check_finite(tensors, "the weights to save")   # before anything is written
         out = Path(out_dir)
         relative = _relative_to(out)
         params = self.num_params()
@@ -186,8 +188,8 @@ class PretrainedMixin:
                   "data": dict(st.meta) if st is not None else None, "metrics": dict(metrics) if metrics else None,
                   "params": params}
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "nbcore": FORMAT})
+        save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "nbcore": FORMAT,
+                                                         "model_config": json.dumps(self.cfg.to_dict(), sort_keys=True)})
         write_json({**config, "codec": _map_paths(spec, relative), "data": _map_paths(config["data"], relative)},
                    out / CONFIG)
         if st is not None:
@@ -199,6 +201,94 @@ class PretrainedMixin:
             text += "\n## Notes\n\n" + card.strip() + "\n"
         (out / CARD).write_text(text, encoding="utf-8")
         return out
+
+
+# --------------------------------------------------------------------------- checks of a folder
+
+def _kind(default) -> tuple[tuple[type, ...], str]:
+    """The JSON types a config field with this default accepts, and their name for a message."""
+    if isinstance(default, bool):
+        return (bool,), "true or false"
+    if isinstance(default, int):
+        return (int,), "an integer"
+    if isinstance(default, float):
+        return (int, float), "a number"
+    return (type(default),), f"a {type(default).__name__}"
+
+
+def read_config(path, config_class) -> dict:
+    """A model folder's config.json, checked: JSON, an nbcore.pretrained object of a version this
+    nbcore reads, a ``model_config`` object whose fields ``config_class`` knows, each of its type
+    and together a valid config. ValueError with one line naming the file and the field."""
+    f = Path(path)
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON (not UTF-8: byte {e.start})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{f}: not a JSON object (a {type(config).__name__}): not an nbcore.pretrained config")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{f} is not an nbcore.pretrained config (format {config.get('format')!r})")
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{f}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{f.parent} has format version {version}; this nbcore reads <= {FORMAT_VERSION}")
+    mc = config.get("model_config")
+    if mc is None:
+        raise ValueError(f"{f}: no 'model_config' field (the model's sizes): not a complete model folder")
+    if not isinstance(mc, dict):
+        raise ValueError(f"{f}: 'model_config' must be an object of {config_class.__name__} fields, got "
+                         f"{type(mc).__name__}")
+    fields = {fd.name: fd.default for fd in dataclasses.fields(config_class)}
+    unknown = set(mc) - set(fields)
+    if unknown:
+        raise ValueError(f"{f}: {config_class.__name__} fields this nbcore does not know: {sorted(unknown)} (newer nbcore?)")
+    for name, value in mc.items():
+        types, what = _kind(fields[name])
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise ValueError(f"{f}: model_config.{name} must be {what}, got {value!r}")
+    try:
+        config_class(**mc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: model_config: {e}") from None
+    return config
+
+
+def _check_finite(tensors: dict, where) -> None:
+    """ValueError naming the first tensor holding NaN or Inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{where}: tensor {name} holds non-finite values ({bad} NaN/Inf of {t.numel()}); refused")
+
+
+def _read_weights(path: Path, cfg, config_path: Path) -> dict:
+    """model.safetensors as a state dict: readable, saved with ``cfg`` (its metadata's
+    model_config, when it records one), every tensor finite."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if "model_config" in meta:
+        try:
+            saved = type(cfg)(**json.loads(meta["model_config"])).to_dict()
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its metadata's model_config is unreadable ({e})") from None
+        now = cfg.to_dict()
+        diff = [f"{k} {now[k]!r} ({config_path.name}) vs {saved[k]!r} ({path.name})" for k in now if now[k] != saved[k]]
+        if diff:
+            raise ValueError(f"{config_path} disagrees with the config {path.name} was saved with: {'; '.join(diff)}; "
+                             "config.json was edited after export: restore it, or export the model again")
+    _check_finite(sd, path)
+    return sd
 
 
 def model_card(config: dict, params: int) -> str:

@@ -21,13 +21,23 @@ value" (``nbcore.experiment.PROFILES`` is the one place the profiles live). The 
 profile plus whatever the command line (``-p``) and a YAML file (``--params-yaml``) set. Lines the
 notebooks append to ``RUN/progress.log`` (training and evaluation progress) are echoed to this
 terminal while a notebook runs. The runner stops at the first failed notebook with exit 1.
+
+One runner per run folder: ``RUN/.runner.lock`` (``RunLock``) holds the pid, start time and command
+of the runner using it; a second runner on that name stops in one line naming it (exit 2), and the
+lock of a runner that died (killed, the machine restarted) is taken over with a note. Bad
+arguments exit 2 in one line before any folder is made. Ctrl-C ends the run in one line with exit
+130, the index (``run.json``, ``index.md``) saying what finished and which notebook was interrupted.
+The notebooks' training workers die with their kernel (``nbcore.experiment._pool``), and the kernel
+with the runner, so a killed runner leaves no training process behind.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -38,14 +48,70 @@ import papermill as pm
 import yaml
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory locks; runs are not guarded there
+    fcntl = None
+
 from . import report
 from .experiment import PROFILES
-from .utils import repo_root, write_json
+from .utils import BadArguments, repo_root, write_json
 
-__all__ = ["NOTEBOOKS", "run_suite", "main"]
+__all__ = ["NOTEBOOKS", "RunLock", "run_suite", "main"]
 
 NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routing", "05_milestones",
              "06_dino_swap_demo", "07_real_data")
+
+
+class RunLock:
+    """One runner per run folder: an exclusive ``flock`` on ``RUN/.runner.lock``, which records the
+    holder (pid, start time, command). The OS drops the lock when its process ends however it
+    ends, so a file still naming a holder while nobody holds the lock is a runner that died: taken
+    over, with a note. ``release`` empties the file (a clean end leaves nothing to take over)."""
+
+    NAME = ".runner.lock"
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``BadArguments`` (exit 2) naming the runner that holds it."""
+        if fcntl is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            h = self._holder()
+            raise BadArguments(f"nbcore.runner: run folder {self.run_dir} is in use by runner pid {h.get('pid', '?')} "
+                             f"started {h.get('started', '?')} ({h.get('command', '?')}): wait for it to end, or "
+                             "choose another --name") from None
+        old = self._holder()
+        if old:
+            print(f"[nbcore.runner] note: took over the lock of runner pid {old.get('pid', '?')} started "
+                  f"{old.get('started', '?')}, which is no longer running", file=sys.stderr)
+        rec = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(rec).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)      # closing drops the flock
+            self.fd = None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
 
 
 class _Echo(threading.Thread):
@@ -70,6 +136,62 @@ class _Echo(threading.Thread):
         while not self.stop.wait(self.every):
             self._flush()
         self._flush()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (from /proc: Linux; elsewhere none are found)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parent_of.items() if p == parent]
+        out += kids
+        todo += kids
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_kernels(grace_s: float = 60.0) -> None:
+    """Ctrl-C: SIGTERM to each notebook kernel this runner started (a child in its own session) and
+    its process group, its training workers included, which write a checkpoint at the step reached
+    (``nbcore.train``); wait up to ``grace_s`` for them to end. Then papermill finds a dead kernel
+    instead of trading messages with a dying one (tracebacks on the terminal)."""
+    kernels = [k for k in _descendants(os.getpid()) if _session(k) == k]
+    procs = kernels + [p for k in kernels for p in _descendants(k)]
+    for k in kernels:
+        try:
+            os.killpg(k, signal.SIGTERM)
+        except OSError:
+            pass
+    end = time.time() + grace_s
+    while time.time() < end and any(_running(p) for p in procs):
+        time.sleep(0.1)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _ctrl_c(signum, frame) -> None:
+    """SIGINT handler while notebooks run: stop the kernels cleanly, then KeyboardInterrupt (a second
+    Ctrl-C meanwhile interrupts the wait)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_kernels()
+    raise KeyboardInterrupt
 
 
 def _export_html(nb_path: Path) -> Path | None:
@@ -98,7 +220,7 @@ def _select(only: list[str] | None) -> list[str]:
     for o in only:
         hits = [n for n in NOTEBOOKS if n == o or n.split("_")[0] == o.zfill(2) or n.split("_", 1)[1] == o]
         if not hits:
-            raise SystemExit(f"nbcore.runner: --only {o!r} matches no notebook (choose from {', '.join(NOTEBOOKS)})")
+            raise BadArguments(f"nbcore.runner: --only {o!r} matches no notebook (choose from {', '.join(NOTEBOOKS)})")
         picked += hits
     return [n for n in NOTEBOOKS if n in picked]
 
@@ -167,11 +289,10 @@ def run_suite(profile: str, only: list[str] | None = None, name: str | None = No
     (the YAML file's keys: it may serve a fuller run), then it is dropped with a note."""
 
     if profile not in PROFILES:
-        raise SystemExit(f"nbcore.runner: unknown profile {profile!r} (choose from {', '.join(PROFILES)})")
+        raise BadArguments(f"nbcore.runner: unknown profile {profile!r} (choose from {', '.join(PROFILES)})")
     root = repo_root(Path(__file__).parent)
     nb_dir = Path(notebooks_dir) if notebooks_dir else root / "notebooks"
     run_dir = (Path(out_root) if out_root else root / "outputs" / "runs") / (name or profile)
-    run_dir.mkdir(parents=True, exist_ok=True)
     params = dict(params or {})
     selected = _select(only)
     declared = {}
@@ -188,11 +309,23 @@ def run_suite(profile: str, only: list[str] | None = None, name: str | None = No
         params = {k: v for k, v in params.items() if k not in dropped}
         unknown = [k for k in unknown if k not in dropped]
     if unknown:
-        raise SystemExit(f"nbcore.runner: parameter(s) {unknown} are declared by none of {selected}")
+        raise BadArguments(f"nbcore.runner: parameter(s) {unknown} are declared by none of {selected}")
     reserved = {"profile", "run_dir", "device"} & set(params)
     if reserved:
-        raise SystemExit(f"nbcore.runner: set {sorted(reserved)} with --profile / --name / --device, not -p")
+        raise BadArguments(f"nbcore.runner: set {sorted(reserved)} with --profile / --name / --device, not -p")
 
+    lock = RunLock(run_dir)          # the arguments are good: make the folder and hold it
+    lock.acquire()
+    try:
+        return _run_locked(run_dir, profile, selected, declared, params, name, device, nb_dir, kernel, cell_timeout,
+                           progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(run_dir: Path, profile: str, selected: list, declared: dict, params: dict, name, device, nb_dir: Path,
+                kernel: str, cell_timeout, progress: bool) -> int:
+    """``run_suite`` once the arguments are checked and the run folder is locked."""
     old = {}
     if (run_dir / "run.json").exists():
         try:
@@ -206,52 +339,74 @@ def run_suite(profile: str, only: list[str] | None = None, name: str | None = No
     t_run = time.perf_counter()
     status = 0
     bar = tqdm(selected, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
-    for nb in bar:
-        bar.set_postfix_str(nb)
-        given = {"profile": profile, "device": device, "run_dir": str(run_dir.resolve()), **params}
-        inject = {k: v for k, v in given.items() if k in declared[nb]}
-        out_nb = run_dir / f"{nb}.ipynb"
-        print(f"[nbcore.runner] {nb}: running ({', '.join(f'{k}={v}' for k, v in inject.items() if k != 'run_dir')})",
-              file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        entry = {"status": "running"}
-        echo = _Echo(run_dir / "progress.log")
-        echo.start()
-        try:
-            pm.execute_notebook(str(nb_dir / f"{nb}.ipynb"), str(out_nb), parameters=inject, kernel_name=kernel,
-                                cwd=str(nb_dir), progress_bar=False, log_output=False,
-                                request_save_on_cell_execute=True, execution_timeout=cell_timeout)
-            entry["status"] = "ok"
-        except Exception as e:  # PapermillExecutionError and kernel failures alike: record, stop
-            entry["status"] = "failed"
-            ename = getattr(e, "ename", type(e).__name__)
-            evalue = getattr(e, "evalue", str(e))
-            entry["error"] = f"{ename}: {evalue}"
-            status = 1
-        finally:
-            echo.stop.set()
-            echo.join()
-        entry["time_s"] = round(time.perf_counter() - t0, 2)
-        if out_nb.exists() and _export_html(out_nb) is not None:
-            entry["html"] = f"{nb}.html"
-        mpath = run_dir / nb / "metrics.json"
-        if mpath.exists():
-            rec = json.loads(mpath.read_text())
-            entry.update(figures=rec.get("figures", []), key_metrics=_key_metrics(rec),
-                         failed_checks=rec.get("failed_checks", []))
-        entries[nb] = entry
-        meta.update(wall_s=time.perf_counter() - t_run, status="running")
-        _write_index(run_dir, entries, meta)
-        print(f"[nbcore.runner] {nb}: {entry['status']} in {entry['time_s']:.1f} s"
-              + (f" -- {entry['error'].splitlines()[0][:300]}" if status else ""), file=sys.stderr, flush=True)
-        if status:
-            break
+    nb, t0 = None, time.perf_counter()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _ctrl_c) if main_thread else None
+    try:
+        for nb in bar:
+            bar.set_postfix_str(nb)
+            given = {"profile": profile, "device": device, "run_dir": str(run_dir.resolve()), **params}
+            inject = {k: v for k, v in given.items() if k in declared[nb]}
+            out_nb = run_dir / f"{nb}.ipynb"
+            print(f"[nbcore.runner] {nb}: running ({', '.join(f'{k}={v}' for k, v in inject.items() if k != 'run_dir')})",
+                  file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            entry = {"status": "running"}
+            echo = _Echo(run_dir / "progress.log")
+            echo.start()
+            try:
+                pm.execute_notebook(str(nb_dir / f"{nb}.ipynb"), str(out_nb), parameters=inject, kernel_name=kernel,
+                                    cwd=str(nb_dir), progress_bar=False, log_output=False,
+                                    request_save_on_cell_execute=True, execution_timeout=cell_timeout)
+                entry["status"] = "ok"
+            except Exception as e:  # PapermillExecutionError and kernel failures alike: record, stop
+                entry["status"] = "failed"
+                ename = getattr(e, "ename", type(e).__name__)
+                evalue = getattr(e, "evalue", str(e))
+                entry["error"] = f"{ename}: {evalue}"
+                status = 1
+            finally:
+                echo.stop.set()
+                echo.join()
+            entry["time_s"] = round(time.perf_counter() - t0, 2)
+            if out_nb.exists() and _export_html(out_nb) is not None:
+                entry["html"] = f"{nb}.html"
+            mpath = run_dir / nb / "metrics.json"
+            if mpath.exists():
+                rec = json.loads(mpath.read_text())
+                entry.update(figures=rec.get("figures", []), key_metrics=_key_metrics(rec),
+                             failed_checks=rec.get("failed_checks", []))
+            entries[nb] = entry
+            meta.update(wall_s=time.perf_counter() - t_run, status="running")
+            _write_index(run_dir, entries, meta)
+            print(f"[nbcore.runner] {nb}: {entry['status']} in {entry['time_s']:.1f} s"
+                  + (f" -- {entry['error'].splitlines()[0][:300]}" if status else ""), file=sys.stderr, flush=True)
+            if status:
+                break
+    except KeyboardInterrupt:   # Ctrl-C: one line and an index of what finished, no traceback
+        return _interrupted(run_dir, entries, meta, nb, t0, t_run, bar)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     bar.close()
     meta.update(wall_s=time.perf_counter() - t_run, status="failed" if status else "ok")
     _write_index(run_dir, entries, meta)
     print(f"[nbcore.runner] run {meta['name']}: {meta['status']} in {meta['wall_s']:.0f} s -> "
           f"{run_dir / 'index.md'}", file=sys.stderr, flush=True)
     return status
+
+
+def _interrupted(run_dir: Path, entries: dict, meta: dict, nb, t0: float, t_run: float, bar) -> int:
+    """Ctrl-C during a run: the notebook it was in marked interrupted, the index written, one line; 130."""
+    bar.close()
+    if nb is not None and entries.get(nb, {}).get("status") in (None, "running"):
+        entries[nb] = {"status": "interrupted", "time_s": round(time.perf_counter() - t0, 2)}
+    meta.update(wall_s=time.perf_counter() - t_run, status="interrupted")
+    _write_index(run_dir, entries, meta)
+    done = ", ".join(f"{k} {e['status']}" for k, e in entries.items() if k != nb) or "nothing"
+    print(f"[nbcore.runner] run {meta['name']}: interrupted (Ctrl-C) in {nb} after {meta['wall_s']:.0f} s; "
+          f"finished: {done} -> {run_dir / 'index.md'}", file=sys.stderr, flush=True)
+    return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -284,7 +439,7 @@ def _report(args) -> int:
     run = Path(args.run)
     missing = [f for f in ("eval.json", "run.json") if not (run / f).is_file()]
     if missing:
-        raise SystemExit(f"nbcore.runner report: {run} lacks {', '.join(missing)} (run the suite through notebook 05 first)")
+        raise BadArguments(f"nbcore.runner report: {run} lacks {', '.join(missing)} (run the suite through notebook 05 first)")
     root = repo_root(Path(__file__).parent).resolve()
     dest = (Path(args.to) if args.to else root / "docs" / "results" / run.name).resolve()
     report.collect(run, dest)
@@ -300,6 +455,15 @@ def _report(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The CLI: a bad argument or a busy run folder is one line on stderr and exit 2."""
+    try:
+        return _main(argv)
+    except BadArguments as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
         return _report(args)
@@ -314,25 +478,25 @@ def main(argv=None) -> int:
     if args.params_yaml:
         p = Path(args.params_yaml)
         if not p.is_file():
-            raise SystemExit(f"nbcore.runner: --params-yaml {p} does not exist")
+            raise BadArguments(f"nbcore.runner: --params-yaml {p} does not exist")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise SystemExit(f"nbcore.runner: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise BadArguments(f"nbcore.runner: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"nbcore.runner: {p} must hold a mapping of parameter: value")
+            raise BadArguments(f"nbcore.runner: {p} must hold a mapping of parameter: value")
         params.update(loaded)
         from_yaml = set(loaded)
     for item in args.param:
         if "=" not in item:
-            raise SystemExit(f"nbcore.runner: -p {item!r} is not KEY=VALUE")
+            raise BadArguments(f"nbcore.runner: -p {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
         if not k.isidentifier():
-            raise SystemExit(f"nbcore.runner: -p {item!r}: {k!r} is not a parameter name")
+            raise BadArguments(f"nbcore.runner: -p {item!r}: {k!r} is not a parameter name")
         params[k] = _parse_value(v)
         from_yaml.discard(k)
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
-        raise SystemExit(f"nbcore.runner: --name {args.name!r} must be a plain folder name")
+        raise BadArguments(f"nbcore.runner: --name {args.name!r} must be a plain folder name")
     return run_suite(args.profile, only=args.only, name=args.name, params=params, device=args.device,
                      out_root=args.out_root, kernel=args.kernel, cell_timeout=args.cell_timeout,
                      lenient=frozenset(from_yaml))

@@ -36,6 +36,9 @@ Design notes (why, not what):
   after a resume computes the same loss as an uninterrupted run (tests/test_train.py checks this
   with a SIGKILL). Changing the world size on resume still loads weights and optimiser state but
   restarts each rank's data at its recorded epoch start.
+- Preemption (``nbcore.preemption``). SIGTERM or SIGINT during ``run`` writes last.pt at the step
+  reached, prints one line and raises ``Stopped`` (exit 143 / 130); ``--resume`` continues
+  bit-exactly (tests/test_robustness.py).
 - DDP. ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; we init nccl on CUDA and gloo on CPU, wrap
   the model in DistributedDataParallel (``no_sync`` on non-final accumulation micro-batches), and
   let the loader split shards by rank itself. ``batch_size`` is per process and micro-batch; the
@@ -64,6 +67,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -85,6 +89,7 @@ from nbcore.distributed import gather_objects, init_distributed
 from nbcore.ema import EMA
 from nbcore.flow import DROPOUT_CASES, batch_to_device, flow_matching_loss, sample_dropout, sample_timesteps
 from nbcore.model import NanoDiT, load_warm_start
+from nbcore.preemption import StopSignals, Stopped
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
 from nbcore.train_config import TrainConfig, check_model_config, parse_model_overrides, skip_allowance
@@ -419,25 +424,50 @@ class Trainer:
         start_step, t0 = self.step, time.perf_counter()
         window = new_window(cfg.loss_bins, t0)
         try:
-            while True:
-                if self.step > start_step:
-                    self._checkpoint_and_hooks()
-                if self.step >= cfg.steps:
-                    break
-                s = self.train_step()
-                count_step(s, window, self._recent)
-                bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    window = new_window(cfg.loss_bins, self._log_train(s, window, t0))
-            data = self._data_counts()
-            self._check_skips(data)
-            last_ckpt = self._checkpoint_once()
+            with StopSignals() as stop:          # SIGTERM / SIGINT: a checkpoint at the step reached, then Stopped
+                while True:
+                    if self.step > start_step:
+                        self._checkpoint_and_hooks()
+                    if self.step >= cfg.steps:
+                        break
+                    s = self.train_step()
+                    count_step(s, window, self._recent)
+                    bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        window = new_window(cfg.loss_bins, self._log_train(s, window, t0))
+                    signum = self._stop_signal(stop)
+                    if signum:
+                        bar.close()
+                        self._stop(signum)
+                data = self._data_counts()
+                self._check_skips(data)
+                last_ckpt = self._checkpoint_once()
         finally:
             bar.close()
         summary = self._summary(start_step, time.perf_counter() - t0, data, last_ckpt)
         self._log({"kind": "event", "step": self.step, "event": "end", **summary})
         return summary
+
+    def _stop_signal(self, stop: StopSignals) -> int:
+        """The signal that asked this run to stop (0: none); in DDP the largest over the ranks, so
+        every rank stops at the same step (the checkpoint is collective)."""
+        signum = stop.signum
+        if self.world > 1:
+            t = torch.tensor([signum], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item())
+        return signum
+
+    def _stop(self, signum: int) -> None:
+        """Write last.pt at the step reached, log and say so in one line, raise ``Stopped``."""
+        path = self._checkpoint_once()
+        name = signal.Signals(signum).name
+        self._log({"kind": "event", "step": self.step, "event": "stopped", "signal": name, "checkpoint": str(path)})
+        msg = f"nbcore.train: {name} at step {self.step}/{self.cfg.steps}: checkpoint written to {path}; resume with --resume"
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+        raise Stopped(signum, msg)
 
     def _log_start(self) -> None:
         """Events of how this run starts: warm start, resume fallback, resume, start."""

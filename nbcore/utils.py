@@ -109,21 +109,46 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error(e)
+        if cause is not None:   # a full disk surfaces as torch's "enforce fail at inline_container": say what it is
+            raise WriteError(cause.errno, f"{path}: cannot write ({cause.strerror or cause}); "
+                                          f"the previous {path.name}, if any, is intact") from None
         raise
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota): one line naming the path and the
+    reason, e.g. "No space left on device"."""
+
+    def __str__(self):
+        return str(self.strerror)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or its cause / context: torch wraps write errors in a
+    RuntimeError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
     """Read a checkpoint written by ``atomic_save`` with ``weights_only=True`` (no pickled code).
 
     Anything else raises ``CheckpointError`` (or FileNotFoundError) with one line naming the file
     and what is wrong: a folder, an empty or truncated file, a file that is not a torch zip
     archive, or one holding objects beyond tensors and plain types. The message never suggests
     ``weights_only=False``: an nbcore checkpoint never needs it, and a file that does could run
-    code when loaded.
+    code when loaded. ``mmap``: map the storages instead of reading them (a cheap look at the
+    plain entries).
     """
     path = Path(path)
     if not path.exists():
@@ -140,7 +165,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch's pickle-protocol warning adds nothing here
-            ck = torch.load(path, map_location=map_location, weights_only=True)
+            ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f", e.g. {found.group(1)}" if found else ""

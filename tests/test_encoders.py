@@ -21,8 +21,7 @@ import torch
 
 from nbcore.data import check_shards, make_loader, shard_list, Stats
 from nbcore.cli.encoders import main
-from nbcore.encoders import (MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket,
-                             precompute)
+from nbcore.encoders import MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket, precompute
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left", "right", "bottom", "and",
          "small", "large"]   # caption words of the generated folders: all in the stand-in tokenizer's vocabulary
@@ -460,3 +459,98 @@ def test_data_encoders_rebuild_what_the_shards_hold(real_encoder_dirs, shapes_im
     enc = data_encoders(st, dino=d["dino"])              # no T5 needed until a caption is encoded
     with pytest.raises(FileNotFoundError, match="pass --t5 DIR"):
         enc.text(["a red circle"])
+
+
+# --------------------------------------------------------------------------- images as a viewer shows them
+
+def _stored_png(shards, key: str) -> np.ndarray:
+    """The ``png`` member a precompute stored for ``key``: (H, W, 3) uint8."""
+    from PIL import Image
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+            if f"{key}.png" in names:
+                return np.asarray(Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())).convert("RGB"))
+    raise KeyError(key)
+
+
+def _exif_rotated_jpeg(path):
+    """A 16 x 32 (W x H as stored) JPEG, top half red and bottom half blue, tagged EXIF orientation 6
+    (a viewer rotates it 90 degrees clockwise: it shows 32 x 16, blue on the LEFT, red on the right)."""
+    from PIL import Image
+    a = np.zeros((32, 16, 3), np.uint8)
+    a[:16, :, 0] = 255
+    a[16:, :, 2] = 255
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(path, quality=95, exif=exif)
+
+
+def test_every_pil_mode_is_read_as_its_real_8bit_rgb(tmp_path):
+    """16-bit greyscale keeps its value (30000 of 65535 -> 117, not 255); palette, CMYK, greyscale
+    with alpha (composited on white) and EXIF orientation as a viewer shows them."""
+    from PIL import Image
+    from nbcore.encoders import as_rgb
+    g16 = Image.fromarray(np.full((4, 4), 30000, np.uint16))
+    assert g16.mode == "I;16"
+    assert np.asarray(as_rgb(g16))[0, 0].tolist() == [117, 117, 117]
+    assert np.asarray(as_rgb(Image.fromarray(np.full((4, 4), 65535, np.int32), "I")))[0, 0].tolist() == [255] * 3
+    pal = Image.new("P", (4, 4))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((0, 0), 1)
+    assert np.asarray(as_rgb(pal))[0, 0].tolist() == [10, 200, 30]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))                           # pure red in CMYK
+    assert np.asarray(as_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    la = Image.new("LA", (4, 4), (0, 0))                                         # black, fully transparent
+    assert np.asarray(as_rgb(la))[0, 0].tolist() == [255, 255, 255]
+    rgba = Image.new("RGBA", (4, 4), (200, 0, 0, 128))
+    assert np.abs(np.asarray(as_rgb(rgba))[0, 0].astype(int) - [227, 127, 127]).max() <= 1
+    _exif_rotated_jpeg(tmp_path / "phone.jpg")
+    with Image.open(tmp_path / "phone.jpg") as im:
+        seen = np.asarray(as_rgb(im))
+    assert seen.shape == (16, 32, 3)                                              # rotated: landscape
+    assert seen[8, 4, 2] > 200 and seen[8, 4, 0] < 60                             # blue on the left
+    assert seen[8, 28, 0] > 200 and seen[8, 28, 2] < 60                           # red on the right
+
+
+@pytest.mark.slow
+def test_precompute_reads_real_world_folders_and_names_every_skip(model_dirs, tmp_path, capsys):
+    """A folder as people have them: a 16-bit PNG, a phone JPEG with EXIF rotation, a cp1252 caption,
+    a caption without an image, an image without a caption, a broken image. Nothing stops the run;
+    the summary lists every skip and every fallback by file."""
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.full((32, 32), 30000, np.uint16)).save(imgs / "grey16.png")
+    (imgs / "grey16.txt").write_text("a circle")
+    _exif_rotated_jpeg(imgs / "phone.jpg")
+    (imgs / "phone.txt").write_text("a red square")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(imgs / "latin.png")
+    (imgs / "latin.txt").write_bytes("a caf\xe9 circle".encode("cp1252"))
+    (imgs / "orphan.txt").write_text("a blue circle")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(imgs / "nocap.png")
+    (imgs / "broken.png").write_bytes(b"not a png")
+    (imgs / "broken.txt").write_text("a square")
+    out = tmp_path / "shards"
+    code = main(["precompute", str(imgs), str(out), "--dino", str(model_dirs["dino"]), "--t5", str(model_dirs["t5"]),
+                 "--vae", str(model_dirs["vae"]), "--image-size", "32", "--batch-size", "4", "--device", "cpu",
+                 "--no-progress", "--buckets", "--bucket-step", "8"])
+    assert code == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert summary["train"] == 3
+    assert summary["skips"] == {"no caption": ["nocap.png"], "caption without an image": ["orphan.txt"],
+                                "unreadable image": [summary["skips"]["unreadable image"][0]]}
+    assert summary["skips"]["unreadable image"][0].startswith("broken.png: ")
+    assert summary["caption_fallbacks"] == ["latin.txt: not UTF-8, read as cp1252"]
+    for needle in ("nocap.png", "orphan.txt", "broken.png", "latin.txt"):
+        assert needle in cap.err
+    shards = shard_list(out, "train")
+    assert np.abs(_stored_png(shards, "grey16").astype(int) - 117).max() <= 1      # not white
+    phone = _stored_png(shards, "phone")
+    assert phone.shape[1] > phone.shape[0]                                        # landscape bucket, as shown
+    assert phone[:, : phone.shape[1] // 4, 2].mean() > 150 and phone[:, -phone.shape[1] // 4:, 0].mean() > 150
+    with tarfile.open(shards[0]) as tar:
+        txt = {n: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".txt")}
+    assert txt["latin.txt"] == "a caf\xe9 circle"

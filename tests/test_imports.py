@@ -88,7 +88,7 @@ def test_library_modules_do_not_import_the_cli():
 
 # docs/DESIGN.md's layers, bottom first: a module imports only modules of its own layer or below.
 LAYERS = [
-    ["utils", "attention", "stats", "tar_reader", "codec"],
+    ["utils", "attention", "stats", "tar_reader", "codec", "preemption"],
     ["data", "checkpoint", "model_folder"],
     ["model", "sizes"],
     ["shapes", "sample", "flow", "metrics", "viz"],

@@ -3,6 +3,7 @@ round-trip to identical outputs; EMA weights from checkpoints; the cheap step re
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,7 +143,8 @@ def test_cli_export_and_step(tmp_path, capsys):
                       (["export", str(ck), str(tmp_path / "x"), "--data", str(tmp_path)], "no stats.json in --data")):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert msg in str(e.value.code)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0]
     with pytest.raises(SystemExit) as e:
         main(["export", "--help"])
     assert e.value.code == 0 and "EMA (default)" in capsys.readouterr().out
@@ -166,3 +168,94 @@ def test_checkpoint_carried_stats_and_codec_win_over_the_data_folder(tmp_path):
     other = ShapesWorld(CFG).codec
     _, info = from_pretrained(save_pretrained(ck, tmp_path / "m2", stats=data / "stats.json", codec=other))
     assert info["stats"].meta == {"source": "test", "n_train": 3} and info["codec"] == spec_of(other)
+
+
+# --------------------------------------------------------------------------- folders that cannot silently change
+
+def _folder(tmp_path):
+    return save_pretrained(_randomised(CFG, 0), tmp_path / "m", stats=_stats(CFG))
+
+
+def _edit_config(folder, edit):
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_edited_after_export_is_refused(tmp_path):
+    """Other heads in config.json (every weight shape unchanged) would load and give other outputs:
+    the weights file records the config it was saved with, and the disagreement is one line."""
+    m = _folder(tmp_path)
+    _edit_config(m, lambda c: c["model_config"].update(num_heads=4))
+    with pytest.raises(ValueError) as e:
+        from_pretrained(m)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "config.json" in msg and "model.safetensors" in msg
+    assert "num_heads" in msg and "4" in msg and "2" in msg
+
+
+def test_nonfinite_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    m = _folder(tmp_path)
+    with safe_open(str(m / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(m / "model.safetensors"))
+    name = sorted(sd)[0]
+    sd[name].view(-1)[0] = math.nan
+    save_file(sd, str(m / "model.safetensors"), metadata=meta)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(m)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "model.safetensors" in msg and name in msg and "non-finite" in msg
+    bad = _randomised(CFG, 0)
+    with torch.no_grad():
+        next(bad.parameters()).view(-1)[0] = math.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        save_pretrained(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format": "nbcore.pretrained", "format_version": 1}), "'model_config'"),
+    ("MODEL:hidden_size='32'", "model_config.hidden_size"),
+    ("MODEL:use_dino_patches=1", "model_config.use_dino_patches"),
+    ("MODEL:num_heads=None", "model_config.num_heads"),
+    ("MODEL:mlp_ratio='big'", "model_config.mlp_ratio"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_malformed_config_is_one_line_naming_file_and_field(tmp_path, text, needle):
+    m = _folder(tmp_path)
+    if text.startswith("MODEL:"):
+        field, value = text[len("MODEL:"):].split("=")
+        _edit_config(m, lambda c: c["model_config"].update({field: eval(value)}))
+    else:
+        (m / "config.json").write_text(text)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(m)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(m / "config.json") in msg and needle in msg
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_cli_malicious_checkpoint_and_existing_target_are_one_line(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"step": 3, "x": _Evil()}, evil)
+    ema = _randomised(CFG, 3)
+    ck = atomic_save({"config": CFG.to_dict(), "model": ema.state_dict(), "ema": ema.state_dict(), "step": 5,
+                      "train_config": {"steps": 5}}, tmp_path / "last.pt")
+    (tmp_path / "taken").write_text("someone's file")
+    for argv, needles in ((["step", str(evil)], (str(evil), "refused")),
+                          (["export", str(evil), str(tmp_path / "m")], (str(evil), "refused")),
+                          (["export", str(ck), str(tmp_path / "taken")], (str(tmp_path / "taken"), "not a folder"))):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and all(n in err[0] for n in needles), err
+        assert "weights_only" not in err[0] and "pwned" not in capsys.readouterr().out
+    assert (tmp_path / "taken").read_text() == "someone's file"

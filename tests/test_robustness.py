@@ -10,12 +10,16 @@ with ``weights_only=False``.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -373,3 +377,107 @@ def test_unavailable_device_one_line_exit_2(tiny_shards, tmp_path):
                                               "--out", str(tmp_path / "v")])):
         r = cli(module, *args, "--device", "cuda")
         assert r.returncode == 2 and "CUDA is not available" in one_line(r.stderr), (module, r.stderr)
+
+
+# --------------------------------------------------------------------------- preemption, full disks
+
+def _train_cli(args, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "nbcore.train", "--out", str(out), "--no-progress", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_checkpoint_the_step_reached_and_resume_bit_exactly(tmp_path, tiny_shards):
+    """A preempted job (SIGTERM) and Ctrl-C (SIGINT): a checkpoint at the step reached, not at the last
+    ``ckpt_every``, one line, exit 143 / 130; the resume continues bit-equal to an uninterrupted run."""
+    args = ["--data", str(tiny_shards), "--steps", "40", "--batch-size", "8", "--log-every", "1",
+            "--ckpt-every", "1000", "--warmup", "3", "--lr", "1e-3", "--model-overrides", SMALL]
+    ref = _train_cli(args, tmp_path / "ref")
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out = tmp_path / sig.name
+        victim = _train_cli(args, out)
+        deadline = time.time() + 120
+        while time.time() < deadline and victim.poll() is None:
+            if (out / "log.jsonl").exists() and load_train_log(out):
+                break
+            time.sleep(0.01)
+        victim.send_signal(sig)
+        _, err = victim.communicate(timeout=120)
+        assert victim.returncode == code, err[-2000:]
+        lines = err.strip().splitlines()
+        k = load_checkpoint(out / "ckpt" / "last.pt")["step"]
+        assert 1 <= k < 40 and k == max(r["step"] for r in load_train_log(out))   # the step reached
+        assert "Traceback" not in err and sig.name in lines[-1] and f"step {k}" in lines[-1]
+        assert str(out / "ckpt" / "last.pt") in lines[-1]
+        resumed = _train_cli(["--resume", *args], out)
+        _, rerr = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, rerr[-2000:]
+        assert f"at step {k}" in rerr
+    ref.communicate(timeout=300)
+    assert ref.returncode == 0
+    a = {r["step"]: r["loss"] for r in load_train_log(tmp_path / "ref")}
+    fin_a = load_checkpoint(tmp_path / "ref" / "ckpt" / "last.pt")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        b = {r["step"]: r["loss"] for r in load_train_log(tmp_path / sig.name)}
+        assert sorted(b) == list(range(1, 41)) and all(b[s] == a[s] for s in b)
+        fin_b = load_checkpoint(tmp_path / sig.name / "ckpt" / "last.pt")
+        assert all(torch.equal(fin_a["ema"][n], fin_b["ema"][n]) for n in fin_a["ema"])
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_last_pt(tmp_path, tiny_shards, monkeypatch, capsys):
+    """ENOSPC while the checkpoint is written: one line naming the path and "No space left on device"
+    (not torch's inline_container enforce failure), the previous last.pt intact, no temporary left."""
+    from nbcore import utils
+    from nbcore.cli.train import main
+    args = ["--data", str(tiny_shards), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+            "--ckpt-every", "1", "--log-every", "1", "--model-overrides", SMALL, "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    last = tmp_path / "run" / "ckpt" / "last.pt"
+    before = last.read_bytes()
+    real = torch.save
+
+    class FullDisk(io.RawIOBase):
+        """The checkpoint file on a disk that fills up after 1000 bytes."""
+
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+    def full(obj, f, *a, **kw):   # torch turns the OSError into "[enforce fail at inline_container.cc:672]"
+        real(obj, FullDisk(f), *a, **kw)
+
+    monkeypatch.setattr(utils.torch, "save", full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([a if a != "2" else "4" for a in args] + ["--resume"])
+    msg = str(e.value.code)
+    assert len(msg.splitlines()) == 1 and "No space left on device" in msg and str(tmp_path / "run" / "ckpt") in msg
+    assert "inline_container" not in msg
+    assert last.read_bytes() == before and not list(last.parent.glob("*.tmp"))
+
+
+def test_disk_full_in_atomic_save_names_the_path(tmp_path, monkeypatch):
+    from nbcore import utils
+    atomic_save({"a": torch.zeros(2)}, tmp_path / "x.pt")
+
+    def full(obj, f, *a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.torch, "save", full)
+    with pytest.raises(OSError) as e:
+        atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    assert e.value.errno == errno.ENOSPC and str(tmp_path / "x.pt") in str(e.value)
+    assert "No space left on device" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert torch.equal(load_checkpoint(tmp_path / "x.pt")["a"], torch.zeros(2))
+    assert not list(tmp_path.glob("*.tmp"))

@@ -10,6 +10,12 @@ from nbcore.codec import DTYPES
 from nbcore.encoders import precompute
 
 
+def _names(files: list, limit: int = 10) -> str:
+    """Up to ``limit`` file names for a terminal line; the JSON summary lists them all."""
+    more = f" and {len(files) - limit} more (all in the JSON summary)" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nbcore.encoders",
                                  description="Precompute DINOv3 / T5 / VAE features into WebDataset shards (local weights only)")
@@ -56,10 +62,11 @@ def main(argv=None) -> int:
                              restart=args.restart)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
-    if summary["skipped_no_caption"]:
-        print(f"skipped {summary['skipped_no_caption']} images without a .txt caption", file=sys.stderr)
-    if summary["unreadable"]:
-        print(f"skipped {summary['unreadable']} unreadable images: {summary['unreadable_files']}", file=sys.stderr)
+    for reason, files in summary["skips"].items():
+        print(f"skipped {len(files)} ({reason}): {_names(files)}", file=sys.stderr)
+    if summary["caption_fallbacks"]:
+        print(f"read {len(summary['caption_fallbacks'])} captions with a fallback encoding: "
+              f"{_names(summary['caption_fallbacks'])}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

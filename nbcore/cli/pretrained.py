@@ -10,6 +10,7 @@ from pathlib import Path
 from nbcore.checkpoint import checkpoint_step
 from nbcore.model_folder import STATS
 from nbcore.pretrained import save_pretrained
+from nbcore.utils import bad_arguments
 
 
 def main(argv=None) -> int:
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
             return 0
         if not Path(args.ckpt).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+        if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+            raise ValueError(f"OUT_DIR {args.out_dir} exists and is not a folder: choose another OUT_DIR")
         stats = None
         if args.data is not None:
             stats = Path(args.data) / STATS
@@ -46,8 +49,8 @@ def main(argv=None) -> int:
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
         card = Path(args.card).read_text() if args.card else None
         out = save_pretrained(args.ckpt, args.out_dir, stats=stats, metrics=metrics, card=card, weights=args.weights)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {e}")
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:   # CheckpointError is a ValueError
+        raise bad_arguments("nbcore.pretrained", e) from None
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
