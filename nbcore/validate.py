@@ -76,11 +76,14 @@ from .utils import (ArgParser, HookUnavailable, bad_arguments, check_checkpoint_
                     write_json)
 from .viz import image_grid, save_figure
 
-__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE",
+__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "DEFAULT_STEPS",
            "SHAPES_WORLD_ONLY", "main"]
 
-# Defaults of the suite: nested guidance (InstructPix2Pix-style), text 2, DINO 2, on every step.
-DEFAULT_GUIDANCE = Guidance("nested", text_scale=2.0, dino_scale=2.0)
+# Defaults: the experiment's protocol (nbcore.experiment.Profile: nested guidance, InstructPix2Pix-style,
+# text 3, DINO 2, on every step; 12 Euler steps), so a validation number compares with the suite's
+# (tests/test_preflight.py checks they agree).
+DEFAULT_GUIDANCE = Guidance("nested", text_scale=3.0, dino_scale=2.0)
+DEFAULT_STEPS = 12
 PHASES = ("reconstruction", "no guidance", "text only", "DINO swap", "metrics")
 LAYOUT_RUNS = ("recon", "noguid", "textonly")
 SHAPE_KEYS = ("layout_error", "shape_recall", "placement_error", "mask_iou", "layout_iou")
@@ -296,7 +299,7 @@ def _shapes_world_metrics(gen: dict, source, scenes: list | None, perm) -> dict:
 
 
 def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
-                        n: int = 16, steps: int = 20, seed: int = 0, guidance: Guidance | None = None,
+                        n: int = 16, steps: int = DEFAULT_STEPS, seed: int = 0, guidance: Guidance | None = None,
                         device: str | None = None, use_ema: bool = True, batch_size: int = 64,
                         guidance_batched: bool = True, lpips: LPIPSMetric | None = None,
                         lpips_weights: str | None = None, figure_rows: int = 8, progress: bool = True,
@@ -321,7 +324,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     ``swap_follows_dino_rate``, ...), the calibration ``dino_layout_corr_rolled`` /
     ``_other_image`` / ``_codec_roundtrip``, ``codec_roundtrip_psnr``, plus ``shapes_world_only``,
     ``lpips_status``, ``layout_status``, ``swap_status``, ``source_images``, ``codec``,
-    ``dino_encoder``, ``latent_shape``, ``selection``, ``n``, ``steps``, ``seed``, ``guidance``,
+    ``dino_encoder``, ``latent_shape``, ``selection``, ``n`` (samples scored), ``n_asked``, ``steps``, ``seed``, ``guidance``,
     ``checkpoint``, ``weights``, ``step``, ``figure``, ``seconds``. A metric that cannot be computed
     is None and its status key says why.
     """
@@ -354,7 +357,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         lp = lpips if lpips is not None else LPIPSMetric(weights=lpips_weights)
         codec_str, dino_str = _describe(enc)
         res: dict = {"checkpoint": info["checkpoint"], "weights": info["weights"], "step": info["step"],
-                     "n": n_got, "steps": steps, "seed": int(seed), "guidance": _guidance_str(guidance),
+                     "n": n_got, "n_asked": n, "steps": steps, "seed": int(seed), "guidance": _guidance_str(guidance),
                      "latent_shape": _shape_str(tuple(lat.shape[1:])), "selection": batch["selection"],
                      "codec": codec_str, "dino_encoder": dino_str,
                      "source_images": "png members" if "png" in batch else
@@ -478,7 +481,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=16, help="validation samples (default 16)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="shards scored: val (default), or train for a folder without a val split (optimistic: seen in training)")
-    ap.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS}, the experiment's)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     ap.add_argument("--formula", default=DEFAULT_GUIDANCE.formula, choices=["independent", "nested"],
@@ -574,6 +577,8 @@ def main(argv=None) -> int:
                "lpips_status": lp.status, "checkpoints": results}
     path = write_json(summary, out / "metrics.json")
     for ckpt, r in results.items():
+        print(f"{ckpt}: scored {r['n']} of {r['n_asked']} samples asked ({r['selection']}); guidance {r['guidance']}, "
+              f"{r['steps']} steps")
         print(f"{ckpt}: recon PSNR {r['recon_psnr']:.2f} dB, LPIPS {_fmt(r['recon_lpips'])}, "
               f"DINO layout corr {_fmt(r['recon_dino_layout_corr'])} (rolled {_fmt(r['dino_layout_corr_rolled'])}, "
               f"other image {_fmt(r['dino_layout_corr_other_image'])}), layout {_fmt(r['recon_layout_error'])}, "
