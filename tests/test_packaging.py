@@ -40,7 +40,7 @@ def test_ci_runs_the_readme_test_command():
 CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.cli.train:main", "nbcore-validate": "nbcore.validate:main",
                    "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.shapes:main",
                    "nbcore-data": "nbcore.cli.data:main", "nbcore-bench": "nbcore.bench:main",
-                   "nbcore-encoders": "nbcore.encoders:main"}
+                   "nbcore-encoders": "nbcore.encoders:main", "nbcore-generate": "nbcore.pipeline:main"}
 
 
 def test_console_scripts_point_at_callable_mains():
