@@ -51,6 +51,40 @@ def test_precompute_default_size_follows_the_data_and_refuses_to_upscale(real_en
     assert summary["image_size"] == 32 and summary["buckets"] == {"32x32": 24}
 
 
+def _train_main(argv):
+    from nbcore.cli.train import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value
+
+
+def test_train_refuses_a_batch_larger_than_the_data(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "o"
+    e = _train_main(["--data", str(tiny_shards), "--out", str(out), "--steps", "20", "--batch-size", "65", "--no-progress"])
+    assert e.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 65 is larger than the data: 64 training samples" in err[0]
+    assert not (out / "log.jsonl").exists()
+
+
+def test_train_refuses_a_warmup_longer_than_the_run(tiny_shards, tmp_path, capsys):
+    e = _train_main(["--data", str(tiny_shards), "--out", str(tmp_path / "o"), "--steps", "20", "--warmup", "100",
+                     "--lr", "3e-4", "--no-progress"])
+    assert e.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--warmup 100 is longer than the run (--steps 20)" in err and "peak at 6e-05" in err
+
+
+def test_train_default_warmup_fits_a_short_run(tiny_shards):
+    from nbcore.cli.train import _parser, check_schedule_fits_data
+    from nbcore.sizes import data_stats
+    from nbcore.train_config import TrainConfig
+    args = vars(_parser().parse_args(["--data", str(tiny_shards), "--steps", "20"]))
+    assert args["warmup"] is None            # main fills it: min(100, steps // 10)
+    cfg = TrainConfig(data=str(tiny_shards), steps=20, warmup=min(TrainConfig.warmup, 20 // 10), batch_size=64)
+    check_schedule_fits_data(cfg, data_stats(tiny_shards))  # 64 samples, batch 64: fits
+
+
 def test_validation_says_how_many_it_scored_and_uses_the_experiment_protocol(tiny_shards):
     from nbcore.experiment import PROFILES
     from nbcore.model import NanoDiT, preset
