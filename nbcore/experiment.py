@@ -223,7 +223,7 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
         warmup=p.warmup, schedule="constant", ema_decay=p.ema_decay, log_every=max(1, p.milestone_every // 10),
         ckpt_every=p.milestone_every, milestone_every=p.milestone_every, device=device, seed=arm.seed,
         warm_start=str(base / "ckpt" / f"step_{p.warm_from:06d}.pt") if warm else "",
-        warm_start_lr_scale=1.0, resume="auto", progress=False)
+        warm_start_lr_scale=1.0, resume="auto", progress=False, tensorboard=True)
 
 
 def _key(cfg: TrainConfig) -> dict:

@@ -87,6 +87,7 @@ from nbcore.flow import DROPOUT_CASES, batch_to_device, flow_matching_loss, samp
 from nbcore.model import NanoDiT
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
+from nbcore.tracking import RunTracker
 from nbcore.train_config import TrainConfig, check_model_config, parse_model_overrides, skip_allowance
 from nbcore.train_log import (add_metrics, bin_means, count_step, finite_or_none, load_train_log, metrics_to_host,
                               new_window, reduce_metrics, truncate_log)
@@ -191,6 +192,9 @@ class Trainer:
                 print(f"no {name} given: the hook every {every} steps only writes the checkpoint", file=sys.stderr)
         # the applied steps' metrics behind the summary's final_loss / loss_by_bin
         self._recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
+        # TensorBoard beside log.jsonl (rank 0): every record, and a fixed-scene grid at each milestone
+        self.tracker = RunTracker.for_data(self.out, cfg.data if data is None else "", self.data_stats,
+                                           cfg.val_sample_steps) if cfg.tensorboard and self.is_main else None
 
     # -- setup helpers
     def _data_source(self, data) -> Callable[[int], Iterable[dict]]:
@@ -277,6 +281,8 @@ class Trainer:
         if self.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(finite_or_none(rec)) + "\n")
+            if getattr(self, "tracker", None) is not None:
+                self.tracker.record(finite_or_none(rec))
 
     def checkpoint(self, milestone: bool = False) -> Path:
         """Write OUT/ckpt/last.pt (and the lean step_XXXXXX.pt, without optimiser and scheduler, when
@@ -471,6 +477,8 @@ class Trainer:
         milestone = bool(cfg.milestone_every) and step % cfg.milestone_every == 0
         if milestone or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             self.checkpoint(milestone=milestone)
+        if milestone and self.tracker is not None:
+            self.tracker.milestone(step, self.ema.module)
         if cfg.val_every and step % cfg.val_every == 0:
             self._hook("val", self.val_fn)
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -535,6 +543,8 @@ class Trainer:
             dist.barrier()
 
     def close(self):
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
         if getattr(self, "_own_pg", False) and dist.is_initialized():
             dist.destroy_process_group()
 
