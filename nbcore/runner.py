@@ -38,6 +38,7 @@ import papermill as pm
 import yaml
 from tqdm.auto import tqdm
 
+from .compare import compare_runs
 from .experiment import PROFILES
 from .utils import repo_root, write_json
 
@@ -269,11 +270,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
     r.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: none)")
     sub.add_parser("list", help="list the notebooks and the profiles' parameters")
+    c = sub.add_parser("compare", help="two runs side by side: one table and one figure of paired differences "
+                       "(nbcore.compare), written beside the runs")
+    c.add_argument("runs", nargs=2, metavar="RUN", help="run folders (or names under outputs/runs), each with eval.json")
+    c.add_argument("--metric", default="layout_error", help="eval.json metric (default layout_error)")
+    c.add_argument("--out", default=None, help="output folder (default: <parent of the first run>/compare/A_vs_B)")
     return ap
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "compare":
+        return _compare_main(args)
     if args.cmd == "list":
         for nb in NOTEBOOKS:
             print(nb)
@@ -307,6 +315,17 @@ def main(argv=None) -> int:
     return run_suite(args.profile, only=args.only, name=args.name, params=params, device=args.device,
                      out_root=args.out_root, kernel=args.kernel, cell_timeout=args.cell_timeout,
                      lenient=frozenset(from_yaml))
+
+
+def _compare_main(args) -> int:
+    runs = [Path(r) if Path(r).is_dir() else Path("outputs/runs") / r for r in args.runs]
+    try:
+        res = compare_runs(*runs, metric=args.metric, out_dir=args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nbcore.runner compare: {e}") from None
+    print(res["table"])
+    print(f"wrote {res['markdown']} and {res['figure']}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
