@@ -36,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .encoders import DataEncoders, data_encoders, find_pairs
-from .pretrained import CARD, CONFIG, SAMPLES, checkpoint_data, from_pretrained, model_card
+from .checkpoint import checkpoint_data
+from .pretrained import CARD, CONFIG, SAMPLES, from_pretrained, model_card
 from .sample import Guidance, load_model_with_info, sample
 from .shapes import RULES, render, sample_scene
 from .utils import ArgParser, bad_arguments, load_checkpoint, resolve_device
