@@ -90,9 +90,15 @@ def compare_figure(recs: list[dict], name_a: str, name_b: str, metric: str = "la
     nbcore.viz, because the figure belongs to this comparison only.)"""
     panels = [(m, g) for m in MODES for g in ("on", "off")
               if any(r["mode"] == m and r["guidance"] == g and (r["a_vs_base"] or r["b_vs_base"]) for r in recs)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.6), squeeze=False,
+    n = max(1, len(panels))
+    ncol = min(2, n)
+    nrow = (n + ncol - 1) // ncol
+    n_arms = max(1, len({r["row"] for r in recs if r["a_vs_base"] or r["b_vs_base"]}))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, (0.45 * n_arms + 1.4) * nrow), squeeze=False,
                              sharey=True)
-    for ax, (m, g) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (m, g) in zip(axes.flat, panels):
         rows = [r for r in recs if r["mode"] == m and r["guidance"] == g and (r["a_vs_base"] or r["b_vs_base"])]
         for k, (key, name, colour, dy) in enumerate((("a_vs_base", name_a, "#1f77b4", -0.15),
                                                      ("b_vs_base", name_b, "#d62728", 0.15))):
@@ -108,7 +114,8 @@ def compare_figure(recs: list[dict], name_a: str, name_b: str, metric: str = "la
         ax.set_yticks(range(len(rows)), [r["row"] for r in rows], fontsize=8)
         ax.set_xlabel(f"{metric.replace('_', ' ')}: arm − baseline\n(paired, 95% interval; lower is better)", fontsize=8)
         ax.set_title(f"{MODES[m]}, {GUIDANCE[g]}", fontsize=9)
-        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].invert_yaxis()                    # shared: the first arm on top, once
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{name_a} vs {name_b}: paired differences from each run's baseline", fontsize=10)
     fig.tight_layout()

@@ -3,6 +3,8 @@
 ``RunTracker(out_dir, fixed_batch, codec)`` writes ``OUT/tensorboard/`` with PyTorch's
 ``SummaryWriter``:
 
+- on one axis, total optimiser steps (a warm-started run continues from its source checkpoint's step,
+  as the suite's figures do);
 - every ``train`` record's numbers as scalars under ``train/`` (loss, window loss, lr, grad norm,
   samples/s, skipped steps, v rms; ``loss_bin/<k>`` the loss by t-bin);
 - every ``val`` record's numbers under ``val/`` (the milestone metrics a validation hook returns);
@@ -57,15 +59,16 @@ class RunTracker:
     """TensorBoard writer of one run (rank 0 only). ``record(rec)`` takes every log.jsonl record;
     ``milestone(step, model)`` adds the fixed-scene grid; ``close()`` flushes."""
 
-    def __init__(self, out_dir, batch: dict | None = None, codec=None, steps: int = 10):
+    def __init__(self, out_dir, batch: dict | None = None, codec=None, steps: int = 10, step_offset: int = 0):
         from torch.utils.tensorboard import SummaryWriter     # optional heavy package: only when asked
 
         self.dir = Path(out_dir) / TB_DIR
         self.writer = SummaryWriter(str(self.dir))
         self.batch, self.codec, self.steps = batch, codec, steps
+        self.offset = step_offset          # TensorBoard's axis: total optimiser steps (a warm start's source's + this run's)
 
     @classmethod
-    def for_data(cls, out_dir, data_dir, stats, steps: int = 10, n: int = 4) -> RunTracker | None:
+    def for_data(cls, out_dir, data_dir, stats, steps: int = 10, n: int = 4, step_offset: int = 0) -> RunTracker | None:
         """A tracker whose grid shows the first ``n`` scenes of ``data_dir`` (decoded with the data's
         codec); None, with one line on stderr, when tensorboard is not installed."""
         try:
@@ -75,12 +78,12 @@ class RunTracker:
             return None
         batch = fixed_batch(data_dir, n, stats=stats) if data_dir else None
         codec = codec_from_stats(stats) if (batch is not None and stats is not None) else None
-        return cls(out_dir, batch, codec, steps)
+        return cls(out_dir, batch, codec, steps, step_offset)
 
     def record(self, rec: dict) -> None:
-        step = rec.get("step")
-        if step is None:
+        if rec.get("step") is None:
             return
+        step = rec["step"] + self.offset
         if rec.get("kind") == "train":
             for k in _TRAIN_SCALARS:
                 if isinstance(rec.get(k), (int, float)):
@@ -97,7 +100,7 @@ class RunTracker:
         """Named numbers (e.g. a milestone's layout error) as scalars ``prefix/name``."""
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                self.writer.add_scalar(f"{prefix}/{k}", v, step + self.offset)
 
     @torch.no_grad()
     def milestone(self, step: int, model) -> None:
@@ -120,7 +123,7 @@ class RunTracker:
         finally:
             model.train(was_training)
         grid = torch.cat([torch.cat(list(r.clamp(0, 1)), dim=2) for r in rows], dim=1)    # (3, 3*S, B*S)
-        self.writer.add_image("samples/fixed_scenes (rows: source | guided t3 d2 | off)", grid, step)
+        self.writer.add_image("samples/fixed_scenes (rows: source | guided t3 d2 | off)", grid, step + self.offset)
         self.writer.flush()
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.checkpoint import (differences, find_resume, read_training_checkpoint, save_training_checkpoint,
+from nbcore.checkpoint import (checkpoint_step, differences, find_resume, read_training_checkpoint, save_training_checkpoint,
                                set_rng_state, training_checkpoint, warm_start)
 from nbcore.data import SkipCounter
 from nbcore.distributed import gather_objects, init_distributed
@@ -193,8 +193,11 @@ class Trainer:
         # the applied steps' metrics behind the summary's final_loss / loss_by_bin
         self._recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
         # TensorBoard beside log.jsonl (rank 0): every record, and a fixed-scene grid at each milestone
+        # on total optimiser steps: a warm-started run continues its source's axis
         self.tracker = RunTracker.for_data(self.out, cfg.data if data is None else "", self.data_stats,
-                                           cfg.val_sample_steps) if cfg.tensorboard and self.is_main else None
+                                           cfg.val_sample_steps,
+                                           step_offset=checkpoint_step(cfg.warm_start) if cfg.warm_start else 0
+                                           ) if cfg.tensorboard and self.is_main else None
 
     # -- setup helpers
     def _data_source(self, data) -> Callable[[int], Iterable[dict]]:

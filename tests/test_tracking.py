@@ -41,3 +41,14 @@ def test_tensorboard_is_off_by_default(tiny_shards, tmp_path):
 def test_the_suite_turns_tensorboard_on_for_its_arms(tmp_path):
     from nbcore.experiment import BASELINE, PROFILES, train_config
     assert train_config(PROFILES["smoke"], BASELINE, tmp_path).tensorboard
+
+
+@pytest.mark.slow
+def test_a_warm_started_run_continues_its_source_steps(tiny_shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from nbcore.train import TrainConfig, train
+    from nbcore.tracking import TB_DIR
+    kw = dict(preset="tiny", data=str(tiny_shards), batch_size=4, warmup=0, log_every=1, device="cpu", progress=False)
+    src = train(TrainConfig(out=str(tmp_path / "a"), steps=3, **kw))["checkpoint"]
+    train(TrainConfig(out=str(tmp_path / "b"), steps=2, warm_start=src, tensorboard=True, **kw))
+    assert [e.step for e in _events(tmp_path / "b" / TB_DIR).Scalars("train/loss")] == [4, 5]
