@@ -204,7 +204,9 @@ for a in warm:
     new_markdown_cell("## Loss curves\nOn the shared axis of total optimiser steps (a warm arm starts at `warm_from`)."),
     new_code_cell('''logs = ex.loss_curves(p, ctx.run_dir, arms)
 smooth = max(1, min(len(r) for r in logs.values()) // 20)
-ctx.save(viz.plot_curves(logs, ["loss", "grad_norm"], smooth=smooth, logy=["loss"]), "curves_loss.png")
+ctx.save(viz.plot_curves(logs, ["loss", "grad_norm"], smooth=smooth, logy=["loss"], xlabel="total optimiser steps",
+                         title=f"training, every arm ({p.name} profile; warm arms branch at step {p.warm_from})"),
+         "curves_loss.png")
 ctx.metrics["loss_by_bin"] = {a.run: summaries[a.run]["loss_by_bin"] for a in arms}
 ctx.save(viz.plot_loss_by_bin(ctx.metrics["loss_by_bin"]), "loss_by_bin.png")'''),
     new_code_cell("ctx.finish()"),
@@ -470,7 +472,8 @@ run = train(TrainConfig(preset=real_preset, data=str(shards), out=str(real / "tr
                         log_every=max(1, p.real_steps // 20), ckpt_every=p.real_steps))
 ckpt = run["checkpoint"]
 log = load_train_log(real / "train" / "log.jsonl")
-ctx.save(viz.plot_curves({"real data": log}, ["loss"]), "loss.png")
+ctx.save(viz.plot_curves({"real data": log}, ["loss"], title="real-data training" + (
+    " on PLUMBING STAND-INS (random encoders: the curve means nothing)" if plumbing else "")), "loss.png")
 ctx.metrics["train"] = {"steps": run["steps"], "final_loss": run["final_loss"]}
 ctx.check(run["steps"] == p.real_steps, "trained the planned steps", steps=run["steps"])'''),
     new_markdown_cell("## Validation\nDecoded with the data's VAE. Metrics for any data: PSNR and LPIPS against the "
