@@ -1,5 +1,5 @@
 """Analyses behind notebooks 04 (attention routing) and 05 (milestones): reductions of a routing
-capture, patch-map locality, CLS use over training, and the seed's success criteria answered in
+capture, patch-map locality, CLS use over training, and the project's success criteria answered in
 words built from the measured numbers.
 
 Shape legend: F forwards (sampling steps), depth blocks, B samples, nh heads, N = h*w image tokens,
@@ -16,7 +16,7 @@ import torch
 from .attention import SOURCES, capture
 from .sample import load_model, sample
 
-__all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use", "risk5_answer",
+__all__ = ["criteria_figure", "criteria_markdown", "capture_sampling", "routing_tables", "colocated_patch", "patch_locality", "cls_use", "cls_use_answer",
            "mass_at_t", "query_tokens", "success_criteria", "fmt"]
 
 
@@ -126,13 +126,13 @@ def locality_over_training(checkpoints: list, cond: dict, steps: int, device, se
     return out
 
 
-def risk5_answer(over: list[dict], tables: dict, locality: dict, mean_context: float) -> tuple[str, float]:
-    """Seed risk 5 (is CLS attended?) in one sentence, from ``cls_use`` records ``over``, the
+def cls_use_answer(over: list[dict], tables: dict, locality: dict, mean_context: float) -> tuple[str, float]:
+    """Whether CLS is attended, in one sentence, from ``cls_use`` records ``over``, the
     ``routing_tables`` of the sampling capture, ``patch_locality``'s result and the mean context
     length M (real text + 1 + P). Returns (sentence, CLS share / uniform share 1/M at the last record)."""
     share = over[-1]["cls"] * mean_context
     mass, block, head = tables["max_head"]["cls"]
-    text = (f"Seed risk 5 (is CLS attended?): over {len(over)} checkpoints CLS received "
+    text = (f"CLS use (is CLS attended?): over {len(over)} checkpoints CLS received "
             f"{fmt(over[0]['cls'])} -> {fmt(over[-1]['cls'])} of the cross-attention mass; one token of "
             f"about {mean_context:.0f} would get {1 / mean_context:.3g} under uniform attention, so CLS gets "
             f"{share:.2g}x its uniform share. The head using CLS most is block {block} head {head} with "
@@ -176,7 +176,7 @@ def _rel(new, old):
 def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, steps: int,
                      lpips_key: str = "recon_lpips", layout_key: str = "recon_layout_error",
                      text_key: str = "textonly_layout_error", swap_key: str = "swap_follows_dino_rate") -> list[dict]:
-    """The seed plan's success criteria, each answered from the numbers.
+    """The project's success criteria (MVP, Good, Excellent), each answered from the numbers.
 
     summaries: variant -> training summary (``final_loss``, ``skipped``, ``steps``); metrics:
     variant -> validation metrics at the final step (lower-is-better errors, rates in [0, 1]).
@@ -193,7 +193,7 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
 
     ran = sp.get("steps")
     finite = sp.get("final_loss") is not None and math.isfinite(sp.get("final_loss"))
-    add("MVP", f"training runs without errors ({steps} steps here, 10k in the seed)",
+    add("MVP", f"training runs without errors ({steps} steps here, 10k planned)",
         None if ran is None else (ran >= steps and finite and sp.get("skipped", 0) == 0),
         f"the patch model ran {ran} steps, {sp.get('skipped')} skipped, final loss {fmt(sp.get('final_loss'))}")
     lb, lp = sb.get("final_loss"), sp.get("final_loss")
@@ -219,7 +219,7 @@ def success_criteria(summaries: dict, metrics: dict, baseline: str, patch: str, 
         None if worse is None else worse <= 0.10,
         f"text-only centroid error {fmt(tp)} (patch) vs {fmt(tb)} (baseline)"
         + ("" if worse is None else f": {_pct(worse)} for the patch model"))
-    add("Excellent", "reconstruction LPIPS < 0.4 (seed: by 50k steps)", None if vp is None else vp < 0.4,
+    add("Excellent", "reconstruction LPIPS < 0.4 (planned: by 50k steps)", None if vp is None else vp < 0.4,
         f"LPIPS {fmt(vp)} at {ran} steps")
     add("Excellent", "generation from pure text shows reasonable layout (text-only centroid error < 0.15)",
         None if tp is None else tp < 0.15, f"text-only centroid error {fmt(tp)}")

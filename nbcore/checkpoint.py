@@ -26,12 +26,14 @@ position, and restarts the optimiser (fresh AdamW moments, the lr schedule at th
 ``n_updates``), so the step after it computes the uninterrupted run's loss but the updates then
 differ. Under DDP, OUT must be on a filesystem every rank sees.
 
-Readers of a model (``read_model``: config + weights; ``checkpoint_data``: stats + codec;
-``checkpoint_step``) go through this module; older checkpoints without ``stats`` / ``codec`` /
-``data_counts`` still load.
+Readers of a model (``read_model``: config + weights; ``read_weights``: a warm start's weights;
+``checkpoint_data``: stats + codec; ``training_summary``; ``checkpoint_step``) go through this module,
+which imports no model (``nbcore.model_folder`` builds models from what it reads); older checkpoints
+without ``stats`` / ``codec`` / ``data_counts`` still load.
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import asdict
@@ -42,14 +44,14 @@ import numpy as np
 import torch
 
 from .codec import codec_spec_from_stats
-from .model import ModelConfig, load_warm_start
-from .sizes import DATA_SIZES
 from .stats import Stats
 from .utils import CheckpointError, atomic_save, load_checkpoint, repo_root
 
-__all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint",
+__all__ = ["TRAIN_KEYS", "RESUME_ONLY", "training_checkpoint", "save_training_checkpoint", "restore_training",
+           "read_config",
            "read_training_checkpoint", "find_resume", "rng_state", "set_rng_state", "read_model",
-           "checkpoint_step", "checkpoint_data", "differences", "warm_start"]
+           "read_weights", "step_of", "training_summary", "SUMMARY_KEYS", "checkpoint_step", "checkpoint_data",
+           "differences"]
 
 STATS_JSON = "stats.json"
 
@@ -96,6 +98,48 @@ def read_training_checkpoint(path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: not an nbcore training checkpoint (missing {missing})")
     return ck
+
+
+def restore_training(trainer, path, ck: dict) -> dict:
+    """Load a training checkpoint ``ck`` (read from ``path``) into a ``nbcore.train.Trainer``: model,
+    EMA, optimiser and scheduler (a lean milestone has none: ``trainer.optimizer_restarted`` is set
+    and the trainer restarts its schedule), step and counters, the global RNG states and this rank's
+    generator. Returns the data position to continue from (the epoch start when the world size
+    changed). ValueError naming both when the checkpoint's model is not the run's."""
+    if ck["config"] != trainer.model_cfg.to_dict():
+        theirs, ours = differences(ck["config"], trainer.model_cfg.to_dict())
+        src = (f" (sizes from {Path(trainer.cfg.data) / 'stats.json'})"
+               if trainer.data_stats is not None and trainer.cfg.model is None else "")
+        raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
+    trainer.model.load_state_dict(ck["model"])
+    trainer.ema.load_state_dict(ck["ema"])
+    trainer.step, trainer.n_updates = int(ck["step"]), int(ck["n_updates"])
+    trainer.optimizer_restarted = "optimizer" not in ck
+    if not trainer.optimizer_restarted:
+        trainer.optimizer.load_state_dict(ck["optimizer"])
+        trainer.scheduler.load_state_dict(ck["scheduler"])
+    trainer.skipped, trainer.streak = int(ck["skipped"]), int(ck["streak"])
+    set_rng_state(ck["rng"])
+    ds = ck["data_state"]
+    if ds["world_size"] == trainer.world:
+        trainer.gen.set_state(ck["rng"]["train"][trainer.rank])
+        position = dict(ds["ranks"][trainer.rank])
+        counts = ck.get("data_counts")   # older checkpoints have none
+        if counts:
+            position["done"] = counts[trainer.rank]
+    else:
+        print(f"warning: resuming with world size {trainer.world} (checkpoint {ds['world_size']}): "
+              "data order and noise are not the uninterrupted run's", file=sys.stderr)
+        position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
+    return position
+
+
+def read_config(src) -> dict:
+    """The ModelConfig dict of a checkpoint (any nbcore checkpoint: ``config``); ValueError when it has none."""
+    ck = load_checkpoint(src)
+    if not isinstance(ck, dict) or "config" not in ck:
+        raise ValueError(f"{src}: not an nbcore checkpoint (no 'config')")
+    return dict(ck["config"])
 
 
 def find_resume(ckpt_dir, resume: str, verbose: bool = True) -> tuple[Path, dict, dict | None] | None:
@@ -169,16 +213,50 @@ def differences(a: dict, b: dict, keys: Sequence[str] | None = None) -> tuple[st
     return ", ".join(f"{k} {a.get(k)}" for k in diff), ", ".join(f"{k} {b.get(k)}" for k in diff)
 
 
-def read_model(src, weights: str = "ema") -> tuple[ModelConfig, dict, dict]:
-    """``(ModelConfig, state dict, checkpoint dict)`` of a checkpoint path or a loaded checkpoint
-    dict; ``weights``: "ema" or "model". ValueError when it is not an nbcore checkpoint, KeyError
-    when it lacks those weights."""
-    ck = load_checkpoint(src) if isinstance(src, (str, Path)) else src
-    if not isinstance(ck, dict) or "config" not in ck:
-        raise ValueError(f"not an nbcore checkpoint (no 'config'): {src if isinstance(src, (str, Path)) else type(src).__name__}")
+def read_model(src, weights: str = "ema", strict: bool = True) -> tuple[dict, dict, str, dict]:
+    """``(config dict, state dict, which weights, checkpoint dict)`` of a checkpoint path or a loaded
+    checkpoint dict; ``weights``: "ema" or "model". ``strict``: KeyError when the checkpoint lacks
+    those weights; else "ema" falls back to the raw "model" weights when there is no EMA. ValueError
+    when it is not an nbcore checkpoint."""
+    name = str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
+    ck = load_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
+    if not isinstance(ck, dict) or "config" not in ck or (not strict and "model" not in ck):
+        raise ValueError(f"{name}: not an nbcore checkpoint (needs keys 'config' and 'model')")
+    which = weights if strict or ck.get(weights) is not None else "model"
+    if which not in ck:
+        raise KeyError(f"checkpoint has no {which!r} weights (keys: {sorted(ck)})")
+    return dict(ck["config"]), ck[which], which, ck
+
+
+def read_weights(path, weights: str) -> tuple[dict, dict | None]:
+    """``(state dict, config dict or None)`` of the ``weights`` ("model" or "ema") of any checkpoint
+    holding them (a warm start's source need not be a full training checkpoint); KeyError naming the
+    keys it has when it lacks them."""
+    ck = load_checkpoint(path)
     if weights not in ck:
-        raise KeyError(f"checkpoint has no {weights!r} weights (keys: {sorted(ck)})")
-    return ModelConfig(**ck["config"]), ck[weights], ck
+        raise KeyError(f"warm-start checkpoint {path} has no {weights!r} weights (keys: {sorted(ck)})")
+    return ck[weights], ck.get("config")
+
+
+# What of a run's TrainConfig a model card needs (the rest stays in the checkpoint).
+SUMMARY_KEYS = ("preset", "data", "steps", "batch_size", "grad_accum", "lr", "schedule", "warmup", "ema_decay",
+                "seed", "p_drop_both", "p_text_only", "p_dino_only", "timestep_sampling", "warm_start")
+
+
+def step_of(ck: dict) -> int | None:
+    """A loaded checkpoint's ``step``, None when it records none."""
+    step = ck.get("step")
+    return int(step) if isinstance(step, (int, float)) else None
+
+
+def training_summary(ck: dict) -> dict | None:
+    """What a model folder records of the run behind a checkpoint: step, n_updates and the
+    ``SUMMARY_KEYS`` of its train_config; None for an empty dict (a model, not a checkpoint)."""
+    if not ck:
+        return None
+    tc = ck.get("train_config") or {}
+    return {"step": int(ck.get("step", 0)), "n_updates": int(ck.get("n_updates", ck.get("step", 0))),
+            **{k: tc[k] for k in SUMMARY_KEYS if k in tc}}
 
 
 def checkpoint_step(path) -> int:
@@ -208,20 +286,3 @@ def checkpoint_data(ck: dict) -> tuple[Stats | None, dict | None]:
             return Stats.load(folder / STATS_JSON), codec
     return None, codec
 
-
-def warm_start(model, path, weights: str, model_cfg: ModelConfig) -> dict:
-    """Load the ``weights`` ("model" or "ema") of the checkpoint at ``path`` into ``model`` by name
-    (``nbcore.model.load_warm_start``) and return its report; ValueError naming the differing sizes
-    when tensors are shape-mismatched, or when none matched; KeyError without those weights."""
-    ck = load_checkpoint(path)
-    if weights not in ck:
-        raise KeyError(f"warm-start checkpoint {path} has no {weights!r} weights (keys: {sorted(ck)})")
-    report = load_warm_start(model, ck[weights])
-    if report["mismatched"]:
-        sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
-        theirs, ours = differences(ck["config"], model_cfg.to_dict(), sizes) if "config" in ck else ("", "")
-        why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
-        raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
-    if not report["loaded"]:
-        raise ValueError(f"warm start from {path}: no tensor matched this model")
-    return report

@@ -32,7 +32,7 @@ TOL = 1e-5          # float32 equality tolerance for "no influence" / "equal" ch
 RESPONDS = 1e-3     # a kept signal must move the output by at least this much
 
 # The model variants every contract check runs on: ModelConfig overrides on top of a preset
-# (issue 16's arms), each setting every DINO-path field but the context patches' position
+# (the experiment's arms), each setting every DINO-path field but the context patches' position
 # (tie-only arms reset it: positions apply to context patches only).
 _CTX = dict(use_dino_patches=True, patch_context=True, patch_tie=False, cls_position="middle")
 _TIE = dict(use_dino_patches=True, patch_context=False, patch_tie=True, cls_position="middle", patch_pos_embed="none")

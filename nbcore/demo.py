@@ -47,11 +47,11 @@ from .codec import codec_from_spec, codec_spec_from_stats
 from .data import Stats
 from .encoders import DataEncoders, data_encoders
 from .metrics import shape_layout
-from .pretrained import checkpoint_data, from_pretrained
-from .sample import Guidance, load_model_with_info, sample
+from .model import NanoDiT
+from .sample import Guidance, sample
 from .shapes import RULES, Scene, make_dataset, render, sample_scene
 from .train import TrainConfig, train
-from .utils import load_checkpoint, repo_root, resolve_device
+from .utils import repo_root, resolve_device
 from .viz import image_grid
 
 __all__ = ["Demo", "Source", "find_patch_checkpoint", "get_demo_model", "val_scenes", "swap_layout", "swap_figure",
@@ -120,22 +120,14 @@ def get_demo_model(ckpt=None, run_dir=None, device: str = "auto", train_steps: i
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"demo checkpoint {ckpt} does not exist")
-    if ckpt.is_dir():
-        model, pre = from_pretrained(ckpt, device=device)
-        if pre["stats"] is None:
-            raise FileNotFoundError(f"{ckpt} holds no stats.json: the demo must normalise conditioning exactly as "
-                                    "training did (export the model with its data's stats)")
-        info = {"path": str(ckpt), "format": "pretrained", "weights": pre["weights"],
-                "step": (pre["training"] or {}).get("step"), "stats": pre["stats"], "codec": pre["codec"]}
-    else:
-        model, info = load_model_with_info(ckpt, use_ema=True, device=device)
-        ck = load_checkpoint(ckpt)
-        stats, codec = checkpoint_data(ck)
-        if stats is None:
-            data = (ck.get("train_config") or {}).get("data") or "?"
-            raise FileNotFoundError(f"{ckpt}: its training data stats (in the checkpoint, or {data}/stats.json) are "
-                                    "missing; the demo must normalise conditioning exactly as training did")
-        info.update(format="checkpoint", stats=stats, codec=codec)
+    model, info = NanoDiT.from_pretrained(ckpt, device=device, output_loading_info=True)
+    if info["stats"] is None and info["format"] == "pretrained":
+        raise FileNotFoundError(f"{ckpt} holds no stats.json: the demo must normalise conditioning exactly as "
+                                "training did (export the model with its data's stats)")
+    if info["stats"] is None:
+        data = (info["training"] or {}).get("data") or "?"
+        raise FileNotFoundError(f"{ckpt}: its training data stats (in the checkpoint, or {data}/stats.json) are "
+                                "missing; the demo must normalise conditioning exactly as training did")
     if not model.cfg.use_dino_patches:
         raise ValueError(f"{ckpt} is a pre-patch model (use_dino_patches=False): the DINO swap needs patches")
     info["trained_now"] = trained

@@ -6,9 +6,9 @@ design trained under it. Notebooks 03-06 and ``nbcore.runner`` call the function
 
 Schedule: equal optimiser steps for every arm
     baseline       pre-patch model from scratch, ``steps`` steps, a milestone every ``milestone_every``
-    warm arms      start from the baseline's milestone at ``warm_from`` (the seed plan's path) and
+    warm arms      start from the baseline's milestone at ``warm_from`` (the warm-start path) and
                    train ``steps - warm_from`` more: ``steps`` in all, on the same axis as the baseline
-    scratch arms   from step 0 for ``steps`` steps (the seed's fallback "restart from step 0")
+    scratch arms   from step 0 for ``steps`` steps (the fallback: restart from step 0)
     repeats        the baseline and the best patch arm (lowest reconstruction layout error at its
                    last milestone) again with seed 1, ...: the spread beside the intervals
 Runs are independent processes, ``workers`` at a time, one torch thread each (a model this small
@@ -17,7 +17,7 @@ does not use a second thread: measured equal steps/s with 1 and 2 threads on 2 c
 Evaluation (``evaluate``): every arm's EMA weights at its last step on ``final_scenes`` validation
 scenes, one shared noise draw, guidance off (v = v_full) and on (the profile's nested scales):
     recon      own text + own DINO (CLS + patches)
-    textonly   own text, null DINO (seed risk 3: does text still place shapes?)
+    textonly   own text, null DINO (text control: does text still place shapes?)
     swap       text of scene i, DINO of scene i+1 (guidance on): whose layout does it follow?
 Calibration rows go through the same metrics: ``untrained`` (a random-init model through the
 same sampler), ``layout_blind`` (each scene redrawn with its shapes at shuffled places: what "no
@@ -84,15 +84,15 @@ class Arm:
 BASELINE = Arm("baseline", {"use_dino_patches": False})
 HEADLINE_ARMS = (
     BASELINE,
-    Arm("patch-none", {"patch_pos_embed": "none"}, "warm"),        # the seed plan's model
-    Arm("patch-learned", {"patch_pos_embed": "learned"}, "warm"),  # open question 5
+    Arm("patch-none", {"patch_pos_embed": "none"}, "warm"),        # patches as they come, no positions
+    Arm("patch-learned", {"patch_pos_embed": "learned"}, "warm"),  # do the patches need positions?
     Arm("patch-sincos", {"patch_pos_embed": "sincos"}, "warm"),
     Arm("patch-sincos-scratch", {"patch_pos_embed": "sincos"}, "scratch"),
-    Arm("tied+context", {"patch_tie": True}, "warm"),              # beyond the seed plan
+    Arm("tied+context", {"patch_tie": True}, "warm"),              # patches also tied to their image tokens
 )
 SECONDARY_ARMS = (
     Arm("tied-only", {"patch_tie": True, "patch_context": False}, "warm"),
-    Arm("cls-start", {"patch_pos_embed": "sincos", "cls_position": "start"}, "warm"),  # open question 4
+    Arm("cls-start", {"patch_pos_embed": "sincos", "cls_position": "start"}, "warm"),  # CLS position in the context
 )
 
 
@@ -129,7 +129,7 @@ class Profile:
     sample_steps: int = 12
     text_scale: float = 3.0              # the guided protocol: nested, text 3, DINO 2 (README)
     dino_scale: float = 2.0
-    patch_scales: tuple = (0.0, 1.0, 2.0, 4.0)   # open question 3, on the best arm
+    patch_scales: tuple = (0.0, 1.0, 2.0, 4.0)   # separate patch guidance scales, on the best arm
     n_boot: int = 1000
     # notebooks 04 and 06
     routing_samples: int = 8
@@ -563,7 +563,7 @@ def repeats(p: Profile, run_dir, arms=None) -> list[Arm]:
 
 
 def patch_scale_sweep(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]:
-    """Open question 3 on one arm: reconstruction layout metrics with nested guidance at the
+    """Does a separate patch guidance scale help? On one arm: reconstruction layout metrics with nested guidance at the
     profile's text / DINO scales and each separate patch scale of ``p.patch_scales``
     (``Guidance.patch_scale``; its caveat: the CLS-without-patches branch is a combination the
     default dropout never trains). ``final_scenes`` scenes, cached in ``RUN/sweep.json``."""

@@ -12,14 +12,14 @@ Cross-attention context (docs/DESIGN.md): [text (L) | CLS (1) | patches (P)], ea
 With ``use_dino_patches=False`` the context is the text alone and the CLS acts only through adaLN:
 exactly the pre-patch architecture, so its checkpoints warm-start the patch model.
 
-The arms of the experiment (issue 16) are ``ModelConfig`` switches on top of that:
+The arms of the experiment (``nbcore.experiment``) are ``ModelConfig`` switches on top of that:
     patch_context  patches in the cross-attention context (the default; docs/DESIGN.md's model)
     patch_tie      spatially tied patches: ``dino_patch_tie(patch)`` added to the image tokens the
                    patch covers, before the first block (zero-initialised: see initialize_weights)
     cls_position   "middle" [text | CLS | patches] (docs/DESIGN.md), "start" [CLS | text | patches], or
                    "none" (CLS only through adaLN, as in the pre-patch model). Start and middle are
                    the same function: text and CLS keys carry no position and attention over keys is
-                   order-free, so moving CLS permutes the keys (the seed plan's open question 4 is
+                   order-free, so moving CLS permutes the keys (where to put CLS is
                    moot here; tests/test_model.py checks it, the cpu-coarse run measured it)
 Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the context.
 """
@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .model_folder import PretrainedMixin
 
 __all__ = ["ModelConfig", "NanoDiT", "PRESETS", "CONDITION_KEYS", "attend", "prepare_text", "load_warm_start",
            "initialize_weights", "sincos_2d", "patch_cover_weights", "preset"]
@@ -61,13 +63,13 @@ class ModelConfig:
     # image tokens they cover (spatially tied).
     patch_context: bool = True
     patch_tie: bool = False
-    # Positional embedding added to the projected *context* patch tokens (seed open question 5):
+    # Positional embedding added to the projected *context* patch tokens (do the patches need positions? an ablation):
     # "none" (patches are a set, like DINOv3's RoPE features), "learned", or "sincos"
     # (2D sin-cos evaluated at each patch's centre in latent-token coordinates, i.e. the same
     # frame as the image tokens' embedding). Tied patches need none: their place is the token they
     # are added to.
     patch_pos_embed: str = "none"
-    # Where the CLS token sits in the context (seed open question 4): "middle" = [text | CLS |
+    # Where the CLS token sits in the context (an ablation): "middle" = [text | CLS |
     # patches] (docs/DESIGN.md), "start" = [CLS | text | patches], "none" = not in the context (CLS only
     # through adaLN, as in the pre-patch model). With the patches out of the context (tie only) CLS
     # stays in by default: the arm then differs from the context arms only in where the patches go.
@@ -286,7 +288,9 @@ class FinalLayer(nn.Module):
 
 # --------------------------------------------------------------------------- model
 
-class NanoDiT(nn.Module):
+class NanoDiT(PretrainedMixin, nn.Module):
+    config_class = ModelConfig   # what from_pretrained builds (nbcore.model_folder: from_pretrained, save_pretrained)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -442,7 +446,7 @@ def initialize_weights(model: NanoDiT) -> None:
       no new context keys (``patch_context=False, cls_position="none"``) is exactly the pre-patch
       function at step 0, and adding the tie to a trained context arm leaves that arm's function
       unchanged. (With CLS or patches in the context, the new keys change it as said above.)
-    - Learned nulls start at zero (seed plan); a learned patch position table at N(0, 0.02).
+    - Learned nulls start at zero; a learned patch position table at N(0, 0.02).
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -491,7 +495,7 @@ def prepare_text(text_emb: torch.Tensor, text_mask: torch.Tensor | None, multipl
 # --------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, ModelConfig] = {
-    # The seed plan's model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
+    # The full-size model: 16x64x64 latents, patch 2 (1024 image tokens), T5 512x4096,
     # DINOv3 1024-d with a 14x14 patch grid -> context 512 + 1 + 196 = 709.
     "production": ModelConfig(),
     # The shapes world on a 2-core CPU: 64 px images -> 12x32x32 latents (pixel codec), patch 2
@@ -501,7 +505,7 @@ PRESETS: dict[str, ModelConfig] = {
     # loss near 0.74 where patch 2 reaches 0.14 in the same 1000 steps (README, research section).
     "tiny": ModelConfig(in_channels=12, input_size=32, patch_size=2, hidden_size=96, depth=3,
                         num_heads=4, text_dim=64, text_len=32, dino_dim=64, dino_grid=8),
-    # A cheaper CPU world (issue 16: cheaper steps, not shorter training): 32 px images -> 12x16x16
+    # A cheaper CPU world (cheaper steps, not shorter training): 32 px images -> 12x16x16
     # latents, patch 2 (8x8 = 64 image tokens of 48 values), a 4x4 DINO grid of 8 px patches
     # (context 32 + 1 + 16 = 49); each patch covers 2x2 image tokens.
     "micro": ModelConfig(in_channels=12, input_size=16, patch_size=2, hidden_size=96, depth=3,

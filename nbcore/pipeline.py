@@ -16,7 +16,7 @@ the learned null: no ``dino_image`` generates from the text alone, ``caption=Non
 own images where they can be found, else on shapes-world scenes) to a model folder and links it from
 its model card.
 
-CLI (``nbcore-generate``)::
+CLI (``nbcore-generate``, ``nbcore.cli.generate``)::
 
     python -m nbcore.pipeline MODEL "a caption" [--dino-image IMG] [--seed S] [--steps N]
                               [--text-scale 3] [--dino-scale 2] [--num-images K] [--out FILE.png]
@@ -26,7 +26,6 @@ Shape legend: B images, S image side, C H W latent.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,13 +35,14 @@ import torch
 from PIL import Image, ImageOps
 
 from .encoders import DataEncoders, data_encoders, find_pairs
-from .checkpoint import checkpoint_data
-from .pretrained import CARD, CONFIG, SAMPLES, from_pretrained, model_card
-from .sample import Guidance, load_model_with_info, sample
+from .model import NanoDiT
+from .model_folder import CARD, CONFIG, SAMPLES, model_card
+from .sample import Guidance, sample
 from .shapes import RULES, render, sample_scene
-from .utils import ArgParser, bad_arguments, load_checkpoint, resolve_device
+from .utils import resolve_device
 
-__all__ = ["NanoDiTPipeline", "to_pil", "write_card_samples", "main"]
+__all__ = ["NanoDiTPipeline", "to_pil", "write_card_samples", "DEFAULT_STEPS", "DEFAULT_TEXT_SCALE",
+           "DEFAULT_DINO_SCALE"]
 
 # The experiment's protocol (nbcore.experiment.Profile; nbcore.validate's defaults)
 DEFAULT_STEPS, DEFAULT_TEXT_SCALE, DEFAULT_DINO_SCALE = 12, 3.0, 2.0
@@ -66,14 +66,10 @@ class NanoDiTPipeline:
         the ones the data's stats.json recorded."""
         dev = str(resolve_device(device))
         p = Path(path)
-        if p.is_dir():
-            model, info = from_pretrained(p, device=dev)
-            stats = info["stats"]
-        elif p.is_file():
-            model, info = load_model_with_info(p, device=dev)
-            stats, _ = checkpoint_data(load_checkpoint(p))
-        else:
+        if not p.exists():
             raise FileNotFoundError(f"model not found: {p} (a save_pretrained folder or a training checkpoint)")
+        model, info = NanoDiT.from_pretrained(p, device=dev, output_loading_info=True)   # the one loader
+        stats = info.get("stats")
         if stats is None:
             raise ValueError(f"{p} carries no data statistics (stats.json): the pipeline cannot encode conditions "
                              "as the model was trained")
@@ -171,59 +167,6 @@ def write_card_samples(folder, n: int = 4, seed: int = 0, steps: int = DEFAULT_S
     return path
 
 
-# --------------------------------------------------------------------------- CLI
-
-def _parser() -> argparse.ArgumentParser:
-    ap = ArgParser(prog="nbcore-generate", description="Generate images from a model folder (or a training "
-                   "checkpoint) and a caption, optionally with a DINO image: the encoders and codec of the "
-                   "model's data, nested guidance.")
-    ap.add_argument("model", help="a save_pretrained folder (python -m nbcore.pretrained export) or a checkpoint")
-    ap.add_argument("caption", nargs="?", default=None, help="the caption (omit with --dino-image: DINO only)")
-    ap.add_argument("--dino-image", default=None, help="image file whose DINO CLS + patches condition the sample")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
-    ap.add_argument("--text-scale", type=float, default=DEFAULT_TEXT_SCALE,
-                    help=f"text guidance scale (default {DEFAULT_TEXT_SCALE:g})")
-    ap.add_argument("--dino-scale", type=float, default=DEFAULT_DINO_SCALE,
-                    help=f"DINO guidance scale (default {DEFAULT_DINO_SCALE:g})")
-    ap.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-    ap.add_argument("--out", default="generated.png", help="output PNG; several images get _0, _1, ... (default generated.png)")
-    ap.add_argument("--card", action="store_true", help="instead: write MODEL/samples.png and link it from MODEL/README.md")
-    for name in ("dino", "t5", "vae"):
-        ap.add_argument(f"--{name}", default=None, help=f"local {name} folder where the recorded one moved")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-    return ap
-
-
-def main(argv=None) -> int:
-    ap = _parser()
-    a = ap.parse_args(argv)
-    try:
-        if a.steps < 1 or a.num_images < 1:
-            raise ValueError("--steps and --num-images must be >= 1")
-        if a.card:
-            if not Path(a.model).is_dir():
-                raise ValueError(f"--card needs a model folder, got {a.model}")
-            print(json.dumps({"samples": str(write_card_samples(a.model, device=a.device))}))
-            return 0
-        if a.caption is None and a.dino_image is None:
-            raise ValueError("give a caption, --dino-image or both")
-        if a.dino_image is not None and not Path(a.dino_image).is_file():
-            raise FileNotFoundError(f"--dino-image {a.dino_image}: no such file")
-        pipe = NanoDiTPipeline.from_pretrained(a.model, dino=a.dino, t5=a.t5, vae=a.vae, device=a.device)
-    except (ValueError, FileNotFoundError) as e:
-        raise bad_arguments(ap.prog, e) from None
-    images = pipe(a.caption, a.dino_image, seed=a.seed, steps=a.steps, text_scale=a.text_scale,
-                  dino_scale=a.dino_scale, num_images=a.num_images)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(images))]
-    for im, p in zip(images, paths):
-        im.save(p)
-    print(json.dumps({"images": [str(p) for p in paths], "caption": a.caption, "dino_image": a.dino_image,
-                      "seed": a.seed, "steps": a.steps, "guidance": f"nested(text={a.text_scale}, dino={a.dino_scale})"}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python -m nbcore.pipeline: the command line is nbcore.cli.generate's
+    from nbcore.cli.generate import main as _main
+    sys.exit(_main())

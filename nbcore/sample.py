@@ -18,7 +18,7 @@ nulls the patches but keeps the CLS, yet its learned null lives in the raw input
 (``drop_dino`` swaps ``dino_patches`` for ``model.null_dino_patches`` before projection), so the
 ``cls`` branch is made exactly by *passing* ``model.null_dino_patches`` as the patches with
 ``drop_dino=False``: the network then sees precisely the tokens it sees for dropped patches, with
-the real CLS. Caveat (honest, see seed open question 3): the default training dropout drops CLS and
+the real CLS. Caveat (whether a separate patch guidance scale helps): the default training dropout drops CLS and
 patches together, so (real CLS, null patches) is a combination the model never saw in training;
 the patch direction ``v_dino - v_cls`` is therefore meaningful only for a model trained with a
 separate patch-drop probability. The feature computes that branch correctly; whether it helps is
@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .model import ModelConfig, NanoDiT, prepare_text
-from .utils import load_checkpoint, resolve_device
+from .model import NanoDiT, prepare_text
+from .utils import resolve_device
 
 __all__ = ["Guidance", "BRANCHES", "sample", "sample_batch", "branch_velocities", "load_model",
            "load_model_with_info"]
@@ -132,32 +132,12 @@ class Guidance:
 
 def load_model_with_info(ckpt_path: str | os.PathLike, use_ema: bool = True,
                          device: str | torch.device = "auto") -> tuple[NanoDiT, dict]:
-    """Build a NanoDiT from a checkpoint ``{"config": ModelConfig.to_dict(), "model": state_dict,
-    "ema": state_dict | None, ...}`` (read with ``nbcore.utils.load_checkpoint``, weights_only).
-
-    Uses the EMA weights when ``use_ema`` and the checkpoint has them. Returns (model in eval mode
-    on ``device``, info ``{"path", "weights": "ema" | "model", "step"}``).
-    """
-    ckpt = load_checkpoint(ckpt_path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not an nbcore checkpoint (needs keys 'config' and 'model')")
-    try:
-        cfg = ModelConfig(**ckpt["config"])
-    except TypeError as e:
-        raise ValueError(f"{ckpt_path}: config does not match ModelConfig: {e}") from None
-    model = NanoDiT(cfg)
-    ema = ckpt.get("ema")
-    which = "ema" if (use_ema and ema is not None) else "model"
-    state = ema if which == "ema" else ckpt["model"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{ckpt_path}: {which} weights do not fit the stored config: {first}") from None
-    model.to(resolve_device(device) if isinstance(device, str) else device).eval()
-    step = ckpt.get("step")
-    return model, {"path": str(ckpt_path), "weights": which,
-                   "step": int(step) if isinstance(step, (int, float)) else None}
+    """``NanoDiT.from_pretrained`` of a checkpoint (or a model folder): the EMA weights when ``use_ema``
+    and the checkpoint has them. Returns (model in eval mode on ``device``, info ``{"path", "weights":
+    "ema" | "model", "step"}``)."""
+    model, info = NanoDiT.from_pretrained(ckpt_path, device=device, weights="ema" if use_ema else "model",
+                                          output_loading_info=True)
+    return model, {"path": str(ckpt_path), "weights": info["weights"], "step": info["step"]}
 
 
 def load_model(ckpt_path: str | os.PathLike, use_ema: bool = True,

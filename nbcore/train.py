@@ -41,8 +41,8 @@ Design notes (why, not what):
   let the loader split shards by rank itself. ``batch_size`` is per process and micro-batch; the
   global batch is ``batch_size * world_size * grad_accum``. Rank 0 alone writes logs, checkpoints,
   validation metrics and sample grids.
-- Warm start (``warm_start=CKPT``, seed Phase 7.1): loads the checkpoint's ``model`` weights by
-  default (the raw trained weights, as the seed's loader reads ``checkpoint['model']``;
+- Warm start (``warm_start=CKPT``): loads the checkpoint's ``model`` weights by
+  default (the raw trained weights, the ones a resumed run continues from;
   ``warm_start_weights="ema"`` takes the EMA instead) through ``nbcore.model.load_warm_start``,
   prints and logs its report, refuses shape mismatches, initialises the EMA from the result and
   scales the learning rate by ``warm_start_lr_scale`` (0.5). Optimiser state is not carried over.
@@ -79,12 +79,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nbcore.checkpoint import (checkpoint_step, differences, find_resume, read_training_checkpoint, save_training_checkpoint,
-                               set_rng_state, training_checkpoint, warm_start)
+                               read_weights, restore_training, training_checkpoint)
 from nbcore.data import SkipCounter
 from nbcore.distributed import gather_objects, init_distributed
 from nbcore.ema import EMA
 from nbcore.flow import DROPOUT_CASES, batch_to_device, flow_matching_loss, sample_dropout, sample_timesteps
-from nbcore.model import NanoDiT
+from nbcore.model import NanoDiT, load_warm_start
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
 from nbcore.tracking import RunTracker
@@ -137,6 +137,22 @@ def _lr_lambda(cfg: TrainConfig):
         frac = min(1.0, (n - cfg.warmup) / span)
         return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
     return f
+
+
+def _warm_start(model: NanoDiT, path, weights: str, model_cfg) -> dict:
+    """Load the ``weights`` ("model" or "ema") of the checkpoint at ``path`` into ``model`` by name
+    (``nbcore.model.load_warm_start``) and return its report; ValueError naming the differing sizes
+    when tensors are shape-mismatched, or when none matched; KeyError without those weights."""
+    state, config = read_weights(path, weights)
+    report = load_warm_start(model, state)
+    if report["mismatched"]:
+        sizes = [k for k in DATA_SIZES if k != "input_size"]   # no tensor depends on the latent side
+        theirs, ours = differences(config, model_cfg.to_dict(), sizes) if config is not None else ("", "")
+        why = f"the checkpoint has {theirs}, this model {ours}" if theirs else "different preset or sizes?"
+        raise ValueError(f"warm start from {path}: shape-mismatched tensors {report['mismatched']} ({why})")
+    if not report["loaded"]:
+        raise ValueError(f"warm start from {path}: no tensor matched this model")
+    return report
 
 
 # --------------------------------------------------------------------------- trainer
@@ -232,7 +248,7 @@ class Trainer:
 
     def _warm_start(self, path) -> dict:
         """Load the warm-start checkpoint's weights into the model (``nbcore.checkpoint.warm_start``)."""
-        report = warm_start(self.model, path, self.cfg.warm_start_weights, self.model_cfg)
+        report = _warm_start(self.model, path, self.cfg.warm_start_weights, self.model_cfg)
         if self.is_main:
             print(f"warm start from {path} ({self.cfg.warm_start_weights} weights, lr x{self.cfg.warm_start_lr_scale}): "
                   f"loaded {len(report['loaded'])}, new {report['new']}, unexpected {report['unexpected']}, "
@@ -240,36 +256,13 @@ class Trainer:
         return report
 
     def _resume(self, path, ck: dict) -> dict:
-        """Load a checkpoint's state into this run; returns the data position to continue from. A
-        lean milestone (no optimiser state) restarts AdamW's moments, the schedule at its n_updates."""
-        if ck["config"] != self.model_cfg.to_dict():
-            theirs, ours = differences(ck["config"], self.model_cfg.to_dict())
-            src = (f" (sizes from {Path(self.cfg.data) / 'stats.json'})"
-                   if self.data_stats is not None and self.cfg.model is None else "")
-            raise ValueError(f"cannot resume from {path}: the checkpoint has {theirs}, this run {ours}{src}")
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.step, self.n_updates = int(ck["step"]), int(ck["n_updates"])
-        self.optimizer_restarted = "optimizer" not in ck
+        """Load a checkpoint's state into this run (``nbcore.checkpoint.restore_training``); returns the
+        data position to continue from. A lean milestone (no optimiser state) restarts AdamW's moments,
+        the schedule at its n_updates."""
+        position = restore_training(self, path, ck)
         if self.optimizer_restarted:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg),
                                                                last_epoch=self.n_updates - 1)  # lands at n_updates
-        else:
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self.scheduler.load_state_dict(ck["scheduler"])
-        self.skipped, self.streak = int(ck["skipped"]), int(ck["streak"])
-        set_rng_state(ck["rng"])
-        ds = ck["data_state"]
-        if ds["world_size"] == self.world:
-            self.gen.set_state(ck["rng"]["train"][self.rank])
-            position = dict(ds["ranks"][self.rank])
-            counts = ck.get("data_counts")   # older checkpoints have none
-            if counts:
-                position["done"] = counts[self.rank]
-        else:
-            print(f"warning: resuming with world size {self.world} (checkpoint {ds['world_size']}): "
-                  "data order and noise are not the uninterrupted run's", file=sys.stderr)
-            position = {"epoch": ds["ranks"][0]["epoch"], "index": 0}
         if self.is_main:
             print(f"resumed from {path} at step {self.step}" + (
                 f"; optimiser state restarted (fresh AdamW moments, lr schedule at update {self.n_updates})"

@@ -81,7 +81,7 @@ NB01 = nb([
                       "cross-attention context `[text | CLS | patches]`, parameter counts, the parameters the "
                       "patch model adds, and the four CFG modes. Everything here is computed by `nbcore`."),
     *header("01_architecture", "production_forward = None   # one batch-1 forward of the production preset (None: all profiles but smoke)\n"),
-    new_markdown_cell("## Both presets\n`production` is the seed plan's model; `tiny` is the shapes world on a CPU. "
+    new_markdown_cell("## Both presets\n`production` is the full-size model; `tiny` is the shapes world on a CPU. "
                       "`use_dino_patches=False` is exactly the pre-patch architecture."),
     new_code_cell('''from nbcore.checks import architecture_summary
 from nbcore.model import PRESETS
@@ -218,7 +218,7 @@ NB04 = nb([
     new_markdown_cell("# 04 · Attention routing\n\nOn the best patch arm (lowest reconstruction layout error): "
                       "where each image token's cross-attention goes (text, CLS, patches) per block, head and "
                       "timestep; whether an image token attends to its co-located patch, and how that changes "
-                      "over training; whether CLS is attended at all (seed risk 5)."),
+                      "over training; whether CLS is attended at all."),
     *header("04_attention_routing", "routing_samples = None\nrouting_steps = None\n", train=True),
     new_code_cell('''from nbcore import analysis
 from nbcore.sample import load_model
@@ -263,10 +263,10 @@ if has_maps:
     print("co-located share / uniform over training:", [(r["step"], round(r["ratio"], 2)) for r in loc_over])
     ctx.metrics["locality_over_training"] = loc_over
     M = batch["text_mask"].sum(1).float().mean().item() + 1 + cfg.num_patches   # mean context length
-    answer, share = analysis.risk5_answer(over, tabs, loc, M)
+    answer, share = analysis.cls_use_answer(over, tabs, loc, M)
     print(answer)
     ctx.metrics["cls_share_vs_uniform"] = share
-    ctx.metrics["answer_risk5"] = answer
+    ctx.metrics["cls_use_answer"] = answer
 else:
     print(f"{best.run} has no patches in its context (tied only): no patch maps")'''),
     new_code_cell("ctx.finish()"),
@@ -325,7 +325,7 @@ for a in arms:
     if a.seed or any(b.name == a.name and b.seed for b in arms):
         r = res["rows"][a.run]
         print(f"{a.run:26s} recon {ex._ci(r['off']['recon']['layout_error'])}  text-only {ex._ci(r['on']['textonly']['layout_error'])}")'''),
-    new_markdown_cell("## Separate patch guidance scale (open question 3)\nNested guidance with the CLS-only "
+    new_markdown_cell("## Separate patch guidance scale\nNested guidance with the CLS-only "
                       "branch: `v_u + s_d (v_cls - v_u) + s_p (v_dino - v_cls) + s_t (v_full - v_dino)`. Caveat: "
                       "(real CLS, null patches) never occurs in training with the default dropout."),
     new_code_cell('''if "patches" in p.model_config(best).context_order or p.model_config(best).patch_tie:

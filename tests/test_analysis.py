@@ -28,11 +28,11 @@ def test_patch_locality_uniform_vs_local_attention():
     assert loc["mean_distance"] == pytest.approx((1 / 32) * 2 ** 0.5, rel=1e-5)
 
 
-def test_risk5_answer_reports_the_share_against_uniform():
+def test_cls_use_answer_reports_the_share_against_uniform():
     over = [{"step": 200, "text": 0.3, "cls": 0.02, "patches": 0.68},
             {"step": 400, "text": 0.3, "cls": 0.05, "patches": 0.65}]
     tables = {"overall": {"text": 0.3, "cls": 0.04, "patches": 0.66}, "max_head": {"cls": (0.09, 1, 2)}}
-    text, share = analysis.risk5_answer(over, tables, {"ratio": 1.01}, mean_context=80.0)
+    text, share = analysis.cls_use_answer(over, tables, {"ratio": 1.01}, mean_context=80.0)
     assert share == pytest.approx(4.0)                      # 0.05 of the mass vs 1/80 for a uniform token
     assert "over 2 checkpoints" in text and "0.02 -> 0.05" in text and "4x its uniform share" in text
     assert "block 1 head 2" in text and "1.01x the uniform share" in text

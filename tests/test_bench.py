@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nbcore import bench
+from nbcore.cli import bench as bench_cli
 from nbcore.model import NanoDiT, preset
 
 REQUIRED = {"case", "device", "nbcore_samples_per_s", "peer_samples_per_s", "ratio"}
@@ -30,7 +31,7 @@ def one_thread():
 def test_plumbing_cli_writes_json_and_markdown(tmp_path, one_thread):
     pytest.importorskip("diffusers", reason="diffusers is the benchmark-only extra")
     out = tmp_path / "b" / "bench.json"
-    bench.main(["--json", str(out), "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+    bench_cli.main(["--json", str(out), "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
                 "--batch", "2", "--sample-steps", "1", "--sample-repeats", "2"])
     rows = json.loads(out.read_text())
     assert [r["case"] for r in rows] == list(bench.CASES)
@@ -158,7 +159,7 @@ def test_missing_diffusers_is_one_line_error(monkeypatch):
                                   ["--device", "nonsense"], ["--caption-spread", "1.5"]])
 def test_bad_arguments_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.parse_args(argv)
+        bench_cli.parse_args(argv)
     assert e.value.code != 0
 
 

@@ -11,8 +11,8 @@ from nbcore.model import PRESETS
 from nbcore.cli.train import _FLAG_HELP
 from nbcore.train import TrainConfig
 
-CLIS = ["nbcore.shapes", "nbcore.cli.data", "nbcore.cli.train", "nbcore.validate", "nbcore.bench", "nbcore.runner",
-        "nbcore.encoders", "nbcore.pretrained"]
+CLIS = ["nbcore.cli.shapes", "nbcore.cli.data", "nbcore.cli.train", "nbcore.cli.validate", "nbcore.cli.bench", "nbcore.runner",
+        "nbcore.cli.encoders", "nbcore.cli.pretrained"]
 
 
 class _Captured(Exception):
@@ -58,22 +58,22 @@ def test_every_flag_has_help(module, monkeypatch):
 
 # flag -> its choices / flags that must be required, per CLI ("sub-command flag" for sub-commands)
 CHOICES = {
-    "nbcore.shapes": {"make --preset": set(PRESETS)},
+    "nbcore.cli.shapes": {"make --preset": set(PRESETS)},
     "nbcore.cli.train": {"--preset": set(PRESETS), "--patch-pos-embed": {"none", "learned", "sincos"},
                      "--schedule": {"cosine", "constant"}, "--timestep-sampling": {"logit_normal", "uniform"},
                      "--warm-start-weights": {"model", "ema"}},
-    "nbcore.validate": {"--formula": {"independent", "nested"}, "--split": {"val", "train"}},
-    "nbcore.bench": {"--preset": {"auto", "tiny", "production"}, "--dtype": {"auto", "fp32", "bf16"}},
+    "nbcore.cli.validate": {"--formula": {"independent", "nested"}, "--split": {"val", "train"}},
+    "nbcore.cli.bench": {"--preset": {"auto", "tiny", "production"}, "--dtype": {"auto", "fp32", "bf16"}},
     "nbcore.runner": {"run --profile": {"smoke", "cpu", "cpu-coarse", "cpu-long", "gpu"}},
-    "nbcore.encoders": {"precompute --dtype": {"float32", "float16", "bfloat16"}},
+    "nbcore.cli.encoders": {"precompute --dtype": {"float32", "float16", "bfloat16"}},
 }
 REQUIRED = {
-    "nbcore.shapes": {"make --n"},
+    "nbcore.cli.shapes": {"make --n"},
     "nbcore.cli.data": {"stats --out"},
     "nbcore.cli.train": {"--data"},
-    "nbcore.validate": {"--data"},
+    "nbcore.cli.validate": {"--data"},
     "nbcore.runner": {"run --profile"},
-    "nbcore.encoders": {"precompute --dino", "precompute --t5", "precompute --vae"},
+    "nbcore.cli.encoders": {"precompute --dino", "precompute --t5", "precompute --vae"},
 }
 
 

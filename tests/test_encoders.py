@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from nbcore.data import check_shards, make_loader, shard_list, Stats
+from nbcore.cli.encoders import main
 from nbcore.encoders import (MANIFEST, DinoV3Encoder, T5TextEncoder, VAECodec, aspect_buckets, choose_bucket,
-                             main, precompute)
+                             precompute)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "at", "the", "top", "left", "right", "bottom", "and",
          "small", "large"]   # caption words of the generated folders: all in the stand-in tokenizer's vocabulary
@@ -223,7 +224,7 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     check` -> 2 training steps (sizes from stats.json) -> save_pretrained / from_pretrained (identical
     outputs) -> `nbcore.validate --vae` (the VAE moved) -> a DINO swap from two image files."""
     import torch.nn.functional as F
-    from nbcore import data as data_cli
+    from nbcore.cli import data as data_cli
     from nbcore.codec import codec_from_spec
     from nbcore.model import NanoDiT
     from nbcore.pretrained import from_pretrained, save_pretrained
@@ -325,7 +326,7 @@ def test_real_folder_end_to_end(model_dirs, tmp_path, capsys):
     assert "diffusers AutoencoderKL" in (model_dir / "README.md").read_text()
     # 7. validation with --vae (the VAE folder moved: the recorded one is gone), on one bucket shape
     import shutil
-    from nbcore import validate as validate_cli
+    from nbcore.cli import validate as validate_cli
     moved = tmp_path / "vae-moved"
     shutil.copytree(model_dirs["vae"], moved)
     st_moved = Stats.load(out / "stats.json")

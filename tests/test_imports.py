@@ -75,7 +75,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert "nbcore.model" in graph and graph["nbcore.model"] <= {"nbcore.attention", "nbcore.sizes", "nbcore.utils"}
+    assert "nbcore.model" in graph and graph["nbcore.model"] <= {"nbcore.attention", "nbcore.model_folder", "nbcore.utils"}
     assert cycles(graph) == []
 
 
@@ -84,3 +84,25 @@ def test_library_modules_do_not_import_the_cli():
     for name, deps in graph.items():
         if not name.startswith("nbcore.cli"):
             assert not any(d.startswith("nbcore.cli") for d in deps), name
+
+
+# docs/DESIGN.md's layers, bottom first: a module imports only modules of its own layer or below.
+LAYERS = [
+    ["utils", "attention", "stats", "tar_reader", "codec"],
+    ["data", "checkpoint", "model_folder"],
+    ["model", "sizes"],
+    ["shapes", "sample", "flow", "metrics", "viz"],
+    ["train_config", "stream", "ema", "train_log", "distributed", "tracking", "train"],
+    ["encoders", "pretrained", "validate", "analysis", "checks", "demo", "experiment", "notebooks", "runner", "bench",
+     "pipeline", "compare"],
+    ["cli.train", "cli.data", "cli.shapes", "cli.validate", "cli.encoders", "cli.pretrained", "cli.bench", "cli.generate"],
+]
+
+
+def test_imports_point_down_the_layers():
+    rank = {f"nbcore.{m}": i for i, layer in enumerate(LAYERS) for m in layer}
+    graph = import_graph()
+    modules = {m for m in graph if m not in ("nbcore", "nbcore.cli")}
+    assert modules == set(rank), f"modules missing from LAYERS: {sorted(modules - set(rank))}"
+    up = [(m, d) for m in modules for d in graph[m] if d in rank and rank[d] > rank[m]]
+    assert not up, f"imports that point up a layer: {sorted(up)}"

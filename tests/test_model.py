@@ -288,7 +288,7 @@ def test_padding_gets_zero_attention():
     assert w[0, ..., :5].sum() > 0
 
 
-# ----------------------------------------------------------------------------- arms (issue 16)
+# ----------------------------------------------------------------------------- arms (the experiment's model variants)
 # CHECK_ARMS: context only (docs/DESIGN.md), CLS first, tie + context, tie only (CLS kept), tie only
 # without CLS (the pre-patch model plus the tie), and the pre-patch model.
 
@@ -532,7 +532,7 @@ def test_tie_only_with_cls_kept_changes_the_function_at_step_0():
 
 
 def test_cls_position_is_a_permutation_of_the_context_keys():
-    """Open question 4 (CLS at the start or in the middle of the context), answered by construction:
+    """CLS at the start or in the middle of the context, answered by construction:
     text and CLS keys carry no position, and attention over keys is a softmax-weighted sum, so
     moving CLS permutes the keys and leaves the output unchanged (to float summation order)."""
     for base in (TINY, replace(TINY, patch_pos_embed="sincos")):

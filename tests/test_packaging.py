@@ -37,10 +37,11 @@ def test_ci_runs_the_readme_test_command():
     assert command in readme
 
 
-CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.cli.train:main", "nbcore-validate": "nbcore.validate:main",
-                   "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.shapes:main",
-                   "nbcore-data": "nbcore.cli.data:main", "nbcore-bench": "nbcore.bench:main",
-                   "nbcore-encoders": "nbcore.encoders:main", "nbcore-generate": "nbcore.pipeline:main"}
+CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.cli.train:main", "nbcore-validate": "nbcore.cli.validate:main",
+                   "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.cli.shapes:main",
+                   "nbcore-data": "nbcore.cli.data:main", "nbcore-bench": "nbcore.cli.bench:main",
+                   "nbcore-encoders": "nbcore.cli.encoders:main",
+                   "nbcore-generate": "nbcore.cli.generate:main"}
 
 
 def test_console_scripts_point_at_callable_mains():

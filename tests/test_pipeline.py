@@ -42,7 +42,7 @@ def test_pipeline_from_folder_to_images(shapes_model_folder):
 
 
 def test_generate_cli_and_card(shapes_model_folder, tmp_path, capsys):
-    from nbcore.pipeline import main
+    from nbcore.cli.generate import main
     out = tmp_path / "g.png"
     assert main([str(shapes_model_folder), "a small blue square", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -66,7 +66,7 @@ def test_card_has_metadata_limitations_samples_and_a_shapes_banner(shapes_model_
 
 
 def test_plumbing_stand_ins_are_marked_and_bannered(tmp_path):
-    from nbcore.pretrained import model_card, stand_in_kind
+    from nbcore.model_folder import model_card, stand_in_kind
     data = {"source": "nbcore.encoders.precompute", "encoders": {"dino": {"path": "x", "stand_in": True}}}
     assert stand_in_kind(data) == "plumbing" and stand_in_kind({"source": "nbcore.encoders.precompute"}) is None
     from nbcore.model import preset
@@ -79,7 +79,8 @@ def test_plumbing_stand_ins_are_marked_and_bannered(tmp_path):
 def test_stand_ins_cli_writes_marked_encoders_and_images(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("diffusers")
-    from nbcore.encoders import STAND_IN_MARKER, main
+    from nbcore.cli.encoders import main
+    from nbcore.encoders import STAND_IN_MARKER
     assert main(["stand-ins", str(tmp_path / "si"), "--images", "3"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for k in ("dino", "t5", "vae"):

@@ -37,7 +37,7 @@ def test_fitting_image_size_with_buckets_never_upscales():
 @pytest.mark.slow
 def test_precompute_default_size_follows_the_data_and_refuses_to_upscale(real_encoder_dirs, shapes_image_folder,
                                                                          tmp_path, capsys):
-    from nbcore.encoders import main
+    from nbcore.cli.encoders import main
     d = real_encoder_dirs
     enc = ["--dino", str(d["dino"]), "--t5", str(d["t5"]), "--vae", str(d["vae"]), "--device", "cpu", "--no-progress"]
     with pytest.raises(SystemExit) as e:
@@ -88,7 +88,8 @@ def test_train_default_warmup_fits_a_short_run(tiny_shards):
 def test_validation_says_how_many_it_scored_and_uses_the_experiment_protocol(tiny_shards):
     from nbcore.experiment import PROFILES
     from nbcore.model import NanoDiT, preset
-    from nbcore.validate import DEFAULT_GUIDANCE, DEFAULT_STEPS, _parser, validate_checkpoint
+    from nbcore.cli.validate import _parser
+    from nbcore.validate import DEFAULT_GUIDANCE, DEFAULT_STEPS, validate_checkpoint
     cpu = PROFILES["cpu"]
     assert DEFAULT_GUIDANCE == cpu.guidance and DEFAULT_STEPS == cpu.sample_steps
     a = _parser().parse_args(["x.pt", "--data", "d"])

@@ -10,7 +10,8 @@ import torch
 from nbcore.codec import spec_of
 from nbcore.data import Stats
 from nbcore.model import NanoDiT, preset
-from nbcore.pretrained import checkpoint_step, from_pretrained, main, save_pretrained
+from nbcore.cli.pretrained import main
+from nbcore.pretrained import checkpoint_step, from_pretrained, save_pretrained
 from nbcore.shapes import ShapesWorld
 from nbcore.utils import atomic_save
 

@@ -1,4 +1,4 @@
-"""Issue 13, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
+"""Robustness, tried as a hostile-but-fair user: nothing vanishes silently, resume survives a bad
 checkpoint, every user error is one clear line (exit 2 for bad arguments), never advice to load
 with ``weights_only=False``.
 
@@ -84,7 +84,7 @@ def one_line(stderr: str, after_progress: bool = False) -> str:
 @pytest.mark.parametrize("flag,value", [("--text-scale", "nan"), ("--dino-scale", "inf"), ("--patch-scale", "-inf"),
                                         ("--interval", "nan")])
 def test_nonfinite_guidance_scale_refused(tiny_shards, tmp_path, capsys, flag, value):
-    from nbcore.validate import main
+    from nbcore.cli.validate import main
     ck = atomic_save({"config": {}, "model": {}}, tmp_path / "c.pt")   # never read: the arguments fail first
     args = [str(ck), "--data", str(tiny_shards), "--out", str(tmp_path / "o"), f"{flag}={value}"]
     if flag == "--interval":

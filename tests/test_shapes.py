@@ -226,7 +226,7 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "train-000000.tar", "train-000001.tar",
                                                      "val-000000.tar", "val-000001.tar"]
-    from nbcore.shapes import main
+    from nbcore.cli.shapes import main
     with pytest.raises(SystemExit) as e:
         main(["make", str(out), "--n", "0"])
     assert e.value.code != 0

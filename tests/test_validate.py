@@ -43,7 +43,7 @@ def test_load_val_batch(tiny_shards):
 
 @pytest.mark.slow
 def test_validate_cli_end_to_end(tiny_shards, tmp_path, capsys):
-    from nbcore.validate import main
+    from nbcore.cli.validate import main
     ck1 = _ckpt(tmp_path / "run_a" / "last.pt")
     ck2 = _ckpt(tmp_path / "run_b" / "last.pt", ema=False, seed=1)
     out = tmp_path / "val"
@@ -157,7 +157,7 @@ def test_shapes_world_numbers_as_before_the_data_codec(tiny_shards, monkeypatch)
 
 
 def test_cli_bad_input_exits_with_a_reason(tiny_shards, tmp_path):
-    from nbcore.validate import main
+    from nbcore.cli.validate import main
     with pytest.raises(SystemExit, match="checkpoint not found"):
         main([str(tmp_path / "nope.pt"), "--data", str(tiny_shards), "--out", str(tmp_path)])
     ck = _ckpt(tmp_path / "last.pt")
@@ -266,7 +266,8 @@ def test_validate_cli_on_real_encoded_shards(real_shards, tmp_path, capsys, monk
     the data's VAE, scored in the data's DINO space with its calibration, and -- the json members
     being shapes-world scenes -- the shape layout metrics too; without json members those are None
     with the shapes-world status, without png members the source is the codec's decoding."""
-    from nbcore.validate import SHAPES_WORLD_ONLY, main
+    from nbcore.cli.validate import main
+    from nbcore.validate import SHAPES_WORLD_ONLY
     ck = _real_ckpt(tmp_path / "real.pt")
     with pytest.raises(SystemExit, match="pass --vae DIR"):
         main([str(ck), "--data", str(real_shards["scenes"]), "--out", str(tmp_path / "x"), "--device", "cpu"])

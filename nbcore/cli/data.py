@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from nbcore.checkpoint import read_config
 from nbcore.data import SampleSpec, check_shards, compute_stats, default_stats, expand_shards
 from nbcore.model import PRESETS
 from nbcore.sizes import model_config_for_data
 from nbcore.stats import DataError, Stats
-from nbcore.utils import ArgParser, load_checkpoint
+from nbcore.utils import ArgParser
 
 
 def _model_spec(preset_name: str | None, checkpoint: str | None, stats=None) -> SampleSpec | None:
@@ -19,10 +20,7 @@ def _model_spec(preset_name: str | None, checkpoint: str | None, stats=None) -> 
     taken as training takes it: its architecture at the sizes ``stats`` (a path, or None) records
     (``nbcore.sizes.model_config_for_data``)."""
     if checkpoint:
-        ck = load_checkpoint(checkpoint)
-        if "config" not in ck:
-            raise DataError(f"{checkpoint}: not an nbcore checkpoint (no 'config')")
-        return SampleSpec.from_model(ck["config"])
+        return SampleSpec.from_model(read_config(checkpoint))
     if preset_name:
         if preset_name not in PRESETS:
             raise ValueError(f"--preset {preset_name!r}: not a model preset; choose from {sorted(PRESETS)}")
