@@ -418,12 +418,16 @@ class Demo:
         return torch.stack([im if im is not None else torch.ones(3, S, S) for im in map(self.image_of, sources)])
 
 
-def swap_figure(result: dict):
-    """``viz.image_grid`` of a ``Demo.swap`` result: one row per pair, titled with both sources."""
-    titles = [f"T: {a}\nD: {b}" for a, b in zip(result["text"], result["dino_image"])]
+def swap_figure(result: dict, title: str | None = None):
+    """``viz.image_grid`` of a ``Demo.swap`` result: one row per pair, labelled with the source of its
+    text and the source of its DINO; ``title`` (e.g. the arm, its step and the guidance) on top."""
+    titles = [f"text from: {a}\nDINO from: {b}" for a, b in zip(result["text"], result["dino_image"])]
     names = {"text_source": "text source", "dino_source": "DINO source", "swap": "swap (text + DINO)",
              "text_only": "text only", "dino_only": "DINO only"}
-    return image_grid({names[k]: v for k, v in result["images"].items()}, titles=titles, size=1.6)
+    fig = image_grid({names[k]: v for k, v in result["images"].items()}, titles=titles, size=1.6)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.02)
+    return fig
 
 
 def _png_bytes(fig) -> bytes:

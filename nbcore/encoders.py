@@ -37,8 +37,11 @@ turns ``name.jpg|png|webp`` + ``name.txt`` pairs into shards of the docs/DESIGN.
   (``read_caption``). Every file left out is named by reason in the summary's ``skips`` (no
   caption, caption without an image, unreadable caption, unreadable image) and on stderr.
 
-- Size: by default the short side is resized to ``--image-size`` and the centre cropped to a square
-  (512 -> 64x64 latents with an 8x VAE). ``--buckets``: aspect-ratio buckets of about
+- Size: the short side is resized to ``--image-size`` and the centre cropped to a square (512 -> 64x64
+  latents with an 8x VAE). Its default follows the data: the largest multiple of 8 latent cells (64 px
+  with an 8x VAE; the bucket step with ``--buckets``), at most 512, that no image is upscaled to; a
+  given size that would upscale an image is refused unless ``--allow-upscale`` (a 32 px folder at
+  512 px was 1000x the work for no information). ``--buckets``: aspect-ratio buckets of about
   ``image_size^2`` pixels, sides multiples of ``--bucket-step`` px (default 8 latent cells, so
   any model patch size dividing 8 fits), aspect at most ``--max-aspect``; each image goes to the
   bucket closest in log aspect ratio, resized to cover it and centre-cropped (the smallest crop).
@@ -87,8 +90,9 @@ from .shapes import encode_sample_members
 from .utils import resolve_device, write_json
 
 __all__ = ["DinoV3Encoder", "T5TextEncoder", "VAECodec", "dino_view", "as_rgb", "load_image", "read_caption",
-           "scan_folder", "find_pairs", "aspect_buckets",
-           "choose_bucket", "precompute", "tiny_random_encoders", "DataEncoders", "data_encoders", "MANIFEST"]
+           "scan_folder", "find_pairs", "aspect_buckets", "choose_bucket", "image_sizes", "fitting_image_size",
+           "upscaled_images", "precompute", "tiny_random_encoders", "DataEncoders", "data_encoders", "MANIFEST",
+           "ImageSizeError", "STAND_IN_MARKER"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -471,6 +475,7 @@ def tiny_random_encoders(root, seed: int = 0, vocab=None) -> dict:
     dirs = {k: root / k for k in ("dino", "t5", "vae")}
     stamp = root / "tiny.json"
     if stamp.exists() and json.loads(stamp.read_text()) == {"seed": seed} and all(d.is_dir() for d in dirs.values()):
+        _mark_stand_ins(dirs, seed)
         return dirs
     words = list(vocab) if vocab is not None else [w for w in VOCAB if w not in ("<pad>", "<unk>")]
     words = ["<pad>", "</s>", "<unk>"] + [w for w in words if w not in ("<pad>", "</s>", "<unk>")]
@@ -490,8 +495,20 @@ def tiny_random_encoders(root, seed: int = 0, vocab=None) -> dict:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
         latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.5,
         shift_factor=0.1).eval().save_pretrained(dirs["vae"])
+    _mark_stand_ins(dirs, seed)
     write_json({"seed": seed}, stamp)
     return dirs
+
+
+STAND_IN_MARKER = "nbcore-stand-in.json"
+
+
+def _mark_stand_ins(dirs: dict, seed: int) -> None:
+    """A marker in each stand-in folder: precompute records it (``stand_in`` in stats.json's encoders),
+    so a model trained on their features says so (the model card's banner)."""
+    for d in dirs.values():
+        write_json({"made_by": "nbcore.encoders.tiny_random_encoders", "seed": seed,
+                    "meaning": "plumbing stand-in: random weights, features mean nothing"}, Path(d) / STAND_IN_MARKER)
 
 
 # --------------------------------------------------------------------------- precompute
@@ -513,6 +530,8 @@ def _encoder_info(enc, what: str) -> dict:
     path = getattr(enc, "path", None) or type(enc).__name__
     dtype = getattr(enc, "dtype", None)
     info = {"path": str(path), "dtype": _dtype_name(dtype) if isinstance(dtype, torch.dtype) else None}
+    if (Path(str(path)) / STAND_IN_MARKER).is_file():
+        info["stand_in"] = True                     # nbcore.encoders.tiny_random_encoders: random weights
     if what == "dino":
         info.update(view=getattr(enc, "view", None), patch_size=getattr(enc, "patch_size", None),
                     registers=getattr(enc, "num_registers", None))
@@ -564,14 +583,67 @@ def _load_manifest(out: Path, settings: dict, restart: bool) -> dict:
     return manifest
 
 
-def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_size: int = 8,
+# --------------------------------------------------------------------------- image size
+
+MAX_DEFAULT_IMAGE_SIZE = 512
+
+
+class ImageSizeError(ValueError):
+    """The image size does not suit the images (the CLI exits 2: a bad argument)."""
+
+
+def image_sizes(paths) -> dict[Path, tuple[int, int]]:
+    """(width, height) of each readable image as it will be seen (EXIF rotation applied), read from
+    the file headers only; unreadable files are left out (precompute counts them later)."""
+    out = {}
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):   # EXIF orientation: rotated by 90 degrees
+                    w, h = h, w
+            out[Path(path)] = (w, h)
+        except Exception:  # PIL raises many types for broken files
+            continue
+    return out
+
+
+def upscaled_images(sizes: dict, image_size: int, buckets: list[tuple[int, int]] | None) -> list[tuple[Path, float]]:
+    """The images ``image_size`` (and its buckets) would enlarge, with their factor, largest first."""
+    out = []
+    for path, (w, h) in sizes.items():
+        H, W = (image_size, image_size) if buckets is None else choose_bucket(w, h, buckets)
+        factor = max(W / w, H / h)
+        if factor > 1 + 1e-9:
+            out.append((path, factor))
+    return sorted(out, key=lambda pf: -pf[1])
+
+
+def fitting_image_size(sizes: dict, step: int, bucket_fn: Callable[[int], list] | None = None,
+                       cap: int = MAX_DEFAULT_IMAGE_SIZE) -> int | None:
+    """The largest multiple of ``step`` px, at most ``cap``, that upscales no image (``bucket_fn``:
+    image size -> its buckets, for ``--buckets``); None when even ``step`` would."""
+    if not sizes:
+        return None
+    # no square crop (or bucket of that area) can avoid upscaling above the smallest side (area)
+    bound = min(min(w, h) for w, h in sizes.values()) if bucket_fn is None else \
+        math.isqrt(min(w * h for w, h in sizes.values()))
+    for s in range(min(cap, bound) // step * step, 0, -step):
+        if not upscaled_images(sizes, s, bucket_fn(s) if bucket_fn else None):
+            return s
+    return None
+
+
+def precompute(images_dir, out_dir, dino, t5, vae, image_size: int | None = None, batch_size: int = 8,
                shard_size: int = 1000, val_fraction: float = 0.0, seed: int = 0, device: str = "auto",
                dtype: str = "float32", write_png: bool = True, progress: bool = True, *,
                dino_dtype: str | None = None, t5_dtype: str | None = None, vae_dtype: str | None = None,
                workers: int = 0, buckets: bool = False, bucket_step: int | None = None,
-               max_aspect: float = 2.0, restart: bool = False) -> dict:
+               max_aspect: float = 2.0, restart: bool = False, allow_upscale: bool = False) -> dict:
     """Encode image/caption pairs with the real encoders into contract shards + stats.json (see the
     module docstring). ``dino``, ``t5``, ``vae`` are local folders or already built encoder objects.
+    ``image_size`` None: the largest that upscales no image (``fitting_image_size``); a given size
+    that would upscale an image is a ValueError unless ``allow_upscale``.
 
     Returns a summary {"train", "val" (samples written), "skipped_no_caption", "unreadable" (count;
     "unreadable_files" names up to 10), "skips" (reason -> every file left out: "no caption",
@@ -589,13 +661,12 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
     dino = DinoV3Encoder(dino, device, dino_dtype or dtype) if isinstance(dino, (str, Path)) else dino
     t5 = T5TextEncoder(t5, device, t5_dtype or dtype) if isinstance(t5, (str, Path)) else t5
     vae = VAECodec(vae, device, vae_dtype or dtype) if isinstance(vae, (str, Path)) else vae
-    bucket_list = None
-    if buckets:
-        step = bucket_step or 8 * vae.downsample
-        if step % vae.downsample:
-            raise ValueError(f"bucket step {step} px is not a multiple of the VAE's downsampling {vae.downsample}")
-        bucket_list = aspect_buckets(image_size, step, max_aspect)
-    elif image_size % vae.downsample:
+    step = bucket_step or 8 * vae.downsample
+    if buckets and step % vae.downsample:
+        raise ValueError(f"bucket step {step} px is not a multiple of the VAE's downsampling {vae.downsample}")
+    image_size = _choose_image_size([p for _, p, _ in pairs], image_size, step, buckets, max_aspect, allow_upscale)
+    bucket_list = aspect_buckets(image_size, step, max_aspect) if buckets else None
+    if not buckets and image_size % vae.downsample:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling {vae.downsample}")
 
     out = Path(out_dir)
@@ -639,6 +710,7 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
                "caption_fallbacks": found.caption_fallbacks,
                "unreadable": len(totals["unreadable"]), "unreadable_files": totals["unreadable"][:10],
                "captions_truncated": totals["captions_truncated"],
+               "image_size": image_size,
                "latent_shape": [info.get("latent_channels"), image_size // vae.downsample, image_size // vae.downsample],
                "buckets": totals["buckets"], "dino_patches": info.get("dino_patches"), "text_dim": info.get("text_dim"),
                "shards_kept": len(plan) - len(todo), "shards_written": len(todo), "images": len(flat),
@@ -651,6 +723,30 @@ def precompute(images_dir, out_dir, dino, t5, vae, image_size: int = 512, batch_
                           n_train=totals["train"], n_val=totals["val"])
         stats.save(out / "stats.json")
     return summary
+
+
+def _choose_image_size(paths, image_size: int | None, step: int, buckets: bool, max_aspect: float,
+                       allow_upscale: bool) -> int:
+    """``image_size`` checked against the images (ValueError, one line, when it would upscale one and
+    ``allow_upscale`` is off), or the largest that fits them when None."""
+    sizes = image_sizes(paths)
+    bucket_fn = (lambda s: aspect_buckets(s, step, max_aspect)) if buckets else None
+    if image_size is None:
+        fit = fitting_image_size(sizes, step, bucket_fn)
+        if fit is not None:
+            return fit
+        w, h = min(sizes.values(), key=lambda wh: min(wh)) if sizes else (0, 0)
+        raise ImageSizeError(f"the smallest image ({w}x{h} px) is below the {step} px size step: pass --image-size "
+                         f"and --allow-upscale to enlarge it")
+    if not allow_upscale:
+        up = upscaled_images(sizes, image_size, bucket_fn(image_size) if bucket_fn else None)
+        if up:
+            (path, factor), fit = up[0], fitting_image_size(sizes, step, bucket_fn)
+            w, h = sizes[path]
+            raise ImageSizeError(f"--image-size {image_size} would upscale {len(up)} of {len(sizes)} images (e.g. "
+                             f"{path.name}, {w}x{h} px, {factor:.1f}x): pass --image-size {fit or step} (the largest "
+                             f"that fits every image; the default) or --allow-upscale")
+    return image_size
 
 
 def _pairs_digest(pairs) -> str:

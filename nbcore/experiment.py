@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import shutil
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -59,7 +58,7 @@ from .sample import Guidance, load_model_with_info, sample
 from .encoders import data_encoders
 from .shapes import Scene, Shape, ShapesWorld, make_dataset, shuffle_layout
 from .train import TrainConfig, load_train_log, train
-from .utils import load_checkpoint, write_json
+from .utils import write_json
 from .validate import load_val_batch
 
 __all__ = ["Arm", "Profile", "PROFILES", "BASELINE", "HEADLINE_ARMS", "SECONDARY_ARMS", "profile",
@@ -251,7 +250,7 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
         ckpt_every=p.milestone_every, milestone_every=p.milestone_every, device=device, seed=arm.seed,
         warm_start=str(base / "ckpt" / f"step_{p.warm_from:06d}.pt") if warm else "",
         warm_start_lr_scale=p.warm_lr_scale if warm else 1.0,
-        new_param_lr_scale=p.new_param_lr_scale if warm else 1.0, resume="auto", progress=False)
+        new_param_lr_scale=p.new_param_lr_scale if warm else 1.0, resume="auto", progress=False, tensorboard=True)
 
 
 def _key(cfg: TrainConfig) -> dict:

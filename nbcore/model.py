@@ -30,7 +30,7 @@ Tie only (``patch_context=False``) leaves [text | CLS] (or [CLS | text]) as the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn

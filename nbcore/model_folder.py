@@ -48,10 +48,12 @@ from .codec import codec_spec_from_stats, spec_of
 from .stats import Stats
 from .utils import resolve_device, write_json
 
-__all__ = ["PretrainedMixin", "model_card", "read_config", "FORMAT", "FORMAT_VERSION", "CONFIG", "WEIGHTS", "STATS", "CARD"]
+__all__ = ["PretrainedMixin", "model_card", "read_config", "stand_in_kind", "FORMAT", "FORMAT_VERSION", "CONFIG",
+           "WEIGHTS", "STATS", "CARD", "SAMPLES"]
 
 FORMAT, FORMAT_VERSION = "nbcore.pretrained", 1
 CONFIG, WEIGHTS, STATS, CARD = "config.json", "model.safetensors", "stats.json", "README.md"
+SAMPLES = "samples.png"   # the card's sample grid (written by nbcore.pipeline.write_card_samples)
 
 
 # --------------------------------------------------------------------------- encoder paths
@@ -196,7 +198,7 @@ class PretrainedMixin:
             Stats(st.entries, _map_paths(st.meta, relative)).save(out / STATS)
         elif (out / STATS).exists():
             (out / STATS).unlink()   # a stale file from an earlier export must not pass for this model's
-        text = model_card(config, params)   # the card says where the encoders were, absolute
+        text = model_card(config, params, samples=SAMPLES if (out / SAMPLES).is_file() else None)   # encoders: absolute
         if card:
             text += "\n## Notes\n\n" + card.strip() + "\n"
         (out / CARD).write_text(text, encoding="utf-8")
@@ -291,9 +293,47 @@ def _read_weights(path: Path, cfg, config_path: Path) -> dict:
     return sd
 
 
-def model_card(config: dict, params: int) -> str:
-    """README.md text for a model folder from its config.json contents."""
+def stand_in_kind(data: dict | None) -> str | None:
+    """"plumbing" when the data's stats meta records encoders made by
+    ``nbcore.encoders.tiny_random_encoders`` (random weights: nothing the model learned means anything),
+    "shapes" for the shapes world's stand-in encoders, None for real encoders (or unknown data)."""
+    data = data or {}
+    if any(isinstance(e, dict) and e.get("stand_in") for e in (data.get("encoders") or {}).values()):
+        return "plumbing"
+    return "shapes" if str(data.get("source", "")).startswith("nbcore.shapes") else None
+
+
+_BANNERS = {
+    "plumbing": "> **Plumbing stand-ins.** This model was trained on features of tiny *randomly initialised* "
+                "DINOv3 / T5 / VAE models (`nbcore.encoders.tiny_random_encoders`), made to exercise the "
+                "real-data code path without a download. Its images and metrics mean nothing.",
+    "shapes": "> **Shapes world.** This model was trained on nbcore's toy world of coloured shapes, encoded by "
+              "stand-in encoders (a deterministic text encoder, a random patch encoder, a pixel codec), "
+              "not by DINOv3 / T5 / a VAE. It generates shapes-world scenes only.",
+}
+
+
+def _yaml_block(config: dict, params: int, kind: str | None) -> list[str]:
+    """Hugging Face-style metadata (YAML front matter; values JSON-quoted, which YAML reads)."""
+    tr, data, metrics = config.get("training") or {}, config.get("data") or {}, config.get("metrics") or {}
+    tags = ["nanodit", "flow-matching", "dinov3-conditioning", "text-to-image"]
+    tags += {"plumbing": ["plumbing-stand-in"], "shapes": ["shapes-world", "toy"]}.get(kind, [])
+    lines = ["---", "library_name: nbcore", "pipeline_tag: text-to-image", "tags:"] + [f"- {t}" for t in tags]
+    lines += [f"parameters: {params}", f"weights: {json.dumps(config.get('weights'))}",
+              f"training_steps: {json.dumps(tr.get('step'))}", f"preset: {json.dumps(tr.get('preset'))}",
+              f"data_source: {json.dumps(data.get('source'))}", f"stand_in_encoders: {json.dumps(kind)}"]
+    num = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if num:
+        lines += ["metrics:"] + [f"  {k}: {json.dumps(v)}" for k, v in num.items()]
+    return lines + ["---", ""]
+
+
+def model_card(config: dict, params: int, samples: str | None = None) -> str:
+    """README.md text for a model folder from its config.json contents: a YAML metadata block, a
+    banner when the encoders were stand-ins, the table, intended use and limitations, ``samples``
+    (a PNG beside the card) when given, metrics and how to load it."""
     mc, tr, data, metrics = config["model_config"], config.get("training"), config.get("data"), config.get("metrics")
+    kind = stand_in_kind(data)
     codec = config.get("codec")
     if mc["use_dino_patches"]:
         where = " + ".join(w for w, on in (("context", mc["patch_context"]), ("tied to image tokens", mc["patch_tie"])) if on)
@@ -317,14 +357,34 @@ def model_card(config: dict, params: int) -> str:
     if tr:
         rows.append(("training", f"step {tr.get('step')} of {tr.get('steps')}, batch {tr.get('batch_size')} x "
                                  f"{tr.get('grad_accum', 1)}, lr {tr.get('lr')}, data {tr.get('data') or '?'}"))
-    lines = ["# NanoDiT (nbcore)", "",
-             "A small text-to-image diffusion transformer (flow matching) conditioned on T5 text and DINOv3 "
-             "features, exported by `save_pretrained`.", "", "| | |", "|---|---|"]
+    lines = _yaml_block(config, params, kind) + ["# NanoDiT (nbcore)", ""]
+    if kind:
+        lines += [_BANNERS[kind], ""]
+    lines += ["A small text-to-image diffusion transformer (flow matching) conditioned on T5 text and DINOv3 "
+              "features, exported by `save_pretrained`.", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Intended use", "",
+              "Research on layout control: how text, the DINOv3 CLS vector and DINOv3 patch tokens steer where a "
+              "small diffusion transformer puts things (the nbcore experiment). Generate with the encoders its "
+              "data was made with (`nbcore.pipeline.NanoDiTPipeline`), e.g. a caption plus the DINO features of "
+              "another image (a DINO swap).", "",
+              "## Limitations", "",
+              "- Small and briefly trained: images are low resolution and follow only the captions and layouts "
+              "of its training data; it is not a general text-to-image model.",
+              "- It needs the exact encoders and statistics it was trained with (`stats.json`, the codec in "
+              "`config.json`); other encoders give meaningless conditions.",
+              "- Its metrics are the nbcore validation suite's on its own data split; they say nothing about "
+              "other images." + (" With plumbing stand-ins they mean nothing at all." if kind == "plumbing" else ""),
+              "- No safety filtering: do not deploy it to generate images for people."]
+    if samples:
+        lines += ["", "## Samples", "", f"![samples: source | text + DINO | text only]({samples})"]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "## Use", "", "```python", "from nbcore.model import NanoDiT",
+    lines += ["", "## Use", "", "```python", "from nbcore.pipeline import NanoDiTPipeline",
+              'pipe = NanoDiTPipeline.from_pretrained("THIS_FOLDER")', 'images = pipe("a caption", dino_image="image.png", '
+              'seed=0)   # -> [PIL.Image]', "```", "", "or `nbcore-generate THIS_FOLDER \"a caption\" --dino-image image.png`. "
+              "The model alone:", "", "```python", "from nbcore.model import NanoDiT",
               "from nbcore.codec import codec_from_spec", "",
               'model, info = NanoDiT.from_pretrained("THIS_FOLDER", device="cpu", output_loading_info=True)',
               'codec = codec_from_spec(info["codec"])   # a VAE spec: pass vae_dir=... if its folder moved',

@@ -54,6 +54,7 @@ except ImportError:   # Windows: no advisory locks; runs are not guarded there
     fcntl = None
 
 from . import report
+from .compare import compare_runs
 from .experiment import PROFILES
 from .utils import BadArguments, repo_root, write_json
 
@@ -335,7 +336,7 @@ def _run_locked(run_dir: Path, profile: str, selected: list, declared: dict, par
     entries = {k: v for k, v in old.items() if k not in selected}
     meta = {"name": name or profile, "profile": profile, "device": device, "params": params,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "notebooks": selected,
-            **report.provenance(root)}
+            **report.provenance(repo_root(Path(__file__).parent))}
     t_run = time.perf_counter()
     status = 0
     bar = tqdm(selected, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
@@ -432,6 +433,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--to", help="results folder to write (default docs/results/<run folder name>)")
     rp.add_argument("--readme", default=None, help="README to update (default the repository's README.md; "
                                                    "'-' prints the section instead)")
+    c = sub.add_parser("compare", help="two runs side by side: one table and one figure of paired differences "
+                       "(nbcore.compare), written beside the runs")
+    c.add_argument("runs", nargs=2, metavar="RUN", help="run folders (or names under outputs/runs), each with eval.json")
+    c.add_argument("--metric", default="layout_error", help="eval.json metric (default layout_error)")
+    c.add_argument("--out", default=None, help="output folder (default: <parent of the first run>/compare/A_vs_B)")
     return ap
 
 
@@ -467,6 +473,8 @@ def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
         return _report(args)
+    if args.cmd == "compare":
+        return _compare_main(args)
     if args.cmd == "list":
         for nb in NOTEBOOKS:
             print(nb)
@@ -500,6 +508,17 @@ def _main(argv=None) -> int:
     return run_suite(args.profile, only=args.only, name=args.name, params=params, device=args.device,
                      out_root=args.out_root, kernel=args.kernel, cell_timeout=args.cell_timeout,
                      lenient=frozenset(from_yaml))
+
+
+def _compare_main(args) -> int:
+    runs = [Path(r) if Path(r).is_dir() else Path("outputs/runs") / r for r in args.runs]
+    try:
+        res = compare_runs(*runs, metric=args.metric, out_dir=args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nbcore.runner compare: {e}") from None
+    print(res["table"])
+    print(f"wrote {res['markdown']} and {res['figure']}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

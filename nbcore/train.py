@@ -82,7 +82,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from nbcore.checkpoint import (differences, find_resume, read_training_checkpoint, save_training_checkpoint,
+from nbcore.checkpoint import (checkpoint_step, differences, find_resume, read_training_checkpoint, save_training_checkpoint,
                                read_weights, restore_training, training_checkpoint)
 from nbcore.data import SkipCounter
 from nbcore.distributed import gather_objects, init_distributed
@@ -92,6 +92,7 @@ from nbcore.model import NanoDiT, load_warm_start
 from nbcore.preemption import StopSignals, Stopped
 from nbcore.sizes import DATA_SIZES, check_fits_data, data_sizes, data_stats, model_config_for_data
 from nbcore.stream import BatchStream, shard_source
+from nbcore.tracking import RunTracker
 from nbcore.train_config import TrainConfig, check_model_config, parse_model_overrides, skip_allowance
 from nbcore.train_log import (add_metrics, bin_means, count_step, finite_or_none, load_train_log, metrics_to_host,
                               new_window, reduce_metrics, truncate_log)
@@ -212,6 +213,12 @@ class Trainer:
                 print(f"no {name} given: the hook every {every} steps only writes the checkpoint", file=sys.stderr)
         # the applied steps' metrics behind the summary's final_loss / loss_by_bin
         self._recent: deque = deque(maxlen=max(1, min(100, cfg.steps // 5)))
+        # TensorBoard beside log.jsonl (rank 0): every record, and a fixed-scene grid at each milestone
+        # on total optimiser steps: a warm-started run continues its source's axis
+        self.tracker = RunTracker.for_data(self.out, cfg.data if data is None else "", self.data_stats,
+                                           cfg.val_sample_steps,
+                                           step_offset=checkpoint_step(cfg.warm_start) if cfg.warm_start else 0
+                                           ) if cfg.tensorboard and self.is_main else None
 
     # -- setup helpers
     def _data_source(self, data) -> Callable[[int], Iterable[dict]]:
@@ -275,6 +282,8 @@ class Trainer:
         if self.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(finite_or_none(rec)) + "\n")
+            if getattr(self, "tracker", None) is not None:
+                self.tracker.record(finite_or_none(rec))
 
     def checkpoint(self, milestone: bool = False) -> Path:
         """Write OUT/ckpt/last.pt (and the lean step_XXXXXX.pt, without optimiser and scheduler, when
@@ -494,6 +503,8 @@ class Trainer:
         milestone = bool(cfg.milestone_every) and step % cfg.milestone_every == 0
         if milestone or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             self.checkpoint(milestone=milestone)
+        if milestone and self.tracker is not None:
+            self.tracker.milestone(step, self.ema.module)
         if cfg.val_every and step % cfg.val_every == 0:
             self._hook("val", self.val_fn)
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -558,6 +569,8 @@ class Trainer:
             dist.barrier()
 
     def close(self):
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
         if getattr(self, "_own_pg", False) and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = _field(0, "seed of the init, the data order and the t / noise / dropout draws")
     compile: bool = _field(False, "torch.compile the model")
     progress: bool = _field(True, "show a progress bar")
+    tensorboard: bool = _field(False, "also write OUT/tensorboard/ (nbcore.tracking): scalars, validation metrics, "
+                               "a fixed-scene sample grid at each milestone")
     # intervals in optimiser steps (0 = off)
     log_every: int = _field(10, "steps between log records")
     ckpt_every: int = _field(500, "steps between OUT/ckpt/last.pt writes (0 = only at the end)")

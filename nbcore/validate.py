@@ -72,11 +72,14 @@ from .shapes import colour_mask
 from .utils import HookUnavailable, resolve_device, write_json
 from .viz import image_grid, save_figure
 
-__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE",
+__all__ = ["validate_checkpoint", "load_val_batch", "sample_grid", "DEFAULT_GUIDANCE", "DEFAULT_STEPS",
            "SHAPES_WORLD_ONLY"]
 
-# Defaults of the suite: nested guidance (InstructPix2Pix-style), text 2, DINO 2, on every step.
-DEFAULT_GUIDANCE = Guidance("nested", text_scale=2.0, dino_scale=2.0)
+# Defaults: the experiment's protocol (nbcore.experiment.Profile: nested guidance, InstructPix2Pix-style,
+# text 3, DINO 2, on every step; 12 Euler steps), so a validation number compares with the suite's
+# (tests/test_preflight.py checks they agree).
+DEFAULT_GUIDANCE = Guidance("nested", text_scale=3.0, dino_scale=2.0)
+DEFAULT_STEPS = 12
 PHASES = ("reconstruction", "no guidance", "text only", "DINO swap", "metrics")
 LAYOUT_RUNS = ("recon", "noguid", "textonly")
 SHAPE_KEYS = ("layout_error", "shape_recall", "placement_error", "mask_iou", "layout_iou")
@@ -292,7 +295,7 @@ def _shapes_world_metrics(gen: dict, source, scenes: list | None, perm) -> dict:
 
 
 def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
-                        n: int = 16, steps: int = 20, seed: int = 0, guidance: Guidance | None = None,
+                        n: int = 16, steps: int = DEFAULT_STEPS, seed: int = 0, guidance: Guidance | None = None,
                         device: str | None = None, use_ema: bool = True, batch_size: int = 64,
                         guidance_batched: bool = True, lpips: LPIPSMetric | None = None,
                         lpips_weights: str | None = None, figure_rows: int = 8, progress: bool = True,
@@ -317,7 +320,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
     ``swap_follows_dino_rate``, ...), the calibration ``dino_layout_corr_rolled`` /
     ``_other_image`` / ``_codec_roundtrip``, ``codec_roundtrip_psnr``, plus ``shapes_world_only``,
     ``lpips_status``, ``layout_status``, ``swap_status``, ``source_images``, ``codec``,
-    ``dino_encoder``, ``latent_shape``, ``selection``, ``n``, ``steps``, ``seed``, ``guidance``,
+    ``dino_encoder``, ``latent_shape``, ``selection``, ``n`` (samples scored), ``n_asked``, ``steps``, ``seed``, ``guidance``,
     ``checkpoint``, ``weights``, ``step``, ``figure``, ``seconds``. A metric that cannot be computed
     is None and its status key says why.
     """
@@ -350,7 +353,7 @@ def validate_checkpoint(model, data_dir: str | os.PathLike | None = None, *, out
         lp = lpips if lpips is not None else LPIPSMetric(weights=lpips_weights)
         codec_str, dino_str = _describe(enc)
         res: dict = {"checkpoint": info["checkpoint"], "weights": info["weights"], "step": info["step"],
-                     "n": n_got, "steps": steps, "seed": int(seed), "guidance": _guidance_str(guidance),
+                     "n": n_got, "n_asked": n, "steps": steps, "seed": int(seed), "guidance": _guidance_str(guidance),
                      "latent_shape": _shape_str(tuple(lat.shape[1:])), "selection": batch["selection"],
                      "codec": codec_str, "dino_encoder": dino_str,
                      "source_images": "png members" if "png" in batch else

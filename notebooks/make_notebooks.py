@@ -106,8 +106,11 @@ ctx.save(viz.plot_context_layout(pc["text"], pc["cls"], pc["patches"], n_real_te
 t = summaries["tiny"]["context"]
 ctx.save(viz.plot_context_layout(t["text"], t["cls"], t["patches"], n_real_text=12), "context_tiny.png")'''),
     new_markdown_cell("## Parameter counts and the new parameters"),
-    new_code_cell('''table = {"params (M)": {f"{n} {v}": summaries[n][f"params_{v}"] / 1e6 for n in summaries for v in ("prepatch", "patch")}}
-ctx.save(viz.bar_table(table, title="parameters: pre-patch vs patch model"), "param_counts.png")
+    new_code_cell('''counts = {n: architecture_summary(PRESETS[n]) for n in ("nano", "tiny", "production")}   # nano: the suite's preset
+table = {"parameters": {f"{n} {label}": counts[n][f"params_{v}"] for n in counts
+                        for v, label in (("prepatch", "pre-patch"), ("patch", "patch"))}}
+ctx.save(viz.bar_table(table, title="parameters: pre-patch vs patch model, per preset (nano runs the cpu experiment)",
+                       logy=True, units={"parameters": "parameters (count, log scale)"}), "param_counts.png")
 rows = [r for n in summaries for r in summaries[n]["new_table"]]
 ctx.save(viz.plot_table(rows, title="parameters the patch model adds (warm start initialises these)"), "new_parameters.png")
 for r in rows:
@@ -225,7 +228,9 @@ for a in warm:
     new_markdown_cell("## Loss curves\nOn the shared axis of total optimiser steps (a warm arm starts at `warm_from`)."),
     new_code_cell('''logs = ex.loss_curves(p, ctx.run_dir, arms)
 smooth = max(1, min(len(r) for r in logs.values()) // 20)
-ctx.save(viz.plot_curves(logs, ["loss", "grad_norm"], smooth=smooth, logy=["loss"]), "curves_loss.png")
+ctx.save(viz.plot_curves(logs, ["loss", "grad_norm"], smooth=smooth, logy=["loss"], xlabel="total optimiser steps",
+                         title=f"training, every arm ({p.name} profile; warm arms branch at step {p.warm_from})"),
+         "curves_loss.png")
 ctx.metrics["loss_by_bin"] = {a.run: summaries[a.run]["loss_by_bin"] for a in arms}
 ctx.save(viz.plot_loss_by_bin(ctx.metrics["loss_by_bin"]), "loss_by_bin.png")'''),
     new_code_cell("ctx.finish()"),
@@ -408,14 +413,17 @@ NB06 = nb([
             "widgets = True       # build the interactive panel (needs a live kernel to react)\n",
             train=True),
     new_code_cell('''from nbcore.demo import Demo, swap_figure, build_widget
+from nbcore.pipeline import NanoDiTPipeline
+model_name = ckpt
 if ckpt is None:
     ex.train_arms(p, ctx.run_dir, ctx.device, seed=ctx.seed)
     best = ex.best_patch_arm(p, ctx.run_dir)
-    ckpt = ex.checkpoints(ctx.run_dir, best)[-1][1]
+    total_step, ckpt = ex.checkpoints(ctx.run_dir, best)[-1]   # total optimiser steps, as notebooks 04 and 05
+    model_name = f"{best.run} at step {total_step}"
 demo = Demo.load(ckpt, device=ctx.device, n_scenes=max(8, 2 * p.demo_grid), world_seed=ctx.seed,
                  dino=dino_dir, t5=t5_dir, vae=vae_dir)
 mine = demo.add_material(images, captions)
-print(f"model {demo.info['path']} ({demo.info['format']}, step {demo.info['step']}); {demo.encoders.kind} encoders")
+print(f"model {model_name}: {demo.info['path']} ({demo.info['format']}); {demo.encoders.kind} encoders")
 print(f"{len(demo.sources)} sources, yours: {[demo.sources[i].label for i in mine]}")
 ctx.metrics["checkpoint"] = str(demo.info["path"])
 ctx.metrics["checkpoint_step"] = demo.info["step"]
@@ -426,13 +434,28 @@ ctx.metrics["user_sources"] = len(mine)'''),
                       "(`Demo.grid_pairs`)."),
     new_code_cell('''text_idx, dino_idx = demo.grid_pairs(p.demo_grid)
 res = demo.swap(text_idx, dino_idx, p.text_scale, p.dino_scale, p.demo_steps, seed=ctx.seed)
-ctx.save(swap_figure(res), "swap_grid.png")
+ctx.save(swap_figure(res, title=f"{model_name}; nested guidance text {p.text_scale:g} / DINO {p.dino_scale:g}, "
+                                f"{p.demo_steps} Euler steps, seed {ctx.seed}"), "swap_grid.png")
 m = res["metrics"]
 print(m)
 ctx.metrics.update({f"swap_{k}": v for k, v in m.items()})
 import torch
 ctx.check(all(torch.isfinite(x).all() for x in res["images"].values()), "swap images are finite")
 ctx.check(res["images"]["swap"].shape == res["images"]["dino_source"].shape, "swap images have the source shape")'''),
+    new_markdown_cell("## One call: the pipeline\n`NanoDiTPipeline.from_pretrained(model)` (a model folder or a "
+                      "checkpoint) holds the model, its data's encoders and codec; `pipe(caption, dino_image=...)` "
+                      "returns images (PIL), seeded, with the guidance scales as arguments. The same call as "
+                      "`nbcore-generate MODEL \"caption\" --dino-image IMG`."),
+    new_code_cell('''pipe = NanoDiTPipeline.from_pretrained(ckpt, dino=dino_dir, t5=t5_dir, vae=vae_dir, device=ctx.device)
+caption = demo.sources[text_idx[0]].caption
+dino_image = demo.image_of(demo.sources[dino_idx[0]])                   # (3, S, S): a path or a PIL image work too
+out = pipe(caption, dino_image=dino_image, seed=ctx.seed, steps=p.demo_steps, text_scale=p.text_scale,
+           dino_scale=p.dino_scale, num_images=2)
+print(f"{len(out)} images of {out[0].size} px for {caption!r}")
+import numpy as np
+ctx.check(len(out) == 2 and out[0].size == (pipe.encoders.image_size,) * 2, "the pipeline returns the asked images")
+ctx.check(all(np.isfinite(np.asarray(im, dtype=float)).all() for im in out), "pipeline images are finite")
+out[0]'''),
     new_markdown_cell("## Interactive\nChange the sources (or type a caption, or give an image file), guidance "
                       "scales, steps or seed: the image re-renders."),
     new_code_cell('''panel = None
@@ -493,7 +516,8 @@ run = train(TrainConfig(preset=real_preset, data=str(shards), out=str(real / "tr
                         log_every=max(1, p.real_steps // 20), ckpt_every=p.real_steps))
 ckpt = run["checkpoint"]
 log = load_train_log(real / "train" / "log.jsonl")
-ctx.save(viz.plot_curves({"real data": log}, ["loss"]), "loss.png")
+ctx.save(viz.plot_curves({"real data": log}, ["loss"], title="real-data training" + (
+    " on PLUMBING STAND-INS (random encoders: the curve means nothing)" if plumbing else "")), "loss.png")
 ctx.metrics["train"] = {"steps": run["steps"], "final_loss": run["final_loss"]}
 ctx.check(run["steps"] == p.real_steps, "trained the planned steps", steps=run["steps"])'''),
     new_markdown_cell("## Validation\nDecoded with the data's VAE. Metrics for any data: PSNR and LPIPS against the "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the gpu notebook profile and the benchmark on an offline GPU host (../shared/gpu/README.md).
+# Run the gpu notebook profile and the benchmark on an offline GPU host (README, "On a GPU").
 # Prepare on a machine with pip access, from the project root:
-#     ../shared/gpu/wheelhouse.sh diffusers importlib_metadata     # -> .whl/ (git-ignored)
+#     bash scripts/wheelhouse.sh diffusers importlib_metadata      # -> .whl/ (git-ignored)
 # copy the tree with .whl/ to the host, then there:
 #     bash scripts/gpu_host.sh [OUT_DIR] [all|suite|bench]           # default outputs/gpu, all
 # Everything lands in OUT_DIR: the executed suite (runs/gpu/...), bench JSON + markdown, logs.
@@ -13,6 +13,9 @@ out=${1:-outputs/gpu}
 what=${2:-all}
 case "$what" in all|suite|bench) ;; *) echo "gpu_host.sh: second argument must be all, suite or bench, got '$what'" >&2; exit 2;; esac
 mkdir -p "$out"
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_host.sh: no wheels in .whl/: run bash scripts/wheelhouse.sh on a machine with pip access first" >&2; exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
 export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"

@@ -119,7 +119,7 @@ def test_precompute_cli_contract_shapes(model_dirs, tmp_path, capsys):
     out = tmp_path / "shards"
     code = main(["precompute", str(tmp_path / "imgs"), str(out), "--dino", str(model_dirs["dino"]),
                  "--t5", str(model_dirs["t5"]), "--vae", str(model_dirs["vae"]), "--image-size", "32",
-                 "--batch-size", "2", "--shard-size", "3", "--device", "cpu"])
+                 "--allow-upscale", "--batch-size", "2", "--shard-size", "3", "--device", "cpu"])   # img.0 is 40x30 px
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["train"] == 5 and summary["skipped_no_caption"] == 1
@@ -382,18 +382,19 @@ def test_precompute_val_split_and_finished_rerun(model_dirs, tmp_path):
     vae = VAECodec(model_dirs["vae"], device="cpu")
     out = tmp_path / "shards"
     s = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
-                   progress=False)
+                   progress=False, allow_upscale=True)   # img.0 is 40x30 px
     assert (s["train"], s["val"], s["shards_written"]) == (3, 2, 2)
     val_keys = json.loads((out / MANIFEST).read_text())["shards"]["val-000000.tar"]["keys"]
     assert len(val_keys) == 2 and check_shards(str(out / "val-000000.tar"), progress=False)["good"] == 2
     assert Stats.load(out / "stats.json").entries["dinov3"]["count"] == 3        # train split only
     mtime = os.stat(out / "train-000000.tar").st_mtime_ns
     again = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, val_fraction=0.4, seed=3,
-                       progress=False)
+                       progress=False, allow_upscale=True)
     assert (again["shards_kept"], again["shards_written"], again["train"], again["val"]) == (2, 0, 3, 2)
     assert os.stat(out / "train-000000.tar").st_mtime_ns == mtime                # nothing redone
     # a finished run with other settings is replaced, as a fresh run would be
-    other = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, progress=False)
+    other = precompute(tmp_path / "imgs", out, dino, t5, vae, image_size=32, batch_size=4, progress=False,
+                       allow_upscale=True)
     assert (other["train"], other["val"], other["shards_written"]) == (5, 0, 1) and not (out / "val-000000.tar").exists()
 
 

@@ -92,9 +92,10 @@ LAYERS = [
     ["data", "checkpoint", "model_folder"],
     ["model", "sizes"],
     ["shapes", "sample", "flow", "metrics", "viz"],
-    ["train_config", "stream", "ema", "train_log", "distributed", "train"],
-    ["encoders", "pretrained", "validate", "analysis", "checks", "demo", "experiment", "report", "notebooks", "runner", "bench"],
-    ["cli.train", "cli.data", "cli.shapes", "cli.validate", "cli.encoders", "cli.pretrained", "cli.bench"],
+    ["train_config", "stream", "ema", "train_log", "distributed", "tracking", "train"],
+    ["encoders", "pretrained", "validate", "analysis", "checks", "demo", "experiment", "report", "notebooks", "runner", "bench",
+     "pipeline", "compare"],
+    ["cli.train", "cli.data", "cli.shapes", "cli.validate", "cli.encoders", "cli.pretrained", "cli.bench", "cli.generate"],
 ]
 
 

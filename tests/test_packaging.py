@@ -40,7 +40,8 @@ def test_ci_runs_the_readme_test_command():
 CONSOLE_SCRIPTS = {"nbcore-train": "nbcore.cli.train:main", "nbcore-validate": "nbcore.cli.validate:main",
                    "nbcore-suite": "nbcore.runner:main", "nbcore-shapes": "nbcore.cli.shapes:main",
                    "nbcore-data": "nbcore.cli.data:main", "nbcore-bench": "nbcore.cli.bench:main",
-                   "nbcore-encoders": "nbcore.cli.encoders:main"}
+                   "nbcore-encoders": "nbcore.cli.encoders:main",
+                   "nbcore-generate": "nbcore.cli.generate:main"}
 
 
 def test_console_scripts_point_at_callable_mains():
@@ -59,3 +60,11 @@ def test_console_scripts_point_at_callable_mains():
         with pytest.raises(SystemExit) as e:
             fn(["--help"])
         assert e.value.code == 0, name
+
+
+def test_gpu_recipes_live_in_the_repository():
+    """scripts/gpu_host.sh and its wheelhouse need nothing outside the repository."""
+    for name in ("gpu_host.sh", "wheelhouse.sh"):
+        text = (ROOT / "scripts" / name).read_text()
+        assert "../shared" not in text, name
+    assert "scripts/wheelhouse.sh" in (ROOT / "scripts" / "gpu_host.sh").read_text()

@@ -1,13 +1,17 @@
 """``python -m nbcore.encoders precompute IMAGES OUT --dino DIR --t5 DIR --vae DIR`` / ``nbcore-
-encoders``: encode image + caption pairs into contract shards + stats.json."""
+encoders``: encode image + caption pairs into contract shards + stats.json; ``stand-ins OUT [--images N]``:
+the plumbing stand-in encoders (and shapes images) for trying the real-data path without a download."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from nbcore.codec import DTYPES
-from nbcore.encoders import precompute
+from nbcore.encoders import ImageSizeError, precompute, tiny_random_encoders
+from nbcore.shapes import write_image_folder
+from nbcore.utils import bad_arguments
 
 
 def _names(files: list, limit: int = 10) -> str:
@@ -28,8 +32,11 @@ def main(argv=None) -> int:
     pc.add_argument("--dino", required=True, help="local DINOv3 ViT folder (transformers)")
     pc.add_argument("--t5", required=True, help="local T5 encoder + tokenizer folder (transformers)")
     pc.add_argument("--vae", required=True, help="local AutoencoderKL folder (diffusers)")
-    pc.add_argument("--image-size", type=int, default=512, help="square crop side in px; with --buckets the side of "
-                    "the square bucket, whose area every bucket matches (default 512)")
+    pc.add_argument("--image-size", type=int, default=None, help="square crop side in px; with --buckets the side of "
+                    "the square bucket, whose area every bucket matches (default: the largest multiple of 8 latent "
+                    "cells (the bucket step), at most 512, that upscales no image)")
+    pc.add_argument("--allow-upscale", action="store_true",
+                    help="encode at --image-size even where it enlarges an image (refused by default)")
     pc.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of a square centre crop")
     pc.add_argument("--bucket-step", type=int, default=None,
                     help="bucket sides are multiples of this many px (default 8 latent cells: 64 px for an 8x VAE)")
@@ -46,8 +53,20 @@ def main(argv=None) -> int:
     pc.add_argument("--no-png", action="store_true", help="do not store the source image")
     pc.add_argument("--restart", action="store_true", help="discard an unfinished run in OUT_DIR instead of continuing it")
     pc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    si = sub.add_parser("stand-ins", help="PLUMBING STAND-INS: tiny random DINOv3 / T5 / VAE folders (and shapes images)",
+                        description="Write tiny randomly initialised DINOv3 / T5 / VAE models of the real classes to "
+                                    "OUT_DIR/{dino,t5,vae} (nbcore.encoders.tiny_random_encoders) and, with --images N, "
+                                    "a folder of N shapes-world images + captions at OUT_DIR/images: the real-data "
+                                    "path end to end without a download. Their features mean nothing; models trained "
+                                    "on them say so in their model card.")
+    si.add_argument("out_dir", help="output folder (e.g. outputs/stand-ins)")
+    si.add_argument("--seed", type=int, default=0, help="seed of the random weights and the scenes (default 0)")
+    si.add_argument("--images", type=int, default=0, help="shapes-world images to write to OUT_DIR/images (default 0)")
+    si.add_argument("--image-size", type=int, default=32, help="side of those images in px (default 32)")
     args = ap.parse_args(argv)
-    if args.image_size < 16 or args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
+    if args.cmd == "stand-ins":
+        return _stand_ins(ap, args)
+    if (args.image_size is not None and args.image_size < 16) or args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
         ap.error("--image-size >= 16, --batch-size >= 1, --shard-size >= 1 and --workers >= 0 are required")
     if not 0 <= args.val_fraction < 1:
         ap.error("--val-fraction must be in [0, 1)")
@@ -59,7 +78,9 @@ def main(argv=None) -> int:
                              args.dtype, not args.no_png, not args.no_progress, dino_dtype=args.dino_dtype,
                              t5_dtype=args.t5_dtype, vae_dtype=args.vae_dtype, workers=args.workers,
                              buckets=args.buckets, bucket_step=args.bucket_step, max_aspect=args.max_aspect,
-                             restart=args.restart)
+                             restart=args.restart, allow_upscale=args.allow_upscale)
+    except ImageSizeError as e:
+        raise bad_arguments("nbcore.encoders precompute", e) from None
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     for reason, files in summary["skips"].items():
@@ -68,6 +89,20 @@ def main(argv=None) -> int:
         print(f"read {len(summary['caption_fallbacks'])} captions with a fallback encoding: "
               f"{_names(summary['caption_fallbacks'])}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def _stand_ins(ap, args) -> int:
+    if args.images < 0 or args.image_size < 16:
+        ap.error("--images >= 0 and --image-size >= 16 are required")
+    try:
+        dirs = {k: str(v) for k, v in tiny_random_encoders(args.out_dir, seed=args.seed).items()}
+        if args.images:
+            dirs["images"] = str(write_image_folder(Path(args.out_dir) / "images", args.images,
+                                                    image_size=args.image_size, seed=args.seed, rules="easy"))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out_dir}: {e}")
+    print(json.dumps({**dirs, "note": "plumbing stand-ins: random weights, features mean nothing"}))
     return 0
 
 

@@ -16,7 +16,7 @@ from nbcore.metrics import LPIPSMetric
 from nbcore.sample import Guidance
 from nbcore.utils import (ArgParser, bad_arguments, check_checkpoint_file, check_writable, resolve_device,
                           write_json)
-from nbcore.validate import DEFAULT_GUIDANCE, PHASES, _guidance_str, _stats_path, validate_checkpoint
+from nbcore.validate import DEFAULT_GUIDANCE, DEFAULT_STEPS, PHASES, _guidance_str, _stats_path, validate_checkpoint
 
 
 def _tag(i: int, path: str) -> str:
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=16, help="validation samples (default 16)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="shards scored: val (default), or train for a folder without a val split (optimistic: seen in training)")
-    ap.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS}, the experiment's)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     ap.add_argument("--formula", default=DEFAULT_GUIDANCE.formula, choices=["independent", "nested"],
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
                "lpips_status": lp.status, "checkpoints": results}
     path = write_json(summary, out / "metrics.json")
     for ckpt, r in results.items():
+        print(f"{ckpt}: scored {r['n']} of {r['n_asked']} samples asked ({r['selection']}); guidance {r['guidance']}, "
+              f"{r['steps']} steps")
         print(f"{ckpt}: recon PSNR {r['recon_psnr']:.2f} dB, LPIPS {_fmt(r['recon_lpips'])}, "
               f"DINO layout corr {_fmt(r['recon_dino_layout_corr'])} (rolled {_fmt(r['dino_layout_corr_rolled'])}, "
               f"other image {_fmt(r['dino_layout_corr_other_image'])}), layout {_fmt(r['recon_layout_error'])}, "
