@@ -47,7 +47,7 @@ FIGURES = (
 
 LABELS = {
     "baseline": "baseline (pre-patch: text + CLS)",
-    "patch-sincos": "patch, sin-cos, warm + gate (the seed plan's path)",
+    "patch-sincos": "patch, sin-cos, warm + gate (the warm-start path)",
     "patch-sincos-scratch": "patch, sin-cos, from scratch",
     "patch-rope-scratch": "patch, rotary (RoPE) cross-attention, from scratch",
     "tied+context": "spatially tied + context, warm + gate",
