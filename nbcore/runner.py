@@ -91,8 +91,8 @@ class RunLock:
                 raise
             h = self._holder()
             raise BadArguments(f"nbcore.runner: run folder {self.run_dir} is in use by runner pid {h.get('pid', '?')} "
-                             f"started {h.get('started', '?')} ({h.get('command', '?')}): wait for it to end, or "
-                             "choose another --name") from None
+                               f"started {h.get('started', '?')} ({h.get('command', '?')}): wait for it to end, or "
+                               "choose another --name") from None
         old = self._holder()
         if old:
             print(f"[nbcore.runner] note: took over the lock of runner pid {old.get('pid', '?')} started "
