@@ -9,6 +9,7 @@ train_config, train (Trainer), stream, ema, train_log, distributed, checkpoint (
 format), model_folder (the model folder format), sample, metrics, validate, experiment (profiles,
 arms, schedule, calibrated evaluation), notebooks (per-notebook context), runner (papermill
 runner), analysis, viz, demo, bench, pretrained (save_pretrained / from_pretrained as functions),
-utils; cli (the command lines).
+pipeline (a model folder to images in one call), tracking (TensorBoard beside log.jsonl), compare
+(two runs side by side), utils; cli (the command lines).
 """
 __version__ = "0.1.0"

@@ -254,8 +254,9 @@ def train_config(p: Profile, arm: Arm, run_dir, device: str = "auto") -> TrainCo
 
 
 def _key(cfg: TrainConfig) -> dict:
-    """What makes two trainings of an arm the same run, JSON-able (``asdict``: the ModelConfig nested)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "device")}
+    """What makes two trainings of an arm the same run, JSON-able (``asdict``: the ModelConfig nested);
+    progress, resume, device and TensorBoard logging change no number, so they are left out."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "device", "tensorboard")}
 
 
 def _status(run_dir, arm: Arm, total: int) -> str:
