@@ -274,18 +274,22 @@ if has_maps:
     maps = rec.patch_maps[-1, -1]                                   # (B, N, P): last step, last block
     for i in range(min(2, maps.shape[0])):
         q = analysis.query_tokens(batch["json"][i] if "json" in batch else None, h, w, n=4)
-        ctx.save(viz.plot_patch_maps(batch["png"][i], maps[i].numpy(), (h, w), q, cfg.dino_grid), f"patch_maps_{i}.png")
+        ctx.save(viz.plot_patch_maps(batch["png"][i], maps[i].numpy(), (h, w), q, cfg.dino_grid,
+                                     title=f"{best.run}, step {ckpts[-1][0]}: last block, last sampling step"), f"patch_maps_{i}.png")
     loc = analysis.patch_locality(rec.patch_maps, (h, w), cfg.dino_grid)
     print(loc)
     ctx.metrics.update({f"locality_{k}": v for k, v in loc.items()})
     over = analysis.cls_use(ckpts, batch, ctx.device)
     ctx.save(viz.plot_curves({src: [{"step": r["step"], "mass": r[src]} for r in over] for src in ("text", "cls", "patches")},
-                             ["mass"]), "mass_over_training.png")
+                             ["mass"], title=f"{best.run}: cross-attention mass per source over training",
+                             xlabel="total optimiser steps"), "mass_over_training.png")
     ctx.metrics["mass_over_training"] = over
     loc_over = analysis.locality_over_training(ckpts, batch, p.routing_steps, ctx.device, seed=ctx.seed)
     ctx.save(viz.plot_curves({"head average": [{"step": r["step"], "ratio": r["ratio"]} for r in loc_over],
                               "most local head": [{"step": r["step"], "ratio": r["max_head_ratio"]} for r in loc_over]},
-                             ["ratio"]), "locality_over_training.png")
+                             ["ratio"], title=f"{best.run}: co-located patch share over training",
+                             refs={"ratio": [(1.0, "uniform (position-blind)")]}, xlabel="total optimiser steps"),
+             "locality_over_training.png")
     last = loc_over[-1]
     ctx.save(viz.plot_head_heatmap(last["per_head"], f"{best.run}, step {last['step']}: co-located patch share / uniform",
                                    "share / uniform (1 = position-blind)"), "locality_per_head.png")
@@ -325,10 +329,17 @@ print("arms:", [a.run for a in arms])'''),
                       "scenes, EMA weights of every milestone; the band is the 95% interval. The plateau test "
                       "comes with the final evaluation below (paired, on `final_scenes` scenes)."),
     new_code_cell('''curves = ex.curves(p, ctx.run_dir, arms, ctx.device)
+res = ex.evaluate(p, ctx.run_dir, arms, ctx.device)          # cached: the reference rows of the figures
+rows_on = res["rows"]
+refs = [(rows_on["layout_blind"]["on"]["recon"]["layout_error"]["mean"], "layout blind (right shapes, wrong places)"),
+        (rows_on["untrained"]["on"]["recon"]["layout_error"]["mean"], "untrained"), (0.0, "oracle")]
+branch = [(p.warm_from, f"warm arms branch (step {p.warm_from})")]
 for mode in ("recon", "textonly"):
-    ctx.save(viz.plot_ci_curves(curves, mode, "layout_error", title=f"{mode}: layout error (guidance off)"),
+    ctx.save(viz.plot_ci_curves(curves, mode, "layout_error", refs=refs, vlines=branch,
+                                title=f"{p.name}: {mode} layout error, guidance off, {p.curve_scenes} scenes"),
              f"curve_{mode}_layout_error.png")
-ctx.save(viz.plot_ci_curves(curves, "recon", "shape_recall", title="recon: shape recall (guidance off)"), "curve_recon_recall.png")
+ctx.save(viz.plot_ci_curves(curves, "recon", "shape_recall", vlines=branch,
+                            title=f"{p.name}: recon shape recall, guidance off"), "curve_recon_recall.png")
 ctx.metrics["curves"] = curves'''),
     new_markdown_cell("## Final evaluation: calibration rows and every arm"),
     new_code_cell('''res = ex.evaluate(p, ctx.run_dir, arms, ctx.device)
@@ -338,7 +349,9 @@ for metric in ex.LAYOUT_METRICS:
     print(f"\\n{metric}")
     for r in table:
         print("  ".join(f"{v:>28s}" if i else f"{v:22s}" for i, v in enumerate(r.values())))
-ctx.save(viz.plot_ci_bars(res, "layout_error"), "final_layout_error.png")
+ctx.save(viz.plot_ci_bars(res, "layout_error", modes=("recon", "textonly", "dinoonly"), refs=refs[:1],
+                          title=f"{p.name}: layout error at step {p.steps}, {p.final_scenes} scenes",
+                          guidance=f"guided = nested, text {p.text_scale:g} / DINO {p.dino_scale:g}"), "final_layout_error.png")
 swap = {row: res["rows"][row]["on"]["swap_dino"]["layout_error"]["mean"] for row in res["rows"]}
 print("\\nDINO swap (guidance on): layout error against the DINO source's scene", {k: analysis.fmt(v) for k, v in swap.items()})
 ctx.metrics["eval"] = res
