@@ -536,7 +536,7 @@ def test_precompute_reads_real_world_folders_and_names_every_skip(model_dirs, tm
     out = tmp_path / "shards"
     code = main(["precompute", str(imgs), str(out), "--dino", str(model_dirs["dino"]), "--t5", str(model_dirs["t5"]),
                  "--vae", str(model_dirs["vae"]), "--image-size", "32", "--batch-size", "4", "--device", "cpu",
-                 "--no-progress", "--buckets", "--bucket-step", "8"])
+                 "--no-progress", "--buckets", "--bucket-step", "8", "--allow-upscale"])   # the 32x16 photo: 1.5x
     assert code == 0
     cap = capsys.readouterr()
     summary = json.loads(cap.out.strip().splitlines()[-1])

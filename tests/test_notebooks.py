@@ -113,7 +113,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         assert errors == [], name
     # the training notebook made checkpoints that later notebooks used
     assert (run / "train" / "baseline" / "ckpt" / "last.pt").exists()
-    assert (run / "train" / "patch-none" / "ckpt" / "last.pt").exists()
+    assert (run / "train" / "patch-sincos" / "ckpt" / "last.pt").exists()      # the warm arm, from the baseline
     demo = json.loads((run / "06_dino_swap_demo" / "metrics.json").read_text())
     assert demo["metrics"]["checkpoint"].startswith(str(run))
 

@@ -385,8 +385,11 @@ def _train_cli(args, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
+    # SIGINT at its default, as for a job in a terminal: a job started in the background of a
+    # non-interactive shell (CI harnesses may be one) inherits SIGINT ignored, and training keeps it so
     return subprocess.Popen([sys.executable, "-m", "nbcore.train", "--out", str(out), "--no-progress", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
