@@ -424,10 +424,7 @@ def swap_figure(result: dict, title: str | None = None):
     titles = [f"text from: {a}\nDINO from: {b}" for a, b in zip(result["text"], result["dino_image"])]
     names = {"text_source": "text source", "dino_source": "DINO source", "swap": "swap (text + DINO)",
              "text_only": "text only", "dino_only": "DINO only"}
-    fig = image_grid({names[k]: v for k, v in result["images"].items()}, titles=titles, size=1.6)
-    if title:
-        fig.suptitle(title, fontsize=9, y=1.02)
-    return fig
+    return image_grid({names[k]: v for k, v in result["images"].items()}, titles=titles, size=1.6, title=title)
 
 
 def _png_bytes(fig) -> bytes:

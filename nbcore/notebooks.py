@@ -7,6 +7,7 @@ papermill runner in ``nbcore.runner``.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -59,16 +60,19 @@ class Context:
 
     def save(self, fig, filename: str) -> Path:
         """Save a matplotlib figure as ``out/filename`` (PNG) and show it inline when in Jupyter."""
-        try:  # show before save_figure closes it
-            from IPython import get_ipython
-            if get_ipython() is not None:
-                from IPython.display import display
-                display(fig)
-        except ImportError:
-            pass
+        _show(fig)                       # before save_figure closes it
         path = save_figure(fig, self.out / filename)
         self.figures.append(path.name)
         return path
+
+    def keep(self, path, filename: str) -> Path:
+        """Copy a PNG written elsewhere (a model card's samples) into ``out/filename`` as one of this
+        notebook's figures, and show it inline when in Jupyter."""
+        dest = self.out / filename
+        shutil.copyfile(path, dest)
+        _show(dest)
+        self.figures.append(dest.name)
+        return dest
 
     def check(self, cond, name: str, **values) -> bool:
         ok = bool(cond)
@@ -88,6 +92,18 @@ class Context:
             raise CheckFailed(f"{self.name}: {len(failed)} check(s) failed: {failed}")
         print(f"{self.name}: {len(self.checks)} checks passed; wrote {self.out / 'metrics.json'}")
         return record
+
+
+def _show(obj) -> None:
+    """Display ``obj`` (a figure, or an image file's path) inline when running in Jupyter (a papermill
+    kernel included); else nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        from IPython.display import Image, display
+        display(Image(filename=str(obj)) if isinstance(obj, Path) else obj)
 
 
 def start(name: str, **params) -> Context:

@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from .encoders import DataEncoders, data_encoders, find_pairs
 from .model import NanoDiT
-from .model_folder import CARD, CONFIG, SAMPLES, model_card
+from .model_folder import CARD, CONFIG, SAMPLES, model_card, stand_in_kind
 from .sample import Guidance, sample
 from .shapes import RULES, render, sample_scene
 from .utils import resolve_device
@@ -153,11 +153,13 @@ def write_card_samples(folder, n: int = 4, seed: int = 0, steps: int = DEFAULT_S
         both.append(pipe(cap, img, seed=seed, steps=steps, output_type="pt")[0])
         text.append(pipe(cap, None, seed=seed, steps=steps, output_type="pt")[0])
     source = torch.stack([img for img, _ in srcs])
-    fig = image_grid({"source (DINO image)": source, "text + DINO": torch.stack(both), "text only": torch.stack(text)},
-                     titles=[cap for _, cap in srcs])
-    fig.suptitle(f"samples: nested guidance text 3 / DINO 2, {steps} Euler steps, seed {seed}", fontsize=9)
-    path = save_figure(fig, folder / SAMPLES)
     config = json.loads((folder / CONFIG).read_text())
+    plumbing = stand_in_kind(config.get("data")) == "plumbing"
+    title = (f"samples: nested guidance text {DEFAULT_TEXT_SCALE:g} / DINO {DEFAULT_DINO_SCALE:g}, {steps} Euler steps, "
+             f"seed {seed}" + ("\nPLUMBING STAND-INS (random encoders): these images mean nothing" if plumbing else ""))
+    fig = image_grid({"source (DINO image)": source, "text + DINO": torch.stack(both), "text only": torch.stack(text)},
+                     titles=[cap for _, cap in srcs], title=title)
+    path = save_figure(fig, folder / SAMPLES)
     card = folder / CARD
     notes = card.read_text(encoding="utf-8").split("\n## Notes\n", 1)
     text_out = model_card(config, config.get("params", 0), samples=SAMPLES)

@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+import mistune
 import nbformat
 import papermill as pm
 import yaml
@@ -230,54 +231,69 @@ def _declared(nb_path: Path) -> dict:
     return pm.inspect_notebook(str(nb_path))
 
 
-def _key_metrics(rec: dict, limit: int = 8) -> dict:
-    """Scalar top-level metrics of a notebook's metrics.json for the index."""
+def _scalar(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, str)) and not (isinstance(v, str) and len(v) > 60)
+
+
+def _key_metrics(rec: dict) -> dict:
+    """Every scalar metric of a notebook's metrics.json for the index, and the scalars one level down
+    (``precompute.train``); lists and deeper tables stay in metrics.json."""
     out = {}
     for k, v in (rec.get("metrics") or {}).items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            continue
-        if isinstance(v, str) and len(v) > 60:
-            continue
-        out[k] = round(v, 4) if isinstance(v, float) else v
-        if len(out) >= limit:
-            break
+        if _scalar(v):
+            out[k] = round(v, 4) if isinstance(v, float) else v
+        elif isinstance(v, dict):
+            out.update({f"{k}.{kk}": round(vv, 4) if isinstance(vv, float) else vv
+                        for kk, vv in v.items() if _scalar(vv)})
     return out
 
 
-def _write_index(run_dir: Path, entries: dict, meta: dict) -> None:
-    write_json({"meta": meta, "notebooks": entries}, run_dir / "run.json")
-    lines = [f"# nbcore notebook run `{meta['name']}`", "",
-             f"profile `{meta['profile']}`, device `{meta['device']}`, started {meta['started']}, "
-             f"status **{meta['status']}**, wall time {meta.get('wall_s', 0):.0f} s", "",
+PLUMBING = {"smoke": "profile `smoke` checks that every notebook runs on tiny sizes"}
+
+
+def _answer(run_dir: Path, entries: dict) -> list[str]:
+    """Notebook 05's answer (``report.answer``: paired differences, plateau test, the sentences the
+    intervals support) when this run's 05 finished; else nothing."""
+    path = run_dir / "eval.json"
+    if entries.get("05_milestones", {}).get("status") != "ok" or not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    return ["", "## The answer (notebook 05)", ""] + report.answer(res)
+
+
+def _index(run_dir: Path, entries: dict, meta: dict, figure) -> str:
+    """The index in markdown; ``figure(notebook, file)`` writes one figure's cell entry."""
+    head = (f"profile `{meta['profile']}`, device `{meta['device']}`, started {meta['started']}, "
+            f"status **{meta['status']}**, wall time {meta.get('wall_s', 0):.0f} s")
+    if meta["profile"] in PLUMBING:
+        head += f"\n\n**Plumbing run**: {PLUMBING[meta['profile']]}; its numbers mean nothing."
+    lines = [f"# nbcore notebook run `{meta['name']}`", "", head, "",
              "| notebook | status | time (s) | key metrics | figures |", "|---|---|---|---|---|"]
-    rows_html = []
     for name in NOTEBOOKS:
         e = entries.get(name)
         if e is None:
             continue
-        figs = e.get("figures", [])
         km = ", ".join(f"{k}={v}" for k, v in e.get("key_metrics", {}).items())
-        page = e.get("html", f"{name}.ipynb")
-        lines.append(f"| [{name}]({page}) | {e['status']} | {e.get('time_s', 0):.1f} | {km} | "
-                     + " ".join(f"[{f}]({name}/{f})" for f in figs) + " |")
-        rows_html.append(
-            f"<tr><td><a href='{page}'>{name}</a><br><a href='{name}.ipynb'>.ipynb</a> "
-            f"<a href='{name}/metrics.json'>metrics.json</a></td>"
-            f"<td class='{e['status']}'>{e['status']}</td><td>{e.get('time_s', 0):.1f}</td>"
-            f"<td>{html.escape(km)}</td><td>"
-            + " ".join(f"<a href='{name}/{f}'><img src='{name}/{f}' height='90' title='{html.escape(f)}'></a>" for f in figs)
-            + (f"<pre>{html.escape(e.get('error', ''))}</pre>" if e.get("error") else "") + "</td></tr>")
+        if e.get("plumbing"):
+            km = "**plumbing stand-ins (random encoders): numbers mean nothing**; " + km
+        links = f"[{name}]({e.get('html', f'{name}.ipynb')}) [.ipynb]({name}.ipynb) [metrics.json]({name}/metrics.json)"
+        lines.append(f"| {links} | {e['status']} | {e.get('time_s', 0):.1f} | {km} | "
+                     + " ".join(figure(name, f) for f in e.get("figures", [])) + " |")
         if e.get("error"):
             lines.append(f"|  | error: {e['error'].splitlines()[0][:200]} | | | |")
-    (run_dir / "index.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines + _answer(run_dir, entries)) + "\n"
+
+
+def _write_index(run_dir: Path, entries: dict, meta: dict) -> None:
+    """run.json, index.md and index.html (the same index, figures as thumbnails)."""
+    write_json({"meta": meta, "notebooks": entries}, run_dir / "run.json")
+    (run_dir / "index.md").write_text(_index(run_dir, entries, meta, lambda nb, f: f"[{f}]({nb}/{f})"))
+    thumb = lambda nb, f: f"<a href='{nb}/{f}'><img src='{nb}/{f}' height='90' title='{html.escape(f)}'></a>"
+    body = mistune.create_markdown(escape=False, plugins=["table"])(_index(run_dir, entries, meta, thumb))
     (run_dir / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>nbcore run " + html.escape(meta["name"]) + "</title>"
-        "<style>body{font-family:sans-serif}td{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}"
-        ".ok{color:green}.failed{color:red}</style>"
-        f"<h1>nbcore notebook run {html.escape(meta['name'])}</h1><p>profile {meta['profile']}, device "
-        f"{meta['device']}, started {meta['started']}, status <b>{meta['status']}</b>, wall time "
-        f"{meta.get('wall_s', 0):.0f} s</p><table><tr><th>notebook</th><th>status</th><th>time (s)</th>"
-        "<th>key metrics</th><th>figures</th></tr>" + "".join(rows_html) + "</table>\n")
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}</style>\n" + body)
 
 
 def run_suite(profile: str, only: list[str] | None = None, name: str | None = None,
@@ -376,7 +392,8 @@ def _run_locked(run_dir: Path, profile: str, selected: list, declared: dict, par
             if mpath.exists():
                 rec = json.loads(mpath.read_text())
                 entry.update(figures=rec.get("figures", []), key_metrics=_key_metrics(rec),
-                             failed_checks=rec.get("failed_checks", []))
+                             failed_checks=rec.get("failed_checks", []),
+                             plumbing=bool((rec.get("metrics") or {}).get("plumbing")))
             entries[nb] = entry
             meta.update(wall_s=time.perf_counter() - t_run, status="running")
             _write_index(run_dir, entries, meta)

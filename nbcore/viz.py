@@ -70,11 +70,11 @@ def _img(x) -> np.ndarray:
     return np.clip(x.transpose(1, 2, 0), 0, 1)
 
 
-def image_grid(rows: dict, titles: list[str] | None = None, size: float = 1.4):
+def image_grid(rows: dict, titles: list[str] | None = None, size: float = 1.4, title: str | None = None):
     """Columns are the entries of ``rows`` (name -> (B, 3, S, S) images in [0, 1]); one row per sample.
 
     e.g. ``image_grid({"source": src, "reconstruction": rec, "text only": txt})``; ``titles`` label
-    the rows (e.g. captions)."""
+    the rows (e.g. captions); ``title`` (what made the images: model, guidance, steps) on top."""
     names = list(rows)
     B = len(rows[names[0]])
     fig, axes = plt.subplots(B, len(names), figsize=(size * len(names), size * B), squeeze=False)
@@ -87,7 +87,9 @@ def image_grid(rows: dict, titles: list[str] | None = None, size: float = 1.4):
                 ax.set_title(name, fontsize=8)
             if j == 0 and titles is not None:
                 ax.set_ylabel(titles[i], fontsize=6, rotation=0, ha="right", va="center", wrap=True)
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()                   # makes room for the suptitle too
     return fig
 
 

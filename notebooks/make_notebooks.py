@@ -580,8 +580,17 @@ cond = {k: batch[k] for k in ("dino_emb", "dino_patches", "text_emb", "text_mask
 t = torch.full((len(batch["txt"]),), 0.5, device=ctx.device)
 with torch.no_grad():
     same = torch.equal(shared(batch["latent"], t, **cond), ref(batch["latent"], t, **cond))
-ctx.check(same, "from_pretrained gives the checkpoint's EMA outputs")
-print((model_dir / "README.md").read_text())'''),
+ctx.check(same, "from_pretrained gives the checkpoint's EMA outputs")'''),
+    new_markdown_cell("## The model card's samples\n`nbcore.pipeline.write_card_samples` (what `nbcore-generate MODEL "
+                      "--card` runs): the data's first images as DINO sources with their captions, text + DINO and "
+                      "text only, through `NanoDiTPipeline`; the card links `samples.png`."),
+    new_code_cell('''from nbcore.pipeline import write_card_samples
+card_png = write_card_samples(model_dir, steps=p.demo_steps, seed=ctx.seed, device=ctx.device)
+ctx.keep(card_png, "model_card_samples.png")
+card = (model_dir / "README.md").read_text()
+ctx.check("samples.png" in card, "the model card links its sample grid")
+ctx.check(not plumbing or "Plumbing stand-ins" in card, "a model trained on plumbing stand-ins says so in its card")
+print(card)'''),
     new_code_cell("ctx.finish()"),
 ])
 

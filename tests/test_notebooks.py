@@ -111,6 +111,10 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
         assert errors == [], name
+    assert "**Plumbing run**" in index                                  # smoke numbers mean nothing
+    assert "**plumbing stand-ins (random encoders)" in next(l for l in index.splitlines() if "[07_real_data]" in l)
+    assert "model_card_samples.png" in json.loads((run / "07_real_data" / "metrics.json").read_text())["figures"]
+    assert "## The answer (notebook 05)" in index and "What the intervals support" in index
     # the training notebook made checkpoints that later notebooks used
     assert (run / "train" / "baseline" / "ckpt" / "last.pt").exists()
     assert (run / "train" / "patch-sincos" / "ckpt" / "last.pt").exists()      # the warm arm, from the baseline

@@ -267,3 +267,37 @@ def test_orphaned_training_worker_checkpoints_and_ends(tmp_path, tiny_shards):
         assert k >= 1 and k == max(r["step"] for r in load_train_log(out))
     finally:
         parent.kill()
+
+
+def test_index_carries_every_metric_the_answer_and_plumbing_marks(tmp_path):
+    """The run index lists every scalar metric (one level down too), marks plumbing notebooks and
+    plumbing profiles, and carries notebook 05's answer (report.answer) from the run's eval.json;
+    index.html is the same index with figures as thumbnails."""
+    from nbcore import report
+    from nbcore.experiment import conclusions
+    res = json.loads((Path(__file__).parents[1] / "docs" / "results" / "cpu" / "eval.json").read_text())
+    (tmp_path / "eval.json").write_text(json.dumps(res))
+    rec03 = {"metrics": {f"run{k}_final_loss": 0.1 + k for k in range(10)}}
+    rec07 = {"metrics": {"plumbing": True, "train": {"steps": 60, "final_loss": 0.25, "log": [1, 2]}, "curves": [1]}}
+    assert runner._key_metrics(rec03) == {f"run{k}_final_loss": round(0.1 + k, 4) for k in range(10)}
+    assert runner._key_metrics(rec07) == {"train.steps": 60, "train.final_loss": 0.25}
+    entries = {"03_training": {"status": "ok", "time_s": 1.0, "key_metrics": runner._key_metrics(rec03),
+                               "figures": ["curves_loss.png"]},
+               "05_milestones": {"status": "ok", "time_s": 2.0, "key_metrics": {}, "figures": []},
+               "07_real_data": {"status": "ok", "time_s": 3.0, "key_metrics": runner._key_metrics(rec07),
+                                "figures": [], "plumbing": True}}
+    meta = {"name": "r", "profile": "cpu", "device": "cpu", "started": "now", "status": "ok", "wall_s": 6.0}
+    runner._write_index(tmp_path, entries, meta)
+    md, page = (tmp_path / "index.md").read_text(), (tmp_path / "index.html").read_text()
+    assert "run9_final_loss=9.1" in md and "Plumbing run" not in md
+    row07 = next(l for l in md.splitlines() if "[07_real_data]" in l)
+    assert "plumbing stand-ins" in row07 and "train.final_loss=0.25" in row07
+    assert "\n".join(report.answer(res)) in md
+    first = conclusions(res)[0]
+    assert first in md and first.split(":")[0] in page
+    assert "<img src='03_training/curves_loss.png'" in page and "<table>" in page
+    runner._write_index(tmp_path, entries, {**meta, "profile": "smoke"})
+    assert "**Plumbing run**" in (tmp_path / "index.md").read_text()
+    (tmp_path / "eval.json").unlink()
+    runner._write_index(tmp_path, entries, meta)
+    assert "The answer" not in (tmp_path / "index.md").read_text()
