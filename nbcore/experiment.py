@@ -57,6 +57,7 @@ from .preemption import pool_worker_init
 from .sample import Guidance, load_model_with_info, sample
 from .encoders import data_encoders
 from .shapes import Scene, Shape, ShapesWorld, make_dataset, shuffle_layout
+from .tracking import TB_DIR, RunTracker
 from .train import TrainConfig, load_train_log, train
 from .utils import write_json
 from .validate import load_val_batch
@@ -491,7 +492,7 @@ def milestones(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]
     old = json.loads(cache.read_text()) if cache.exists() else {}
     key = f"{p.curve_scenes}:{p.sample_steps}"
     rows = old.get(key, {})
-    ev = None
+    ev, new = None, []
     for step, path in ck:
         if str(step) in rows:
             continue
@@ -503,10 +504,25 @@ def milestones(p: Profile, run_dir, arm: Arm, device: str = "cpu") -> list[dict]
         if not arm.is_patch:            # the baseline's recon sees text + CLS only: report it too
             rec["recon"] = _summary(ev.score(ev.generate(model, "recon", Guidance.off())), p.n_boot)
         rows[str(step)] = rec
+        new.append(rec)
     if ev is not None:
         old[key] = rows
         write_json(old, cache)
+        _milestones_to_tensorboard(d, new)
     return [rows[str(s)] for s, _ in ck if str(s) in rows]
+
+
+def _milestones_to_tensorboard(d: Path, recs: list[dict]) -> None:
+    """Milestone scores (means, guidance off) as ``milestones/<mode>_<metric>`` scalars in the arm's
+    TensorBoard folder, beside its training scalars, when the arm was trained with tracking on."""
+    if not (d / TB_DIR).is_dir():
+        return
+    tracker = RunTracker(d)
+    for rec in recs:
+        tracker.add_metrics(rec["step"], {f"{mode}_{m}": c["mean"] for mode in ("recon", "textonly")
+                                          for m, c in rec[mode].items() if c.get("mean") is not None},
+                            prefix="milestones")
+    tracker.close()
 
 
 def plateau(res: dict, run: str) -> dict:

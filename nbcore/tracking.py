@@ -8,6 +8,9 @@
 - every ``train`` record's numbers as scalars under ``train/`` (loss, window loss, lr, grad norm,
   samples/s, skipped steps, v rms; ``loss_bin/<k>`` the loss by t-bin);
 - every ``val`` record's numbers under ``val/`` (the milestone metrics a validation hook returns);
+- the suite's milestone scores (layout error, recall, placement, mask IoU; reconstruction and text
+  only, guidance off) under ``milestones/``, written by ``nbcore.experiment.milestones`` when notebook
+  05 scores the arm's checkpoints (``add_metrics``);
 - at each milestone a sample grid of the same fixed scenes (the first ``n`` of the val split, else of
   the training data), from the EMA weights with one fixed noise draw: rows source | guided (nested,
   text 3 / DINO 2) | guidance off, as ``samples/fixed_scenes`` (one image per milestone step: the

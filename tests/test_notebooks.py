@@ -118,6 +118,10 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     # the training notebook made checkpoints that later notebooks used
     assert (run / "train" / "baseline" / "ckpt" / "last.pt").exists()
     assert (run / "train" / "patch-sincos" / "ckpt" / "last.pt").exists()      # the warm arm, from the baseline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "train" / "baseline" / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "milestones/recon_layout_error"} <= set(acc.Tags()["scalars"])   # notebook 05's scores too
     demo = json.loads((run / "06_dino_swap_demo" / "metrics.json").read_text())
     assert demo["metrics"]["checkpoint"].startswith(str(run))
 

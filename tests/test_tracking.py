@@ -52,3 +52,23 @@ def test_a_warm_started_run_continues_its_source_steps(tiny_shards, tmp_path):
     src = train(TrainConfig(out=str(tmp_path / "a"), steps=3, **kw))["checkpoint"]
     train(TrainConfig(out=str(tmp_path / "b"), steps=2, warm_start=src, tensorboard=True, **kw))
     assert [e.step for e in _events(tmp_path / "b" / TB_DIR).Scalars("train/loss")] == [4, 5]
+
+
+def test_milestone_scores_reach_the_arms_tensorboard(tmp_path):
+    """notebook 05's milestone scores (experiment.milestones) land beside the arm's training scalars,
+    on total optimiser steps; an arm trained without tracking gets no TensorBoard folder."""
+    pytest.importorskip("tensorboard")
+    from nbcore.experiment import _milestones_to_tensorboard
+    from nbcore.tracking import TB_DIR
+    ci = lambda m: {"mean": m, "lo": m - 0.1, "hi": m + 0.1, "n": 8}
+    recs = [{"step": s, "recon": {"layout_error": ci(0.5 / s)}, "textonly": {"layout_error": ci(1.0 / s),
+                                                                             "mask_iou": {"mean": None}}}
+            for s in (300, 600)]
+    _milestones_to_tensorboard(tmp_path / "untracked", recs)
+    assert not (tmp_path / "untracked" / TB_DIR).exists()
+    (tmp_path / "arm" / TB_DIR).mkdir(parents=True)
+    _milestones_to_tensorboard(tmp_path / "arm", recs)
+    acc = _events(tmp_path / "arm" / TB_DIR)
+    assert set(acc.Tags()["scalars"]) == {"milestones/recon_layout_error", "milestones/textonly_layout_error"}
+    got = [(e.step, round(e.value, 6)) for e in acc.Scalars("milestones/textonly_layout_error")]
+    assert got == [(300, round(1 / 300, 6)), (600, round(1 / 600, 6))]
