@@ -30,6 +30,16 @@ AXIS_LABELS = {
     "ratio": "co-located patch share / uniform share (1 = uniform, higher = more local)",
     "params": "parameters (count, log scale)",
 }
+# What each evaluation mode feeds the model (panel titles; a figure never shows a raw mode key).
+MODE_TITLES = {
+    "recon": "reconstruction (own text + own DINO)",
+    "textonly": "text only (DINO dropped)",
+    "dinoonly": "DINO only (text dropped)",
+    "swap_dino": "swap: text of i + DINO of i+1, vs the DINO source",
+    "swap_text": "swap: text of i + DINO of i+1, vs the text source",
+    "swap_unplaced": "unplaced swap: vs the text's shapes at the DINO's places",
+    "swap_unplaced_dino": "unplaced swap: vs the DINO source",
+}
 # Arm families share a hue (baseline blues, context patch arms greens, tied arms reds, from-scratch
 # purple, CLS position orange); seed repeats take a lighter shade of their arm's colour.
 ARM_FAMILIES = (("tied", ("#c0392b", "#e6786b", "#f2b1a9")), ("scratch", ("#7b3fa0", "#b48ad0")),
@@ -152,7 +162,7 @@ def plot_ci_curves(curves: dict[str, list[dict]], mode: str, metric: str, title:
                     rotation=90, va="top", ha="right")
     ax.set_xlabel("total optimiser steps")
     ax.set_ylabel(_label(metric, 40) + "\nmean, 95% band", fontsize=7)
-    ax.set_title(title or f"{mode}: {_label(metric).split(' (')[0]}", fontsize=9)
+    ax.set_title(title or f"{MODE_TITLES.get(mode, mode)}: {_label(metric).split(' (')[0]}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -179,8 +189,7 @@ def plot_ci_bars(res: dict, metric: str, modes=("recon", "textonly"), title: str
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(rows, rotation=40, ha="right", fontsize=7)
         ax.set_ylabel(_label(metric, 40) + "\nmean, 95% interval", fontsize=7)
-        ax.set_title({"recon": "reconstruction (own text + own DINO)", "textonly": "text only (DINO dropped)"}.get(mode, mode),
-                     fontsize=9)
+        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].legend(fontsize=7)
     if title:
