@@ -450,12 +450,38 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--to", help="results folder to write (default docs/results/<run folder name>)")
     rp.add_argument("--readme", default=None, help="README to update (default the repository's README.md; "
                                                    "'-' prints the section instead)")
+    b = sub.add_parser("bench-report", help="write README's benchmark section from a committed "
+                                            "python -m nbcore.bench JSON")
+    b.add_argument("json", help="the benchmark results (e.g. docs/results/bench-cpu/cpu-tiny.json)")
+    b.add_argument("--readme", default=None, help="README to update (default the repository's README.md; "
+                                                  "'-' prints the section instead)")
     c = sub.add_parser("compare", help="two runs side by side: one table and one figure of paired differences "
                        "(nbcore.compare), written beside the runs")
     c.add_argument("runs", nargs=2, metavar="RUN", help="run folders (or names under outputs/runs), each with eval.json")
     c.add_argument("--metric", default="layout_error", help="eval.json metric (default layout_error)")
     c.add_argument("--out", default=None, help="output folder (default: <parent of the first run>/compare/A_vs_B)")
     return ap
+
+
+def _bench_report(args) -> int:
+    path = Path(args.json)
+    if not path.is_file():
+        raise BadArguments(f"nbcore.runner bench-report: {path} is not a file (python -m nbcore.bench --json {path} makes it)")
+    root = repo_root(Path(__file__).parent).resolve()
+    link = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else path.as_posix()
+    return _to_readme(report.bench_section(path, link=link), args.readme, (report.BENCH_BEGIN, report.BENCH_END),
+                      "nbcore.runner bench-report:")
+
+
+def _to_readme(section: str, readme, markers: tuple[str, str], said: str) -> int:
+    """Print ``section`` (``readme`` '-') or put it between ``markers`` of README (default the repository's)."""
+    if readme == "-":
+        print(section)
+        return 0
+    readme = Path(readme) if readme else repo_root(Path(__file__).parent) / "README.md"
+    changed = report.update_readme(readme, section, markers)
+    print(f"{said} {readme} {'updated' if changed else 'already up to date'}")
+    return 0
 
 
 def _report(args) -> int:
@@ -467,14 +493,8 @@ def _report(args) -> int:
     dest = (Path(args.to) if args.to else root / "docs" / "results" / run.name).resolve()
     report.collect(run, dest)
     link = dest.relative_to(root).as_posix() if dest.is_relative_to(root) else dest.as_posix()
-    section = report.research_section(dest, link=link)
-    if args.readme == "-":
-        print(section)
-        return 0
-    readme = Path(args.readme) if args.readme else root / "README.md"
-    changed = report.update_readme(readme, section)
-    print(f"nbcore.runner report: {dest} written; {readme} {'updated' if changed else 'already up to date'}")
-    return 0
+    return _to_readme(report.research_section(dest, link=link), args.readme, (report.BEGIN, report.END),
+                      f"nbcore.runner report: {dest} written;")
 
 
 def main(argv=None) -> int:
@@ -490,6 +510,8 @@ def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
         return _report(args)
+    if args.cmd == "bench-report":
+        return _bench_report(args)
     if args.cmd == "compare":
         return _compare_main(args)
     if args.cmd == "list":

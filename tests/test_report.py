@@ -73,3 +73,25 @@ def test_readme_research_section_is_what_the_committed_results_give():
     assert meta["meta"]["profile"] == "cpu" and meta["meta"]["status"] == "ok"
     assert set(ex.seed_groups(res)) == {a.name for a in ex.PROFILES["cpu"].arms}              # every headline arm
     assert all(len(seeds) >= 2 for seeds in ex.seed_groups(res).values())                  # with >= 2 seeds
+
+
+BENCH = ROOT / "docs" / "results" / "bench-cpu" / "cpu-tiny.json"
+
+
+def test_readme_benchmark_is_what_the_committed_benchmark_gives():
+    """README's benchmark tables are generated from the committed bench JSON: rerun the command the
+    section names, then `python -m nbcore.runner bench-report docs/results/bench-cpu/cpu-tiny.json`."""
+    want = report.bench_section(BENCH, link="docs/results/bench-cpu/cpu-tiny.json")
+    assert report.readme_section(ROOT / "README.md", (report.BENCH_BEGIN, report.BENCH_END)) == want
+    results = json.loads(BENCH.read_text())
+    assert {r["case"] for r in results} >= {"train60", "train120", "train512", "guidance", "capture"}
+    assert all(r["command"].startswith("OMP_NUM_THREADS=1 python -m nbcore.bench") for r in results)
+
+
+def test_bench_report_cli_prints_or_refuses(tmp_path, capsys):
+    from nbcore import runner
+    assert runner.main(["bench-report", str(BENCH), "--readme", "-"]) == 0
+    assert capsys.readouterr().out.strip() == report.bench_section(BENCH, link="docs/results/bench-cpu/cpu-tiny.json")
+    with pytest.raises(SystemExit) as e:
+        runner.main(["bench-report", str(tmp_path / "missing.json")])
+    assert e.value.code == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from tqdm.auto import tqdm
 from nbcore.bench import (CASES, TRAIN_CASES, _capture_case, _guidance_case, _import_pixart, _train_case, markdown,
                           measure_peak_tflops)
 from nbcore.model import preset
-from nbcore.utils import resolve_device, write_json
+from nbcore.report import provenance
+from nbcore.utils import repo_root, resolve_device, write_json
 
 
 def run(args) -> list[dict]:
@@ -40,6 +43,9 @@ def run(args) -> list[dict]:
             results.append(_capture_case(cfg, args, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    made = {"command": getattr(args, "command", "python -m nbcore.bench"),
+            "commit": provenance(repo_root(Path(__file__).parent))["commit"]}
+    results = [{**r, **made} for r in results]
     out = Path(args.json)
     write_json(results, out)
     out.with_suffix(".md").write_text(markdown(results, cfg))
@@ -104,6 +110,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """The CLI (``python -m nbcore.bench``, ``nbcore-bench``): run the cases, write the JSON and the table."""
     args = parse_args(argv)
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    args.command = threads + "python -m nbcore.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = run(args)
     for r in results:
         print(f"{r['case']:>9}: NanoDiT {r['nbcore_samples_per_s']:.1f}/s, other {r['peer_samples_per_s']:.1f}/s, "
