@@ -2,7 +2,7 @@
 # Build .whl/ in the repository root: the wheels a notebook run needs on an offline GPU host
 # (Python 3.12, x86_64) whose image has torch, torchvision, numpy, matplotlib, pillow, pyyaml, tqdm,
 # requests, jinja2, attrs, psutil, pygments, ... but lacks papermill, ipykernel, nbclient,
-# webdataset, lpips, ipywidgets, safetensors, tensorboard and their dependencies.
+# webdataset, lpips, ipywidgets, safetensors, tensorboard, mistune and their dependencies.
 # Usage, on a machine with pip access:   bash scripts/wheelhouse.sh [EXTRA_PACKAGE ...]
 #   e.g. bash scripts/wheelhouse.sh diffusers importlib_metadata    (for the PixArt peer of nbcore.bench)
 # Then copy the tree with .whl/ to the host and run bash scripts/gpu_host.sh there (README, "On a GPU").
@@ -13,7 +13,7 @@ if [ -d .git ] || [ -f .git ]; then
     exclude=$(git rev-parse --git-path info/exclude 2>/dev/null || echo .git/info/exclude)
     grep -qxF "/$dest/" "$exclude" 2>/dev/null || echo "/$dest/" >> "$exclude"
 fi
-pkgs=(papermill ipykernel nbclient nbformat webdataset braceexpand lpips ipywidgets widgetsnbextension
+pkgs=(papermill mistune ipykernel nbclient nbformat webdataset braceexpand lpips ipywidgets widgetsnbextension
       jupyterlab_widgets comm debugpy ipython ipython_pygments_lexers jedi parso matplotlib_inline
       prompt_toolkit wcwidth pexpect ptyprocess stack_data asttokens executing pure_eval traitlets
       jupyter_client jupyter_core pyzmq tornado nest_asyncio2 platformdirs fastjsonschema jsonschema
