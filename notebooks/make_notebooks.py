@@ -39,6 +39,14 @@ milestone_every = None
 lr = None
 arms = None           # arm names (nbcore.experiment.HEADLINE_ARMS / SECONDARY_ARMS); the first is the baseline
 seeds = None          # training seeds of every arm
+warmup = None         # linear lr warm-up steps of every arm
+ema_decay = None
+warm_lr_scale = None  # lr factor of the warm arms (TrainConfig.warm_start_lr_scale; the design suggests 0.5)
+new_param_lr_scale = None   # extra lr factor of the parameters the pre-patch model lacks, warm arms only
+world = None          # shapes-world rules: standard | easy
+val_fraction = None   # held-out share of the shapes world
+workers = None        # training / scoring processes at a time on a CPU
+n_boot = None         # bootstrap resamples of every interval
 '''
 CTX_ARGS = ("profile", "device", "run_dir", "seed", "fail_check")
 

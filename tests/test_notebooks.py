@@ -30,6 +30,17 @@ def test_parameters_cell_is_first_and_fully_parsed(name):
     assert book.metadata["kernelspec"]["name"] == "python3"
 
 
+def test_every_profile_field_is_a_notebook_parameter():
+    """README: every Profile field (but its name) can be set with -p KEY=VALUE; a field no notebook
+    declares is refused by the runner ("declared by none")."""
+    import dataclasses
+    declared = set()
+    for name in runner.NOTEBOOKS:
+        code = next(c for c in nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code")
+        declared |= {p.name for p in PythonTranslator.inspect(code)}
+    assert {f.name for f in dataclasses.fields(ex.Profile)} - declared == {"name"}
+
+
 def test_generator_matches_committed_notebooks():
     sys.path.insert(0, str(NB_DIR))
     try:
