@@ -19,7 +19,11 @@ from .utils import repo_root, resolve_device, seed_everything, write_json
 from .validate import load_val_batch as _load_val_batch
 from .viz import save_figure
 
-__all__ = ["Context", "start", "CheckFailed", "default_run_dir", "load_val_batch"]
+__all__ = ["NOTEBOOKS", "Context", "start", "CheckFailed", "default_run_dir", "load_val_batch"]
+
+# The suite, in the order the runner executes it (notebooks/NAME.ipynb).
+NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routing", "05_milestones",
+             "06_dino_swap_demo", "07_real_data")
 
 
 class CheckFailed(AssertionError):

@@ -26,6 +26,7 @@ import torch
 from .bench import markdown as bench_markdown
 from .experiment import conclusions, plateau, seed_groups
 from .model import preset as model_preset
+from .notebooks import NOTEBOOKS
 
 __all__ = ["BEGIN", "END", "BENCH_BEGIN", "BENCH_END", "FIGURES", "provenance", "collect", "answer", "research_section",
            "bench_section", "update_readme", "readme_section"]
@@ -188,13 +189,26 @@ def _diffs_table(res: dict, metric: str) -> list[str]:
     return out
 
 
+def _run_command(m: dict) -> str:
+    """The runner command a run's meta records: profile, name and notebooks where they are not the
+    defaults, every -p parameter (a list as YAML reads it)."""
+    cmd = f"python -m nbcore.runner run --profile {m['profile']}"
+    if m.get("name", m["profile"]) != m["profile"]:
+        cmd += f" --name {m['name']}"
+    picked = m.get("notebooks") or []
+    if picked and set(picked) != set(NOTEBOOKS):
+        cmd += " --only " + " ".join(str(int(nb[:2])) for nb in picked)
+    for k, v in (m.get("params") or {}).items():
+        cmd += f' -p "{k}=[{", ".join(map(str, v))}]"' if isinstance(v, list) else f" -p {k}={v}"
+    return cmd
+
+
 def _provenance(meta: dict, settings: dict) -> str:
     m = meta["meta"]
     machine = m.get("machine", {})
     times = ", ".join(f"{k[:2]} {v['time_s']:.0f} s" for k, v in meta.get("notebooks", {}).items())
     commit = m.get("commit", "unknown commit")
-    return (f"Made by `python -m nbcore.runner run --profile {m['profile']}`"
-            f"{' ' + ' '.join(f'-p {k}={v}' for k, v in m.get('params', {}).items()) if m.get('params') else ''} "
+    return (f"Made by `{_run_command(m)}` "
             f"at commit `{commit}` on {machine.get('description', 'an unrecorded machine')}, started {m['started']}: "
             f"**{m['wall_s']:.0f} s** wall time ({times}). Evaluation: {settings['n']} held-out scenes, one shared "
             f"noise draw, {settings['steps']} Euler steps, EMA weights of each run's last milestone; guidance on = "

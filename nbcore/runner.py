@@ -57,13 +57,10 @@ except ImportError:   # Windows: no advisory locks; runs are not guarded there
 from . import report
 from .compare import compare_runs
 from .experiment import PROFILES
+from .notebooks import NOTEBOOKS
 from .utils import BadArguments, repo_root, write_json
 
 __all__ = ["NOTEBOOKS", "RunLock", "run_suite", "main"]
-
-NOTEBOOKS = ("01_architecture", "02_checks", "03_training", "04_attention_routing", "05_milestones",
-             "06_dino_swap_demo", "07_real_data")
-
 
 class RunLock:
     """One runner per run folder: an exclusive ``flock`` on ``RUN/.runner.lock``, which records the

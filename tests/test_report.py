@@ -95,3 +95,13 @@ def test_bench_report_cli_prints_or_refuses(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         runner.main(["bench-report", str(tmp_path / "missing.json")])
     assert e.value.code == 2
+
+
+def test_a_results_folder_names_the_command_that_made_it():
+    from nbcore.notebooks import NOTEBOOKS
+    assert report._run_command({"profile": "cpu", "name": "cpu", "notebooks": list(NOTEBOOKS), "params": {}}) \
+        == "python -m nbcore.runner run --profile cpu"
+    m = {"profile": "cpu", "name": "cpu-warm-lr-half", "notebooks": ["03_training", "05_milestones"],
+         "params": {"arms": ["baseline", "patch-sincos"], "warm_lr_scale": 0.5}}
+    assert report._run_command(m) == ('python -m nbcore.runner run --profile cpu --name cpu-warm-lr-half --only 3 5 '
+                                      '-p "arms=[baseline, patch-sincos]" -p warm_lr_scale=0.5')
