@@ -258,8 +258,9 @@ def _answer(run_dir: Path, entries: dict) -> list[str]:
     return ["", "## The answer (notebook 05)", ""] + report.answer(res)
 
 
-def _index(run_dir: Path, entries: dict, meta: dict, figure) -> str:
-    """The index in markdown; ``figure(notebook, file)`` writes one figure's cell entry."""
+def _index(entries: dict, meta: dict, answer: list[str], figure) -> str:
+    """The index in markdown, ``answer`` (``_answer``'s lines) below the table; ``figure(notebook, file)``
+    writes one figure's cell entry."""
     head = (f"profile `{meta['profile']}`, device `{meta['device']}`, started {meta['started']}, "
             f"status **{meta['status']}**, wall time {meta.get('wall_s', 0):.0f} s")
     if meta["profile"] in PLUMBING:
@@ -278,15 +279,16 @@ def _index(run_dir: Path, entries: dict, meta: dict, figure) -> str:
                      + " ".join(figure(name, f) for f in e.get("figures", [])) + " |")
         if e.get("error"):
             lines.append(f"|  | error: {e['error'].splitlines()[0][:200]} | | | |")
-    return "\n".join(lines + _answer(run_dir, entries)) + "\n"
+    return "\n".join(lines + answer) + "\n"
 
 
 def _write_index(run_dir: Path, entries: dict, meta: dict) -> None:
     """run.json, index.md and index.html (the same index, figures as thumbnails)."""
     write_json({"meta": meta, "notebooks": entries}, run_dir / "run.json")
-    (run_dir / "index.md").write_text(_index(run_dir, entries, meta, lambda nb, f: f"[{f}]({nb}/{f})"))
+    answer = _answer(run_dir, entries)
+    (run_dir / "index.md").write_text(_index(entries, meta, answer, lambda nb, f: f"[{f}]({nb}/{f})"))
     thumb = lambda nb, f: f"<a href='{nb}/{f}'><img src='{nb}/{f}' height='90' title='{html.escape(f)}'></a>"
-    body = mistune.create_markdown(escape=False, plugins=["table"])(_index(run_dir, entries, meta, thumb))
+    body = mistune.create_markdown(escape=False, plugins=["table"])(_index(entries, meta, answer, thumb))
     (run_dir / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>nbcore run " + html.escape(meta["name"]) + "</title>"
         "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
